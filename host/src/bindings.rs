@@ -1,0 +1,15 @@
+//! The one `bindgen!` of the host: Rust types and traits for every interface in
+//! `wit/`. Capability modules implement the generated `Host` traits.
+
+wasmtime::component::bindgen!({
+    world: "plugin-host",
+    path: "../wit",
+    imports: {
+        "wxhost:plugin/db": async | trappable,
+        default: trappable,
+    },
+    exports: { default: async },
+    with: {
+        "wxhost:plugin/db.transaction": crate::caps::db::Transaction,
+    },
+});

@@ -1,0 +1,55 @@
+//! `wxhost:plugin/log`: plugin log lines in the host log, tagged with the plugin.
+
+use wasmtime::component::{HasData, Linker};
+
+use crate::bindings::wxhost::plugin::log::{self, Level};
+use crate::plugin::PluginIdentity;
+
+/// Longest message kept; the rest is cut so a plugin cannot flood the log.
+const MAX_MESSAGE: usize = 8 * 1024;
+
+pub struct LogView<'a> {
+    pub plugin: &'a PluginIdentity,
+}
+
+struct HasLog;
+
+impl HasData for HasLog {
+    type Data<'a> = LogView<'a>;
+}
+
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    get: fn(&mut T) -> LogView<'_>,
+) -> wasmtime::Result<()> {
+    log::add_to_linker::<T, HasLog>(linker, get)
+}
+
+impl log::Host for LogView<'_> {
+    fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        let mut end = message.len().min(MAX_MESSAGE);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let message = &message[..end];
+        let (name, version) = (&*self.plugin.name, &*self.plugin.version);
+        match level {
+            Level::Trace => {
+                tracing::trace!(target: "wxhost::plugin", plugin = name, version, "{message}")
+            }
+            Level::Debug => {
+                tracing::debug!(target: "wxhost::plugin", plugin = name, version, "{message}")
+            }
+            Level::Info => {
+                tracing::info!(target: "wxhost::plugin", plugin = name, version, "{message}")
+            }
+            Level::Warn => {
+                tracing::warn!(target: "wxhost::plugin", plugin = name, version, "{message}")
+            }
+            Level::Error => {
+                tracing::error!(target: "wxhost::plugin", plugin = name, version, "{message}")
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,231 @@
+//! Host capabilities. Each module owns its context, borrows a view of the
+//! per-request state, and adds its own WIT interface to a linker
+//! (`add_to_linker`), the pattern of wasmtime's wasi-http and Spin's factors.
+//! A plugin's linker holds only what its role grants and it declares.
+
+pub mod callback_crypto;
+pub mod config;
+pub mod db;
+pub mod log;
+pub mod wasi;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::plugin::PluginIdentity;
+
+/// A capability a role can grant and a plugin can declare; one WIT interface each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Capability {
+    Log,
+    Config,
+    Db,
+    CallbackCrypto,
+    InternalCall,
+    WechatApi,
+    WechatPay,
+    Session,
+}
+
+impl Capability {
+    pub const ALL: [Capability; 8] = [
+        Capability::Log,
+        Capability::Config,
+        Capability::Db,
+        Capability::CallbackCrypto,
+        Capability::InternalCall,
+        Capability::WechatApi,
+        Capability::WechatPay,
+        Capability::Session,
+    ];
+
+    /// The name used in plugins.toml, which is also the WIT interface name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Capability::Log => "log",
+            Capability::Config => "config",
+            Capability::Db => "db",
+            Capability::CallbackCrypto => "callback-crypto",
+            Capability::InternalCall => "internal-call",
+            Capability::WechatApi => "wechat-api",
+            Capability::WechatPay => "wechat-pay",
+            Capability::Session => "session",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Capability> {
+        Capability::ALL.into_iter().find(|c| c.name() == s)
+    }
+
+    pub fn names() -> String {
+        Capability::ALL.map(Capability::name).join(", ")
+    }
+
+    /// Whether this host version implements the capability's interface yet.
+    pub fn implemented(self) -> bool {
+        matches!(
+            self,
+            Capability::Log | Capability::Config | Capability::Db | Capability::CallbackCrypto
+        )
+    }
+
+    /// The capability a component import (`wxhost:plugin/db@0.1.0`) asks for.
+    pub fn of_import(import: &str) -> Option<Capability> {
+        let rest = import.strip_prefix(WIT_PACKAGE)?.strip_prefix('/')?;
+        let name = rest.split('@').next()?;
+        Capability::parse(name)
+    }
+}
+
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The WIT package every capability interface belongs to.
+pub const WIT_PACKAGE: &str = "wxhost:plugin";
+
+/// The types-only interface every plugin imports alongside its handler export.
+pub const TYPES_INTERFACE: &str = "wxhost:plugin/types@0.1.0";
+
+/// Resources shared by every request of a process: the capabilities' owned contexts.
+/// A role that is not granted a capability never has its context consulted.
+pub struct Services {
+    pub db: Option<db::DbCtx>,
+    pub callback_crypto: Option<callback_crypto::CallbackCrypto>,
+}
+
+/// The store data of one request's instance.
+pub struct PluginState {
+    pub wasi: WasiCtx,
+    pub table: ResourceTable,
+    pub limiter: MemoryLimiter,
+    pub plugin: Arc<PluginIdentity>,
+    pub services: Arc<Services>,
+}
+
+impl PluginState {
+    pub fn new(
+        plugin: Arc<PluginIdentity>,
+        services: Arc<Services>,
+        memory_limit_bytes: usize,
+    ) -> Self {
+        PluginState {
+            wasi: wasi::plugin_ctx(&plugin),
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter::new(memory_limit_bytes),
+            plugin,
+            services,
+        }
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Caps each instance's linear memory; remembers that the cap was hit so the
+/// request can be reported as an out-of-memory kill rather than a plain trap.
+pub struct MemoryLimiter {
+    max_bytes: usize,
+    pub exceeded: bool,
+}
+
+impl MemoryLimiter {
+    pub fn new(max_bytes: usize) -> Self {
+        MemoryLimiter {
+            max_bytes,
+            exceeded: false,
+        }
+    }
+}
+
+/// The error a memory growth past the limit traps with.
+#[derive(Debug, thiserror::Error)]
+#[error("plugin memory limit of {0} bytes exceeded")]
+pub struct MemoryLimitExceeded(pub usize);
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.exceeded = true;
+            return Err(wasmtime::Error::new(MemoryLimitExceeded(self.max_bytes)));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// A linker holding WASI (restricted) and exactly the given capabilities.
+pub fn linker(
+    engine: &Engine,
+    capabilities: &BTreeSet<Capability>,
+) -> wasmtime::Result<Linker<PluginState>> {
+    let mut linker = Linker::new(engine);
+    wasi::add_to_linker(&mut linker)?;
+    // The shared request/response types: no functions, nothing to grant.
+    linker.instance(TYPES_INTERFACE)?;
+    for cap in capabilities {
+        match cap {
+            Capability::Log => log::add_to_linker(&mut linker, log_view)?,
+            Capability::Config => config::add_to_linker(&mut linker, config_view)?,
+            Capability::Db => db::add_to_linker(&mut linker, db_view)?,
+            Capability::CallbackCrypto => {
+                callback_crypto::add_to_linker(&mut linker, callback_crypto_view)?
+            }
+            // Config validation refuses unimplemented capabilities before any linking.
+            Capability::InternalCall
+            | Capability::WechatApi
+            | Capability::WechatPay
+            | Capability::Session => {
+                wasmtime::bail!("capability `{cap}` is not implemented by this host version")
+            }
+        }
+    }
+    Ok(linker)
+}
+
+fn log_view(s: &mut PluginState) -> log::LogView<'_> {
+    log::LogView { plugin: &s.plugin }
+}
+
+fn config_view(s: &mut PluginState) -> config::ConfigView<'_> {
+    config::ConfigView { plugin: &s.plugin }
+}
+
+fn db_view(s: &mut PluginState) -> db::DbView<'_> {
+    db::DbView {
+        ctx: s.services.db.as_ref(),
+        table: &mut s.table,
+    }
+}
+
+fn callback_crypto_view(s: &mut PluginState) -> callback_crypto::CallbackCryptoView<'_> {
+    callback_crypto::CallbackCryptoView {
+        ctx: s.services.callback_crypto.as_ref(),
+    }
+}

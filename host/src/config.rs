@@ -1,0 +1,573 @@
+//! `plugins.toml`: roles, plugins, routes and capabilities (never secrets).
+//!
+//! Parsing rejects unknown keys; [`validate`] then checks the whole file in one
+//! pass and reports every problem it finds, not just the first.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::caps::Capability;
+
+/// Default path of the configuration file.
+pub const DEFAULT_CONFIG: &str = "plugins.toml";
+
+/// Paths the host answers itself on every role listener.
+const RESERVED_PATHS: &[&str] = &["/healthz"];
+
+const METHODS: &[&str] = &["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
+
+/// WeChat gives a callback 5 s; the web role must answer well before.
+const WECHAT_CALLBACK_LIMIT_MS: u64 = 5_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    host: RawHost,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    wechat: RawWechat,
+    #[serde(default)]
+    roles: BTreeMap<String, RawRole>,
+    #[serde(default)]
+    plugins: Vec<RawPlugin>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    max_instances: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWechat {
+    timestamp_window_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRole {
+    listen: String,
+    #[serde(default)]
+    grants: Vec<String>,
+    deadline_ms: Option<u64>,
+    memory_limit_mib: Option<u64>,
+    max_body_kib: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    name: String,
+    role: String,
+    wasm: PathBuf,
+    #[serde(default)]
+    routes: Vec<String>,
+    #[serde(default)]
+    capabilities: Vec<String>,
+    #[serde(default)]
+    config: toml::Table,
+}
+
+/// The two roles of the seed architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// What WeChat calls: server verification, message push, payment notify. No database.
+    Web,
+    /// Business and frontend APIs, the database, outbound WeChat calls, internal endpoints.
+    App,
+}
+
+impl Role {
+    pub const ALL: [Role; 2] = [Role::Web, Role::App];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Web => "web",
+            Role::App => "app",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.name() == s)
+    }
+
+    /// What the role may grant at most: its world in `wit/worlds.wit`.
+    pub fn grantable(self) -> &'static [Capability] {
+        use Capability::*;
+        match self {
+            Role::Web => &[Log, Config, CallbackCrypto, InternalCall],
+            Role::App => &[Log, Config, Db, WechatApi, WechatPay, Session],
+        }
+    }
+
+    fn default_deadline_ms(self) -> u64 {
+        match self {
+            Role::Web => 2_000,
+            Role::App => 10_000,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from; relative wasm paths are resolved against its folder.
+    pub path: PathBuf,
+    pub max_instances: u32,
+    pub admin_listen: SocketAddr,
+    /// Accepted distance of a callback's timestamp from now; `None` disables the check.
+    pub timestamp_window_secs: Option<u64>,
+    pub roles: BTreeMap<Role, RoleConfig>,
+    pub plugins: Vec<PluginSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoleConfig {
+    pub listen: SocketAddr,
+    pub grants: BTreeSet<Capability>,
+    pub deadline_ms: u64,
+    pub memory_limit_bytes: usize,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginSpec {
+    pub name: String,
+    pub role: Role,
+    pub wasm: PathBuf,
+    pub routes: Vec<RouteSpec>,
+    /// What the plugin declares; it is linked with these (all granted by its role).
+    pub capabilities: BTreeSet<Capability>,
+    pub config: toml::Table,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct RouteSpec {
+    pub method: String,
+    pub path: String,
+}
+
+impl fmt::Display for RouteSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.method, self.path)
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors {
+    pub path: PathBuf,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} has {} problem(s):",
+            self.path.display(),
+            self.problems.len()
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let fail = |problem: String| ConfigErrors {
+        path: path.to_path_buf(),
+        problems: vec![problem],
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    parse(&text, path)
+}
+
+/// Parses and validates configuration text; `path` names it and anchors relative paths.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors {
+        path: path.to_path_buf(),
+        problems: vec![e.to_string().trim_end().to_string()],
+    })?;
+    validate(raw, path)
+}
+
+fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
+    let mut problems = Vec::new();
+    let base = path.parent().unwrap_or(Path::new("."));
+
+    let admin_listen = parse_addr(
+        raw.admin.listen.as_deref().unwrap_or("127.0.0.1:9090"),
+        "[admin] listen",
+        &mut problems,
+    );
+    if let Some(addr) = admin_listen
+        && !addr.ip().is_loopback()
+    {
+        problems.push(format!(
+            "[admin] listen {addr} must be a loopback address: the admin API is not authenticated"
+        ));
+    }
+
+    let mut roles = BTreeMap::new();
+    for (name, r) in &raw.roles {
+        let Some(role) = Role::parse(name) else {
+            problems.push(format!(
+                "[roles.{name}]: unknown role (expected `web` or `app`)"
+            ));
+            continue;
+        };
+        let listen = parse_addr(&r.listen, &format!("[roles.{name}] listen"), &mut problems);
+        let mut grants = BTreeSet::new();
+        for g in &r.grants {
+            match Capability::parse(g) {
+                None => problems.push(format!(
+                    "[roles.{name}] grants unknown capability `{g}` (known: {})",
+                    Capability::names()
+                )),
+                Some(cap) if !role.grantable().contains(&cap) => problems.push(format!(
+                    "[roles.{name}] grants `{g}`, which the {role} role can never have"
+                )),
+                Some(cap) if !cap.implemented() => problems.push(format!(
+                    "[roles.{name}] grants `{g}`, which this version of wxhost does not provide yet"
+                )),
+                Some(cap) => {
+                    grants.insert(cap);
+                }
+            }
+        }
+        let deadline_ms = r.deadline_ms.unwrap_or(role.default_deadline_ms());
+        if deadline_ms == 0 || deadline_ms > 60_000 {
+            problems.push(format!(
+                "[roles.{name}] deadline_ms = {deadline_ms} must be between 1 and 60000"
+            ));
+        }
+        if role == Role::Web && deadline_ms >= WECHAT_CALLBACK_LIMIT_MS {
+            problems.push(format!(
+                "[roles.web] deadline_ms = {deadline_ms} must stay under WeChat's {WECHAT_CALLBACK_LIMIT_MS} ms callback limit"
+            ));
+        }
+        let memory_mib = r.memory_limit_mib.unwrap_or(64);
+        if !(1..=4096).contains(&memory_mib) {
+            problems.push(format!(
+                "[roles.{name}] memory_limit_mib = {memory_mib} must be between 1 and 4096"
+            ));
+        }
+        let body_kib = r.max_body_kib.unwrap_or(1024);
+        if !(1..=65536).contains(&body_kib) {
+            problems.push(format!(
+                "[roles.{name}] max_body_kib = {body_kib} must be between 1 and 65536"
+            ));
+        }
+        if let Some(listen) = listen {
+            roles.insert(
+                role,
+                RoleConfig {
+                    listen,
+                    grants,
+                    deadline_ms,
+                    memory_limit_bytes: (memory_mib as usize) << 20,
+                    max_body_bytes: (body_kib as usize) << 10,
+                },
+            );
+        }
+    }
+
+    let mut plugins = Vec::new();
+    let mut names = BTreeSet::new();
+    for p in raw.plugins {
+        let at = format!("plugin `{}`", p.name);
+        if p.name.is_empty()
+            || !p
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            problems.push(format!("{at}: a name is letters, digits, `-` and `_`"));
+        }
+        if !names.insert(p.name.clone()) {
+            problems.push(format!("{at} is defined more than once"));
+        }
+        let role = Role::parse(&p.role);
+        let role_cfg = role.and_then(|r| roles.get(&r));
+        match (role, role_cfg) {
+            (None, _) => problems.push(format!("{at}: unknown role `{}`", p.role)),
+            (Some(r), None) if !raw.roles.contains_key(r.name()) => {
+                problems.push(format!("{at}: role `{r}` has no [roles.{r}] section"))
+            }
+            _ => {}
+        }
+        let wasm = base.join(&p.wasm);
+        if !wasm.is_file() {
+            problems.push(format!("{at}: wasm file {} does not exist", wasm.display()));
+        }
+        let mut capabilities = BTreeSet::new();
+        for c in &p.capabilities {
+            match Capability::parse(c) {
+                None => problems.push(format!(
+                    "{at} declares unknown capability `{c}` (known: {})",
+                    Capability::names()
+                )),
+                Some(cap) => {
+                    if let (Some(r), Some(rc)) = (role, role_cfg)
+                        && !rc.grants.contains(&cap)
+                    {
+                        problems.push(format!(
+                            "{at} declares `{c}`, which role `{r}` does not grant"
+                        ));
+                    }
+                    capabilities.insert(cap);
+                }
+            }
+        }
+        let mut routes = Vec::new();
+        for r in &p.routes {
+            match parse_route(r) {
+                Ok(route) => routes.push(route),
+                Err(e) => problems.push(format!("{at}: route `{r}`: {e}")),
+            }
+        }
+        if routes.is_empty() && p.routes.is_empty() {
+            problems.push(format!("{at} has no routes"));
+        }
+        if let Some(role) = role {
+            plugins.push(PluginSpec {
+                name: p.name,
+                role,
+                wasm,
+                routes,
+                capabilities,
+                config: p.config,
+            });
+        }
+    }
+    check_routes(&plugins, &mut problems);
+
+    let max_instances = raw.host.max_instances.unwrap_or(256);
+    if !(1..=10_000).contains(&max_instances) {
+        problems.push(format!(
+            "[host] max_instances = {max_instances} must be between 1 and 10000"
+        ));
+    }
+
+    if !problems.is_empty() {
+        return Err(ConfigErrors {
+            path: path.to_path_buf(),
+            problems,
+        });
+    }
+    Ok(Config {
+        path: path.to_path_buf(),
+        max_instances,
+        admin_listen: admin_listen.expect("checked above"),
+        timestamp_window_secs: match raw.wechat.timestamp_window_secs {
+            Some(0) => None,
+            Some(s) => Some(s),
+            None => Some(300),
+        },
+        roles,
+        plugins,
+    })
+}
+
+fn parse_addr(s: &str, what: &str, problems: &mut Vec<String>) -> Option<SocketAddr> {
+    match s.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            problems.push(format!(
+                "{what} = \"{s}\" is not an address like 127.0.0.1:8080"
+            ));
+            None
+        }
+    }
+}
+
+fn parse_route(s: &str) -> Result<RouteSpec, String> {
+    let (method, path) = s.trim().split_once(' ').ok_or("expected `METHOD /path`")?;
+    let path = path.trim();
+    if !METHODS.contains(&method) {
+        return Err(format!(
+            "method `{method}` is not one of {}",
+            METHODS.join(", ")
+        ));
+    }
+    if !path.starts_with('/') || path.contains(char::is_whitespace) || path.contains('?') {
+        return Err("the path must start with `/` and hold no spaces or query".into());
+    }
+    if RESERVED_PATHS.contains(&path) {
+        return Err(format!("{path} is answered by the host itself"));
+    }
+    matchit::Router::<()>::new()
+        .insert(path, ())
+        .map_err(|e| format!("invalid path pattern: {e}"))?;
+    Ok(RouteSpec {
+        method: method.to_string(),
+        path: path.to_string(),
+    })
+}
+
+/// Duplicate and overlapping routes within a role: a request must have exactly one plugin.
+fn check_routes(plugins: &[PluginSpec], problems: &mut Vec<String>) {
+    let mut seen: Vec<(Role, &RouteSpec, &str)> = Vec::new();
+    for p in plugins {
+        for route in &p.routes {
+            for (role, other, owner) in &seen {
+                if *role != p.role || other.method != route.method {
+                    continue;
+                }
+                if other.path == route.path {
+                    problems.push(format!(
+                        "route `{route}` of plugin `{}` duplicates the same route of plugin `{owner}` (role {role})",
+                        p.name
+                    ));
+                } else if patterns_overlap(&other.path, &route.path) {
+                    problems.push(format!(
+                        "route `{route}` of plugin `{}` overlaps route `{other}` of plugin `{owner}` (role {role})",
+                        p.name
+                    ));
+                }
+            }
+            seen.push((p.role, route, &p.name));
+        }
+    }
+}
+
+/// Whether one request path could match both patterns.
+fn patterns_overlap(a: &str, b: &str) -> bool {
+    let mut router = matchit::Router::new();
+    if router.insert(a, ()).is_err() {
+        return false;
+    }
+    if router.insert(b, ()).is_err() {
+        return true; // matchit refuses ambiguous pairs such as /x/{a} and /x/{b}
+    }
+    // Static and parametric patterns can coexist in a router yet overlap:
+    // /x/me and /x/{id} both match /x/me.
+    let probe = |pattern: &str| -> String {
+        pattern
+            .split('/')
+            .map(|seg| {
+                if seg.starts_with('{') {
+                    "wxhost-probe"
+                } else {
+                    seg
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    let single = |pattern: &str, path: &str| {
+        let mut r = matchit::Router::new();
+        r.insert(pattern, ()).is_ok() && r.at(path).is_ok()
+    };
+    single(a, &probe(b)) || single(b, &probe(a)) || single(a, b) || single(b, a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_wasm(dir: &Path, name: &str) {
+        std::fs::write(dir.join(name), b"\0asm").unwrap();
+    }
+
+    #[test]
+    fn a_config_with_several_mistakes_reports_every_one() {
+        let dir = tempfile::tempdir().unwrap();
+        write_wasm(dir.path(), "a.wasm");
+        let text = r#"
+            [roles.web]
+            listen = "127.0.0.1:0"
+            grants = ["log", "db", "teleport"]
+            deadline_ms = 6000
+
+            [roles.app]
+            listen = "nowhere"
+            grants = ["log", "db"]
+
+            [[plugins]]
+            name = "a"
+            role = "web"
+            wasm = "a.wasm"
+            routes = ["GET /x", "FETCH /y"]
+            capabilities = ["db", "internal-call"]
+
+            [[plugins]]
+            name = "b"
+            role = "web"
+            wasm = "missing.wasm"
+            routes = ["GET /x", "GET /items/{id}", "GET /items/me"]
+        "#;
+        let err = parse(text, &dir.path().join("plugins.toml")).unwrap_err();
+        let all = err.problems.join("\n");
+        for expected in [
+            "grants `db`, which the web role can never have",
+            "unknown capability `teleport`",
+            "must stay under WeChat's 5000 ms",
+            "\"nowhere\" is not an address",
+            "method `FETCH`",
+            "declares `db`, which role `web` does not grant",
+            "declares `internal-call`, which role `web` does not grant",
+            "missing.wasm does not exist",
+            "route `GET /x` of plugin `b` duplicates",
+            "overlaps route `GET /items/{id}`",
+        ] {
+            assert!(
+                all.contains(expected),
+                "missing problem {expected:?} in:\n{all}"
+            );
+        }
+        assert_eq!(err.problems.len(), 10, "{all}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = parse(
+            "[roles.web]\nlisten = \"127.0.0.1:0\"\nlisen = 1\n",
+            Path::new("p.toml"),
+        )
+        .unwrap_err();
+        assert!(err.problems[0].contains("unknown field `lisen`"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_plugins_toml_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins.toml");
+        let config = load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.roles.contains_key(&Role::Web) && config.roles.contains_key(&Role::App));
+        assert!(!config.roles[&Role::Web].grants.contains(&Capability::Db));
+    }
+
+    #[test]
+    fn overlap_detection_tells_disjoint_from_overlapping_patterns() {
+        assert!(patterns_overlap("/a/{x}", "/a/b"));
+        assert!(patterns_overlap("/a/{x}", "/a/{y}"));
+        assert!(!patterns_overlap("/a/{x}", "/b/{x}"));
+        assert!(!patterns_overlap("/a/x", "/a/y"));
+        assert!(!patterns_overlap("/a/{x}/c", "/a/{x}"));
+    }
+}

@@ -1,0 +1,60 @@
+//! The wasmtime engine: pooling allocator, epoch interruption, one epoch ticker.
+
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// How often the epoch advances; deadlines are counted in these ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Upper bound of any role's memory limit (plugins.toml allows up to 4 GiB).
+const MAX_MEMORY_BYTES: usize = 4 << 30;
+
+pub fn new(max_instances: u32) -> anyhow::Result<Engine> {
+    let mut pool = PoolingAllocationConfig::default();
+    // A wit-bindgen component holds a handful of core instances and tables
+    // but one memory of its own.
+    pool.total_component_instances(max_instances)
+        .total_core_instances(max_instances * 8)
+        .total_memories(max_instances * 2)
+        .total_tables(max_instances * 8)
+        .total_stacks(max_instances)
+        .max_memory_size(MAX_MEMORY_BYTES)
+        // Keep the pages a typical request touches resident instead of
+        // decommitting and re-faulting them per request (see the notes on
+        // per-request sandbox cost); plugins are linked with a 64 KiB stack.
+        .linear_memory_keep_resident(1 << 20)
+        .table_keep_resident(1 << 20)
+        .async_stack_keep_resident(256 << 10);
+
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(512 << 10)
+        .async_stack_size(1 << 20)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    let engine = Engine::new(&config)?;
+    start_epoch_ticker(&engine);
+    Ok(engine)
+}
+
+/// Deadline in epoch ticks, rounded up, plus one for the tick in progress.
+pub fn deadline_ticks(deadline: Duration) -> u64 {
+    deadline.as_millis().div_ceil(EPOCH_TICK.as_millis()) as u64 + 1
+}
+
+/// One ticker thread per engine (never per request); it ends with the engine.
+fn start_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("wxhost-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .expect("spawning the epoch ticker thread");
+}

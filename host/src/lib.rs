@@ -1,0 +1,18 @@
+//! wxhost: a WeChat backend whose handlers are sandboxed wasm components.
+//! The host owns HTTP, the database, secrets and outbound calls, and lends
+//! them to plugins through the WIT interfaces in `wit/`.
+
+#![deny(unsafe_code)]
+
+pub mod bindings;
+pub mod caps;
+pub mod check;
+pub mod config;
+pub mod database;
+pub mod engine;
+pub mod error;
+pub mod host;
+pub mod plugin;
+pub mod runtime;
+pub mod server;
+pub mod settings;

@@ -1,0 +1,184 @@
+//! Loading a plugin: compile the component, check its imports against what its
+//! role grants and it declares, and pre-link it (`InstancePre`) so every
+//! request only instantiates.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+use crate::bindings::PluginHostPre;
+use crate::caps::{self, Capability, PluginState};
+use crate::config::{PluginSpec, Role, RoleConfig, RouteSpec};
+
+/// Who a running instance is, for logs and the config capability.
+#[derive(Debug)]
+pub struct PluginIdentity {
+    pub name: String,
+    /// Content hash of the `.wasm` (hex, 16 digits).
+    pub version: String,
+    /// The plugin's `[plugins.config]` table.
+    pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A plugin ready to serve: pre-linked against exactly its granted capabilities.
+pub struct LoadedPlugin {
+    pub identity: Arc<PluginIdentity>,
+    pub role: Role,
+    pub wasm: PathBuf,
+    pub routes: Vec<RouteSpec>,
+    pub capabilities: BTreeSet<Capability>,
+    pub imports: Vec<ImportCheck>,
+    pub loaded_at: SystemTime,
+    pub deadline: Duration,
+    pub memory_limit_bytes: usize,
+    pub pre: PluginHostPre<PluginState>,
+}
+
+/// One import of a component and whether the plugin may have it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImportCheck {
+    pub name: String,
+    pub granted: bool,
+    pub note: String,
+}
+
+/// Why a plugin was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("plugin `{plugin}`: cannot read {path}: {error}")]
+    Read {
+        plugin: String,
+        path: String,
+        error: std::io::Error,
+    },
+    #[error("plugin `{plugin}`: {path} is not a valid wasm component: {error}")]
+    Compile {
+        plugin: String,
+        path: String,
+        error: String,
+    },
+    #[error("plugin `{plugin}` refused: {}", .refused.join("; "))]
+    Refused {
+        plugin: String,
+        refused: Vec<String>,
+    },
+    #[error("plugin `{plugin}`: {error}")]
+    Link { plugin: String, error: String },
+}
+
+/// Content hash of a wasm file: its version.
+pub fn version_of(bytes: &[u8]) -> String {
+    hex::encode(&Sha256::digest(bytes)[..8])
+}
+
+pub fn compile(engine: &Engine, spec: &PluginSpec, bytes: &[u8]) -> Result<Component, LoadError> {
+    Component::new(engine, bytes).map_err(|e| LoadError::Compile {
+        plugin: spec.name.clone(),
+        path: spec.wasm.display().to_string(),
+        error: format!("{e:#}"),
+    })
+}
+
+/// Classifies every import of `component` for `spec` in its role.
+pub fn check_imports(
+    engine: &Engine,
+    component: &Component,
+    spec: &PluginSpec,
+    role: &RoleConfig,
+) -> Vec<ImportCheck> {
+    component
+        .component_type()
+        .imports(engine)
+        .map(|(name, _)| {
+            let (granted, note) = if let Some(cap) = Capability::of_import(name) {
+                if !role.grants.contains(&cap) {
+                    (
+                        false,
+                        format!("capability `{cap}` is not granted to role {}", spec.role),
+                    )
+                } else if !spec.capabilities.contains(&cap) {
+                    (
+                        false,
+                        format!("capability `{cap}` is not declared by the plugin in plugins.toml"),
+                    )
+                } else {
+                    (true, format!("capability `{cap}`"))
+                }
+            } else if name == caps::TYPES_INTERFACE {
+                (true, "shared types".into())
+            } else if caps::wasi::is_linked(name) {
+                (true, "WASI (no files, env or sockets)".into())
+            } else {
+                (false, "not provided by wxhost".into())
+            };
+            ImportCheck {
+                name: name.to_string(),
+                granted,
+                note,
+            }
+        })
+        .collect()
+}
+
+/// Checks and pre-links a compiled plugin. Refused imports are named; nothing
+/// is left to fail at call time.
+pub fn prepare(
+    engine: &Engine,
+    spec: &PluginSpec,
+    role: &RoleConfig,
+    component: &Component,
+    version: String,
+) -> Result<LoadedPlugin, LoadError> {
+    let imports = check_imports(engine, component, spec, role);
+    let refused: Vec<String> = imports
+        .iter()
+        .filter(|i| !i.granted)
+        .map(|i| format!("imports `{}`, but {}", i.name, i.note))
+        .collect();
+    if !refused.is_empty() {
+        return Err(LoadError::Refused {
+            plugin: spec.name.clone(),
+            refused,
+        });
+    }
+    let linked: BTreeSet<Capability> = spec
+        .capabilities
+        .intersection(&role.grants)
+        .copied()
+        .collect();
+    let link_err = |e: wasmtime::Error| LoadError::Link {
+        plugin: spec.name.clone(),
+        error: format!("{e:#}"),
+    };
+    let linker = caps::linker(engine, &linked).map_err(link_err)?;
+    let instance_pre = linker.instantiate_pre(component).map_err(link_err)?;
+    let pre = PluginHostPre::new(instance_pre).map_err(|e| LoadError::Link {
+        plugin: spec.name.clone(),
+        error: format!("does not export the wxhost:plugin/handler interface: {e:#}"),
+    })?;
+    let config = match serde_json::to_value(&spec.config) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    Ok(LoadedPlugin {
+        identity: Arc::new(PluginIdentity {
+            name: spec.name.clone(),
+            version,
+            config,
+        }),
+        role: spec.role,
+        wasm: spec.wasm.clone(),
+        routes: spec.routes.clone(),
+        capabilities: linked,
+        imports,
+        loaded_at: SystemTime::now(),
+        deadline: Duration::from_millis(role.deadline_ms),
+        memory_limit_bytes: role.memory_limit_bytes,
+        pre,
+    })
+}

@@ -1,0 +1,130 @@
+//! A role's plugins and routes as one immutable snapshot, and running one
+//! request in a fresh sandbox. Hot swap replaces the whole snapshot; a request
+//! keeps the snapshot (and plugin versions) it started with.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::{Engine, Store, Trap};
+
+use crate::bindings::wxhost::plugin::types::{Request, Response};
+use crate::caps::{MemoryLimitExceeded, PluginState, Services};
+use crate::config::{Role, RoleConfig};
+use crate::engine::deadline_ticks;
+use crate::plugin::LoadedPlugin;
+
+/// Host-side slack on top of the epoch deadline, covering time spent awaiting host calls.
+const AWAIT_GRACE: Duration = Duration::from_millis(250);
+
+pub struct RoleRuntime {
+    pub role: Role,
+    pub config: RoleConfig,
+    pub plugins: Vec<Arc<LoadedPlugin>>,
+    routes: HashMap<String, matchit::Router<usize>>,
+}
+
+pub enum RouteMatch<'a> {
+    Found {
+        plugin: &'a Arc<LoadedPlugin>,
+        params: Vec<(String, String)>,
+    },
+    MethodNotAllowed,
+    NotFound,
+}
+
+impl RoleRuntime {
+    /// Builds the route table; plugins.toml validation has already refused conflicts.
+    pub fn new(
+        role: Role,
+        config: RoleConfig,
+        plugins: Vec<Arc<LoadedPlugin>>,
+    ) -> anyhow::Result<Self> {
+        let mut routes: HashMap<String, matchit::Router<usize>> = HashMap::new();
+        for (index, plugin) in plugins.iter().enumerate() {
+            for route in &plugin.routes {
+                routes
+                    .entry(route.method.clone())
+                    .or_default()
+                    .insert(route.path.clone(), index)
+                    .map_err(|e| anyhow::anyhow!("route {route}: {e}"))?;
+            }
+        }
+        Ok(RoleRuntime {
+            role,
+            config,
+            plugins,
+            routes,
+        })
+    }
+
+    pub fn route(&self, method: &str, path: &str) -> RouteMatch<'_> {
+        if let Some(m) = self.routes.get(method).and_then(|r| r.at(path).ok()) {
+            let params = m
+                .params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            return RouteMatch::Found {
+                plugin: &self.plugins[*m.value],
+                params,
+            };
+        }
+        if self.routes.values().any(|r| r.at(path).is_ok()) {
+            RouteMatch::MethodNotAllowed
+        } else {
+            RouteMatch::NotFound
+        }
+    }
+}
+
+/// How a request's sandbox ended when the plugin did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginFailure {
+    #[error("plugin ran past its {0:?} deadline")]
+    Timeout(Duration),
+    #[error("plugin exceeded its memory limit")]
+    OutOfMemory,
+    #[error("plugin trapped: {0}")]
+    Trap(String),
+}
+
+/// Runs one request on a fresh instance of `plugin`, within its deadline and memory limit.
+pub async fn invoke(
+    engine: &Engine,
+    services: &Arc<Services>,
+    plugin: &LoadedPlugin,
+    request: Request,
+) -> Result<Response, PluginFailure> {
+    let state = PluginState::new(
+        plugin.identity.clone(),
+        services.clone(),
+        plugin.memory_limit_bytes,
+    );
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| &mut s.limiter);
+    store.set_epoch_deadline(deadline_ticks(plugin.deadline));
+    store.epoch_deadline_trap();
+
+    let run = async {
+        let instance = plugin.pre.instantiate_async(&mut store).await?;
+        instance
+            .wxhost_plugin_handler()
+            .call_handle(&mut store, &request)
+            .await
+    };
+    let outcome = tokio::time::timeout(plugin.deadline + AWAIT_GRACE, run).await;
+    match outcome {
+        Ok(Ok(response)) => Ok(response),
+        Err(_elapsed) => Err(PluginFailure::Timeout(plugin.deadline)),
+        Ok(Err(e)) => {
+            if store.data().limiter.exceeded || e.downcast_ref::<MemoryLimitExceeded>().is_some() {
+                Err(PluginFailure::OutOfMemory)
+            } else if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+                Err(PluginFailure::Timeout(plugin.deadline))
+            } else {
+                Err(PluginFailure::Trap(format!("{e:#}")))
+            }
+        }
+    }
+}

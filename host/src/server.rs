@@ -1,0 +1,400 @@
+//! HTTP: one listener per served role, plus the loopback admin listener.
+//! Plugin routes are dispatched from the role's current snapshot.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use notify::Watcher;
+use secrecy::ExposeSecret;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::bindings::wxhost::plugin::types as wit;
+use crate::caps::{Services, callback_crypto::CallbackCrypto, db::DbCtx};
+use crate::config::{self, Config, Role};
+use crate::database;
+use crate::error::ApiError;
+use crate::host::{self, Host};
+use crate::runtime::{self, PluginFailure, RouteMatch};
+use crate::settings::Settings;
+
+/// What `wxhost serve` needs.
+pub struct ServeOptions {
+    pub config_path: PathBuf,
+    pub roles: Vec<Role>,
+    pub settings: Settings,
+    /// Reload when plugins.toml or a plugin's wasm changes on disk.
+    pub watch: bool,
+}
+
+/// A started server: its bound addresses and a handle to stop it.
+pub struct RunningServer {
+    pub role_addrs: BTreeMap<Role, SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub host: Arc<Host>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl RunningServer {
+    /// Stops accepting; in-flight requests finish before `wait` returns.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Starts the served roles: loads the config, connects and migrates the database
+/// for the app role, loads every plugin (refusing the start if any is refused),
+/// then binds the listeners.
+pub async fn start(options: ServeOptions) -> anyhow::Result<RunningServer> {
+    let config = config::load(&options.config_path)?;
+    let engine = crate::engine::new(config.max_instances)?;
+    let services = Arc::new(services(&config, &options).await?);
+    let host = Arc::new(Host::start(engine, services, &config, &options.roles).await?);
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    let mut role_addrs = BTreeMap::new();
+    for role in host.roles() {
+        let configured = host.runtime(role).config.listen;
+        let addr = match role {
+            Role::Web => options.settings.web_listen,
+            Role::App => options.settings.app_listen,
+        }
+        .unwrap_or(configured);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the {role} role to {addr}"))?;
+        let bound = listener.local_addr()?;
+        tracing::info!(role = %role, addr = %bound, "listening");
+        role_addrs.insert(role, bound);
+        let app = role_router(host.clone(), role);
+        tasks.spawn(serve(listener, app, shutdown.clone()));
+    }
+
+    let admin = options.settings.admin_listen.unwrap_or(config.admin_listen);
+    anyhow::ensure!(
+        admin.ip().is_loopback(),
+        "the admin listener must be on a loopback address, not {admin}"
+    );
+    let listener = tokio::net::TcpListener::bind(admin)
+        .await
+        .with_context(|| format!("binding the admin listener to {admin}"))?;
+    let admin_addr = listener.local_addr()?;
+    tracing::info!(addr = %admin_addr, "admin listening");
+    tasks.spawn(serve(
+        listener,
+        admin_router(host.clone()),
+        shutdown.clone(),
+    ));
+
+    if options.watch {
+        tasks.spawn(watch_files(host.clone(), shutdown.clone()));
+    }
+    Ok(RunningServer {
+        role_addrs,
+        admin_addr,
+        host,
+        shutdown,
+        tasks,
+    })
+}
+
+async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Services> {
+    let db = if options.roles.contains(&Role::App) {
+        let url = options
+            .settings
+            .database_url
+            .as_ref()
+            .map(|u| u.expose_secret().to_string());
+        let url = url.as_deref().unwrap_or(database::DEFAULT_URL);
+        let db = database::connect(url, &database::PoolSettings::default()).await?;
+        database::migrate(&db).await?;
+        Some(DbCtx { db })
+    } else {
+        None
+    };
+    let callback_crypto = if options.roles.contains(&Role::Web) {
+        let s = &options.settings;
+        if s.wechat_token.is_none() {
+            tracing::warn!("WECHAT_TOKEN is not set: WeChat server verification will answer 503");
+        }
+        Some(CallbackCrypto::new(
+            s.wechat_token.clone(),
+            s.wechat_aes_key.as_ref(),
+            s.wechat_appid.clone(),
+            config.timestamp_window_secs,
+        )?)
+    } else {
+        None
+    };
+    Ok(Services {
+        db,
+        callback_crypto,
+    })
+}
+
+async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) {
+    let result = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await;
+    if let Err(e) = result {
+        tracing::error!("server stopped: {e}");
+    }
+}
+
+#[derive(Clone)]
+struct RoleState {
+    host: Arc<Host>,
+    role: Role,
+}
+
+/// The router of one role: `/healthz` and the plugins' routes.
+pub fn role_router(host: Arc<Host>, role: Role) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .fallback(dispatch)
+        .with_state(RoleState { host, role })
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+async fn dispatch(State(state): State<RoleState>, request: Request) -> Result<Response, ApiError> {
+    let runtime = state.host.runtime(state.role);
+    let (parts, body) = request.into_parts();
+    let (plugin, params) = match runtime.route(parts.method.as_str(), parts.uri.path()) {
+        RouteMatch::Found { plugin, params } => (plugin.clone(), params),
+        RouteMatch::MethodNotAllowed => return Err(ApiError::method_not_allowed()),
+        RouteMatch::NotFound => return Err(ApiError::not_found()),
+    };
+    let limit = runtime.config.max_body_bytes;
+    let body: Bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::payload_too_large(limit))?;
+    let request_id = parts
+        .headers
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+    let headers = parts
+        .headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let wit_request = wit::Request {
+        method: parts.method.as_str().to_string(),
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().unwrap_or_default().to_string(),
+        params,
+        headers,
+        body: body.to_vec(),
+        request_id: request_id.clone(),
+    };
+    let started = std::time::Instant::now();
+    let outcome = runtime::invoke(
+        &state.host.engine,
+        &state.host.services,
+        &plugin,
+        wit_request,
+    )
+    .await;
+    let identity = &plugin.identity;
+    let mut response = match outcome {
+        Ok(r) => to_http(r),
+        Err(failure) => {
+            tracing::error!(
+                plugin = %identity.name, version = %identity.version, request_id, role = %state.role,
+                elapsed_ms = started.elapsed().as_millis() as u64, "{failure}"
+            );
+            failure_response(&failure)
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID, v);
+    }
+    Ok(response)
+}
+
+fn failure_response(failure: &PluginFailure) -> Response {
+    let (status, code, message) = match failure {
+        PluginFailure::Timeout(_) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "plugin_timeout",
+            "the handler did not finish in time",
+        ),
+        PluginFailure::OutOfMemory => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "plugin_out_of_memory",
+            "the handler ran out of memory",
+        ),
+        PluginFailure::Trap(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "plugin_failed",
+            "the handler failed",
+        ),
+    };
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    (status, axum::Json(body)).into_response()
+}
+
+/// A plugin's response as HTTP; an impossible status or header is a plugin bug, answered 500.
+fn to_http(r: wit::Response) -> Response {
+    let Ok(status) = StatusCode::from_u16(r.status) else {
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "plugin_failed",
+            "the handler answered an invalid status",
+        )
+        .into_response();
+    };
+    let mut response = Response::new(Body::from(r.body));
+    *response.status_mut() = status;
+    for (name, value) in r.headers {
+        match (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) {
+            (Ok(n), Ok(v)) => {
+                response.headers_mut().append(n, v);
+            }
+            _ => tracing::warn!(header = name, "plugin answered an invalid header; dropped"),
+        }
+    }
+    response
+}
+
+/// The admin API: plugins and reloads. Bound to loopback only.
+pub fn admin_router(host: Arc<Host>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/admin/plugins", get(admin_plugins))
+        .route("/admin/reload", post(admin_reload))
+        .fallback(|| async { ApiError::not_found() })
+        .with_state(host)
+}
+
+async fn admin_plugins(State(host): State<Arc<Host>>) -> impl IntoResponse {
+    let mut plugins = Vec::new();
+    for role in host.roles() {
+        for p in &host.runtime(role).plugins {
+            plugins.push(serde_json::json!({
+                "name": p.identity.name,
+                "role": role,
+                "version": p.identity.version,
+                "wasm": p.wasm.display().to_string(),
+                "routes": p.routes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "capabilities": p.capabilities,
+                "imports": p.imports,
+                "loaded_at_unix": p.loaded_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default(),
+            }));
+        }
+    }
+    axum::Json(serde_json::json!({ "plugins": plugins, "last_reload": host.status() }))
+}
+
+async fn admin_reload(State(host): State<Arc<Host>>) -> Response {
+    let status = host.reload("admin").await;
+    let code = if status.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    (code, axum::Json(status)).into_response()
+}
+
+/// How long the watcher waits for a burst of file events to settle.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// Reloads when plugins.toml or a plugin's wasm changes. Folders are watched,
+/// not files, so an editor's or a deploy's rename-over is seen too.
+async fn watch_files(host: Arc<Host>, shutdown: CancellationToken) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher =
+        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = event {
+                let _ = tx.send(event.paths);
+            }
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(
+                    "file watching is unavailable ({e}); reload with SIGHUP or POST /admin/reload"
+                );
+                return;
+            }
+        };
+    let mut watched_dirs: Vec<PathBuf> = Vec::new();
+    loop {
+        let files = host.watched_files();
+        let dirs: Vec<PathBuf> = files
+            .iter()
+            .filter_map(|f| {
+                f.parent().map(|p| {
+                    if p.as_os_str().is_empty() {
+                        PathBuf::from(".")
+                    } else {
+                        p.to_path_buf()
+                    }
+                })
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if dirs != watched_dirs {
+            for d in &watched_dirs {
+                let _ = watcher.unwatch(d);
+            }
+            for d in &dirs {
+                if let Err(e) = watcher.watch(d, notify::RecursiveMode::NonRecursive) {
+                    tracing::warn!(dir = %d.display(), "cannot watch: {e}");
+                }
+            }
+            watched_dirs = dirs;
+        }
+        // Wait for a change to a watched file, then for the burst to settle.
+        loop {
+            let paths = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                paths = rx.recv() => match paths { Some(p) => p, None => return },
+            };
+            if paths.iter().any(|p| host::is_watched(p, &files)) {
+                break;
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(SETTLE) => break,
+                _ = rx.recv() => {}
+            }
+        }
+        host.reload("file change").await;
+    }
+}
