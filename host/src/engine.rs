@@ -39,11 +39,6 @@ pub fn new(max_instances: u32) -> anyhow::Result<Engine> {
     Ok(engine)
 }
 
-/// Deadline in epoch ticks, rounded up, plus one for the tick in progress.
-pub fn deadline_ticks(deadline: Duration) -> u64 {
-    deadline.as_millis().div_ceil(EPOCH_TICK.as_millis()) as u64 + 1
-}
-
 /// One ticker thread per engine (never per request); it ends with the engine.
 fn start_epoch_ticker(engine: &Engine) {
     let weak = engine.weak();

@@ -4,14 +4,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 use crate::bindings::wxhost::plugin::types::{Request, Response};
 use crate::caps::{MemoryLimitExceeded, PluginState, Services};
 use crate::config::{Role, RoleConfig};
-use crate::engine::deadline_ticks;
 use crate::plugin::LoadedPlugin;
 
 /// Host-side slack on top of the epoch deadline, covering time spent awaiting host calls.
@@ -103,8 +102,17 @@ pub async fn invoke(
     );
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limiter);
-    store.set_epoch_deadline(deadline_ticks(plugin.deadline));
-    store.epoch_deadline_trap();
+    // Every epoch tick, a running plugin yields to the executor (so one that
+    // spins cannot hold a worker thread) until its deadline, then it traps.
+    let deadline_at = Instant::now() + plugin.deadline;
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if Instant::now() >= deadline_at {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
 
     let run = async {
         let instance = plugin.pre.instantiate_async(&mut store).await?;

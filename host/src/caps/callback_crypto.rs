@@ -4,7 +4,7 @@
 
 use aes::cipher::{BlockDecryptMut, BlockEncryptMut, KeyIvInit, block_padding::NoPadding};
 use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD as BASE64};
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use sha1::{Digest, Sha1};
 use subtle::ConstantTimeEq;
@@ -14,6 +14,13 @@ use crate::bindings::wxhost::plugin::callback_crypto::{self as wit, CryptoError,
 
 type Aes256CbcEnc = cbc::Encryptor<aes::Aes256>;
 type Aes256CbcDec = cbc::Decryptor<aes::Aes256>;
+
+/// EncodingAESKeys are 43 base64 characters whose last one carries unused bits:
+/// WeChat's SDKs decode them leniently, and so must we.
+const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+);
 
 /// WeChat pads safe-mode plaintext PKCS#7-style to a multiple of 32 bytes.
 const PAD_BLOCK: usize = 32;
@@ -46,7 +53,9 @@ impl CallbackCrypto {
                 if k.len() != 43 {
                     return Err(BadAesKey);
                 }
-                let bytes = BASE64.decode(format!("{k}=")).map_err(|_| BadAesKey)?;
+                let bytes = LENIENT_BASE64
+                    .decode(format!("{k}="))
+                    .map_err(|_| BadAesKey)?;
                 if bytes.len() != 32 {
                     return Err(BadAesKey);
                 }

@@ -1,0 +1,240 @@
+//! Shared test support: real compiled plugins, temporary configurations,
+//! in-process servers on loopback, and databases (a SQLite file and a fresh
+//! MariaDB database per test).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use wxhost::config::Role;
+use wxhost::server::{self, RunningServer, ServeOptions};
+use wxhost::settings::Settings;
+
+/// The token tests sign WeChat callbacks with.
+pub const TOKEN: &str = "test";
+
+/// A compiled plugin from plugins/dist (built by the host's build script).
+pub fn dist(file: &str) -> PathBuf {
+    let path = Path::new(env!("WXHOST_PLUGIN_DIST")).join(file);
+    assert!(
+        path.is_file(),
+        "{} is missing: the build script builds it",
+        path.display()
+    );
+    path
+}
+
+pub fn init_logging() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,wxhost=info".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// A temporary folder holding a plugins.toml and copies of the plugins it names.
+pub struct TestConfig {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestConfig {
+    /// `toml` may name wasm files relative to the folder; `plugins` are copied in
+    /// as (file name in the folder, file in plugins/dist).
+    pub fn new(toml: &str, plugins: &[(&str, &str)]) -> TestConfig {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for (name, source) in plugins {
+            std::fs::copy(dist(source), dir.path().join(name)).expect("copying a plugin");
+        }
+        std::fs::write(dir.path().join("plugins.toml"), toml).expect("writing plugins.toml");
+        TestConfig { dir }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("plugins.toml")
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Replaces a file the way a deploy does: write beside it, then rename over it.
+    pub fn replace(&self, name: &str, bytes: &[u8]) {
+        let tmp = self.dir.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, self.file(name)).unwrap();
+    }
+}
+
+/// Sections every test configuration starts with: loopback, ephemeral ports.
+pub fn base_toml(web_deadline_ms: u64, grants_web: &str, grants_app: &str) -> String {
+    format!(
+        r#"
+[host]
+max_instances = 32
+
+[admin]
+listen = "127.0.0.1:0"
+
+[wechat]
+timestamp_window_secs = 300
+
+[roles.web]
+listen = "127.0.0.1:0"
+grants = [{grants_web}]
+deadline_ms = {web_deadline_ms}
+memory_limit_mib = 16
+max_body_kib = 64
+
+[roles.app]
+listen = "127.0.0.1:0"
+grants = [{grants_app}]
+deadline_ms = 3000
+memory_limit_mib = 32
+"#
+    )
+}
+
+pub fn settings(database_url: Option<&str>) -> Settings {
+    Settings {
+        database_url: database_url.map(|u| u.to_string().into()),
+        wechat_token: Some(TOKEN.to_string().into()),
+        wechat_appid: Some("wxb11529c136998cb6".into()),
+        wechat_aes_key: Some(
+            "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
+                .to_string()
+                .into(),
+        ),
+        ..Settings::default()
+    }
+}
+
+pub async fn start(
+    config: &TestConfig,
+    roles: &[Role],
+    database_url: Option<&str>,
+    watch: bool,
+) -> RunningServer {
+    init_logging();
+    server::start(ServeOptions {
+        config_path: config.path(),
+        roles: roles.to_vec(),
+        settings: settings(database_url),
+        watch,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("server did not start: {e:#}"))
+}
+
+pub fn url(server: &RunningServer, role: Role, path_and_query: &str) -> String {
+    let addrs: &BTreeMap<Role, std::net::SocketAddr> = &server.role_addrs;
+    format!("http://{}{path_and_query}", addrs[&role])
+}
+
+pub fn admin_url(server: &RunningServer, path: &str) -> String {
+    format!("http://{}{path}", server.admin_addr)
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A signed server-verification query, as WeChat sends it.
+pub fn verify_query(echostr: &str) -> String {
+    let ts = unix_now().to_string();
+    let nonce = "1234567";
+    let signature = wxhost::caps::callback_crypto::sorted_sha1(&[TOKEN, &ts, nonce]);
+    format!(
+        "/api/v1/auth/wechat/verify?signature={signature}&timestamp={ts}&nonce={nonce}&echostr={echostr}"
+    )
+}
+
+/// A database for one test, dropped afterwards (MariaDB) or deleted with its folder (SQLite).
+pub struct TestDatabase {
+    pub url: String,
+    pub name: &'static str,
+    _dir: Option<tempfile::TempDir>,
+    mysql_drop: Option<(String, String)>,
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Some((server, db)) = self.mysql_drop.take() {
+            // Best effort on a fresh runtime: the test's runtime may be gone.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    use sqlx::Connection;
+                    if let Ok(mut c) = sqlx::MySqlConnection::connect(&server).await {
+                        let _ = sqlx::Executor::execute(
+                            &mut c,
+                            format!("DROP DATABASE IF EXISTS `{db}`").as_str(),
+                        )
+                        .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+pub async fn sqlite_database() -> TestDatabase {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("wxhost.db").display()
+    );
+    TestDatabase {
+        url,
+        name: "sqlite",
+        _dir: Some(dir),
+        mysql_drop: None,
+    }
+}
+
+/// The MariaDB server the tests use: WXHOST_TEST_MYSQL_URL, default the machine's
+/// local MariaDB as root. It must be reachable: a missing database fails the test.
+pub fn mysql_server_url() -> String {
+    std::env::var("WXHOST_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+}
+
+pub async fn mysql_database() -> TestDatabase {
+    use sqlx::Connection;
+    let server = mysql_server_url();
+    let mut conn = sqlx::MySqlConnection::connect(&format!("{server}/mysql")).await.unwrap_or_else(|e| {
+        panic!(
+            "MariaDB/MySQL is required for the database tests and is not reachable at {server} ({e}). \
+             Start it (bash .ci/run does) or point WXHOST_TEST_MYSQL_URL at one."
+        )
+    });
+    let name = format!("wxhost_test_{:016x}", rand::random::<u64>());
+    sqlx::Executor::execute(
+        &mut conn,
+        format!("CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+            .as_str(),
+    )
+    .await
+    .expect("creating a test database");
+    TestDatabase {
+        url: format!("{server}/{name}"),
+        name: "mariadb",
+        _dir: None,
+        mysql_drop: Some((format!("{server}/mysql"), name)),
+    }
+}
+
+/// Both databases every database test runs against.
+pub async fn all_databases() -> Vec<TestDatabase> {
+    vec![sqlite_database().await, mysql_database().await]
+}

@@ -1,0 +1,202 @@
+//! End to end: misbehaving plugins end only their own request, with a JSON 5xx,
+//! while another route on the same server keeps answering.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use wxhost::config::Role;
+
+const DEADLINE_MS: u64 = 500;
+
+fn probe_config() -> TestConfig {
+    let toml = base_toml(
+        DEADLINE_MS,
+        r#""log", "config", "callback-crypto""#,
+        r#""log""#,
+    ) + r#"
+[[plugins]]
+name = "sandbox-probe"
+role = "web"
+wasm = "sandbox-probe.wasm"
+routes = ["GET /probe/ok", "GET /probe/loop", "GET /probe/trap", "GET /probe/oom", "GET /probe/print"]
+capabilities = ["log"]
+
+[[plugins]]
+name = "verify"
+role = "web"
+wasm = "verify.wasm"
+routes = ["GET /api/v1/auth/wechat/verify"]
+capabilities = ["log", "callback-crypto"]
+"#;
+    TestConfig::new(
+        &toml,
+        &[
+            ("sandbox-probe.wasm", "fixtures/sandbox-probe.wasm"),
+            ("verify.wasm", "verify.wasm"),
+        ],
+    )
+}
+
+async fn error_code(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.expect("a JSON error body");
+    (
+        status,
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn looping_trapping_and_hoarding_plugins_fail_alone_while_other_routes_answer() {
+    let config = probe_config();
+    let server = start(&config, &[Role::Web], None, false).await;
+    let client = reqwest::Client::new();
+
+    // A steady stream of good requests to another route and another plugin.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut streams = Vec::new();
+    for path in ["/probe/ok".to_string(), verify_query("still-here")] {
+        let (client, url, stop, answered) = (
+            client.clone(),
+            url(&server, Role::Web, &path),
+            stop.clone(),
+            answered.clone(),
+        );
+        streams.push(tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let r = client.get(&url).send().await.expect("good route answers");
+                assert_eq!(r.status(), 200, "{url}");
+                let body = r.text().await.unwrap();
+                assert!(body == "ok" || body == "still-here", "{body}");
+                slowest = slowest.max(started.elapsed());
+                answered.fetch_add(1, Ordering::Relaxed);
+            }
+            slowest
+        }));
+    }
+
+    let started = Instant::now();
+    let (status, code) = error_code(
+        client
+            .get(url(&server, Role::Web, "/probe/loop"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let looped_for = started.elapsed();
+    assert_eq!((status, code.as_str()), (504, "plugin_timeout"));
+    assert!(
+        looped_for < Duration::from_millis(DEADLINE_MS + 1000),
+        "the loop was stopped after {looped_for:?}"
+    );
+
+    let (status, code) = error_code(
+        client
+            .get(url(&server, Role::Web, "/probe/trap"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (500, "plugin_failed"));
+
+    let (status, code) = error_code(
+        client
+            .get(url(&server, Role::Web, "/probe/oom"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (500, "plugin_out_of_memory"));
+
+    // Several spinning requests at once still leave the good routes answering.
+    let spinning: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, url) = (client.clone(), url(&server, Role::Web, "/probe/loop"));
+            tokio::spawn(async move { client.get(url).send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    for s in spinning {
+        assert_eq!(s.await.unwrap(), 504);
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    for s in streams {
+        let slowest = s.await.expect("the good stream never failed");
+        assert!(
+            slowest < Duration::from_millis(DEADLINE_MS + 1000),
+            "a good request took {slowest:?}"
+        );
+    }
+    assert!(
+        answered.load(Ordering::Relaxed) > 10,
+        "the good routes kept answering"
+    );
+
+    // The failures did not poison the server.
+    let r = client
+        .get(url(&server, Role::Web, "/probe/ok"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "ok");
+    server.shutdown();
+    server.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_methods_and_oversized_bodies_get_json_errors() {
+    let config = probe_config();
+    let server = start(&config, &[Role::Web], None, false).await;
+    let client = reqwest::Client::new();
+
+    let (status, code) = error_code(
+        client
+            .get(url(&server, Role::Web, "/nowhere"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (404, "not_found"));
+    let (status, code) = error_code(
+        client
+            .post(url(&server, Role::Web, "/probe/ok"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (405, "method_not_allowed"));
+    let big = vec![b'x'; 65 * 1024];
+    let (status, code) = error_code(
+        client
+            .get(url(&server, Role::Web, "/probe/ok"))
+            .body(big)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (413, "payload_too_large"));
+    let health = client
+        .get(url(&server, Role::Web, "/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    server.shutdown();
+    server.wait().await;
+}
