@@ -6,8 +6,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, ConnectOptions};
+use sqlx::ConnectOptions;
+use sqlx::mysql::MySqlConnectOptions;
+use sqlx::pool::PoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
 
 /// The embedded default: a SQLite file under ./data, created on first start.
 pub const DEFAULT_URL: &str = "sqlite://data/wxhost.db?mode=rwc";
@@ -18,10 +20,26 @@ pub enum Dialect {
     Mysql,
 }
 
+/// The pool of the URL's dialect. Native drivers (not sqlx's `Any`) so that
+/// column types are reported exactly (MySQL TEXT vs BLOB, unsigned integers).
+#[derive(Clone)]
+pub enum Pool {
+    Sqlite(sqlx::SqlitePool),
+    Mysql(sqlx::MySqlPool),
+}
+
 #[derive(Clone)]
 pub struct Database {
-    pub pool: AnyPool,
-    pub dialect: Dialect,
+    pub pool: Pool,
+}
+
+impl Database {
+    pub fn dialect(&self) -> Dialect {
+        match self.pool {
+            Pool::Sqlite(_) => Dialect::Sqlite,
+            Pool::Mysql(_) => Dialect::Mysql,
+        }
+    }
 }
 
 impl Dialect {
@@ -52,67 +70,67 @@ impl Default for PoolSettings {
     }
 }
 
-/// Connects; for SQLite also creates the file's folder. The error never holds the URL
-/// (it may carry a password).
+/// Connects; for SQLite also creates the file and its folder. The error never
+/// holds the URL (it may carry a password).
 pub async fn connect(url: &str, settings: &PoolSettings) -> anyhow::Result<Database> {
-    sqlx::any::install_default_drivers();
     let dialect = Dialect::of_url(url)?;
-    let url = if dialect == Dialect::Mysql && url.starts_with("mariadb:") {
-        url.replacen("mariadb:", "mysql:", 1)
-    } else {
-        url.to_string()
+    let connect_error = |e: sqlx::Error| {
+        anyhow::anyhow!(
+            "cannot connect to the {dialect:?} database: {}",
+            redact_db_error(&e)
+        )
     };
-    if dialect == Dialect::Sqlite {
-        create_sqlite_folder(&url)?;
-    }
-    let options = AnyConnectOptions::from_str(&url)
-        .context("DATABASE_URL is not a valid database URL")?
-        .log_statements(tracing::log::LevelFilter::Trace)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
-    let pool = AnyPoolOptions::new()
+    let pool = match dialect {
+        Dialect::Sqlite => {
+            create_sqlite_folder(url)?;
+            let options = SqliteConnectOptions::from_str(url)
+                .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a valid SQLite URL"))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                // Writers wait for each other instead of failing with SQLITE_BUSY.
+                .busy_timeout(Duration::from_secs(5))
+                .foreign_keys(true)
+                .log_statements(tracing::log::LevelFilter::Trace)
+                .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+            Pool::Sqlite(
+                pool_options(settings)
+                    .connect_with(options)
+                    .await
+                    .map_err(connect_error)?,
+            )
+        }
+        Dialect::Mysql => {
+            let url = url.replacen("mariadb:", "mysql:", 1);
+            let options = MySqlConnectOptions::from_str(&url)
+                .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a valid MySQL URL"))?
+                .charset("utf8mb4")
+                .timezone(Some("+00:00".into()))
+                .log_statements(tracing::log::LevelFilter::Trace)
+                .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+            Pool::Mysql(
+                pool_options(settings)
+                    .connect_with(options)
+                    .await
+                    .map_err(connect_error)?,
+            )
+        }
+    };
+    Ok(Database { pool })
+}
+
+fn pool_options<DB: sqlx::Database>(settings: &PoolSettings) -> PoolOptions<DB> {
+    PoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(settings.acquire_timeout)
-        .after_connect(move |conn, _| {
-            Box::pin(async move {
-                use sqlx::Executor;
-                match dialect {
-                    // Writers wait for each other instead of failing with SQLITE_BUSY.
-                    Dialect::Sqlite => {
-                        conn.execute("PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;")
-                            .await?;
-                    }
-                    Dialect::Mysql => {
-                        conn.execute(
-                            "SET NAMES utf8mb4 COLLATE utf8mb4_unicode_ci, time_zone = '+00:00'",
-                        )
-                        .await?;
-                    }
-                }
-                Ok(())
-            })
-        })
-        .connect_with(options)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot connect to the {dialect:?} database: {}",
-                redact_db_error(&e)
-            )
-        })?;
-    Ok(Database { pool, dialect })
 }
 
 /// Applies the embedded migrations of the URL's dialect.
 pub async fn migrate(db: &Database) -> anyhow::Result<()> {
-    let migrator = match db.dialect {
-        Dialect::Sqlite => sqlx::migrate!("../migrations/sqlite"),
-        Dialect::Mysql => sqlx::migrate!("../migrations/mysql"),
-    };
-    migrator
-        .run(&db.pool)
-        .await
-        .context("applying database migrations")?;
-    Ok(())
+    match &db.pool {
+        Pool::Sqlite(pool) => sqlx::migrate!("../migrations/sqlite").run(pool).await,
+        Pool::Mysql(pool) => sqlx::migrate!("../migrations/mysql").run(pool).await,
+    }
+    .context("applying database migrations")
 }
 
 fn create_sqlite_folder(url: &str) -> anyhow::Result<()> {

@@ -105,7 +105,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             )
             .await?;
             database::migrate(&db).await?;
-            println!("migrations applied ({:?})", db.dialect);
+            println!("migrations applied ({:?})", db.dialect());
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve {

@@ -4,14 +4,15 @@
 //! `Transaction` on drop, and the store (with its resource table) is dropped
 //! at the end of every request.
 
-use sqlx::any::{AnyArguments, AnyRow, AnyTypeInfoKind};
-use sqlx::{Any, Arguments, Column, Row, ValueRef as _};
+use sqlx::mysql::{MySql, MySqlRow};
+use sqlx::sqlite::{Sqlite, SqliteRow};
+use sqlx::{Column, Row, TypeInfo, ValueRef};
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 use crate::bindings::wxhost::plugin::db::{
     self as wit, Error, ExecResult, Rows, SqlDialect, Value,
 };
-use crate::database::{Database, Dialect};
+use crate::database::{Database, Dialect, Pool};
 
 /// Most rows one query may return to a plugin; more is an error, not a truncation.
 const MAX_ROWS: usize = 10_000;
@@ -22,9 +23,15 @@ pub struct DbCtx {
     pub db: Database,
 }
 
-/// A transaction lent to a plugin (`wxhost:plugin/db.transaction`).
+/// A transaction lent to a plugin (`wxhost:plugin/db.transaction`); `None`
+/// once committed or rolled back.
 pub struct Transaction {
-    tx: Option<sqlx::Transaction<'static, Any>>,
+    tx: Option<OpenTransaction>,
+}
+
+enum OpenTransaction {
+    Sqlite(sqlx::Transaction<'static, Sqlite>),
+    Mysql(sqlx::Transaction<'static, MySql>),
 }
 
 pub struct DbView<'a> {
@@ -46,29 +53,40 @@ pub fn add_to_linker<T: Send + 'static>(
 }
 
 impl DbView<'_> {
-    fn pool(&self) -> Result<&sqlx::AnyPool, Error> {
+    fn pool(&self) -> Result<Pool, Error> {
         self.ctx
-            .map(|c| &c.db.pool)
+            .map(|c| c.db.pool.clone())
             .ok_or_else(|| Error::Unavailable("no database in this role".into()))
     }
 }
 
-fn bind(params: Vec<Value>) -> Result<AnyArguments<'static>, Error> {
-    let mut args = AnyArguments::default();
-    for p in params {
-        let added = match p {
-            Value::Null => args.add(Option::<i64>::None),
-            Value::Int(i) => args.add(i),
-            Value::Float(f) => args.add(f),
-            Value::Text(s) => args.add(s),
-            Value::Blob(b) => args.add(b),
-        };
-        added.map_err(|e| Error::InvalidQuery(format!("cannot bind parameter: {e}")))?;
-    }
-    Ok(args)
+type Query<'q, DB> = sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>;
+
+/// `sql` with `params` bound to its `?` placeholders.
+fn bound<'q, DB>(sql: &'q str, params: Vec<Value>) -> Query<'q, DB>
+where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    f64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Vec<u8>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<i64>: sqlx::Encode<'q, DB>,
+{
+    params
+        .into_iter()
+        .fold(sqlx::query::<DB>(sql), |q, p| match p {
+            Value::Null => q.bind(Option::<i64>::None),
+            Value::Int(i) => q.bind(i),
+            Value::Float(f) => q.bind(f),
+            Value::Text(s) => q.bind(s),
+            Value::Blob(b) => q.bind(b),
+        })
 }
 
-fn rows_of(rows: Vec<AnyRow>) -> Result<Rows, Error> {
+fn rows_of<R: Row>(
+    rows: Vec<R>,
+    value: fn(&R, usize) -> Result<Value, Error>,
+) -> Result<Rows, Error> {
     if rows.len() > MAX_ROWS {
         return Err(Error::Other(format!(
             "query returned more than {MAX_ROWS} rows; add a LIMIT"
@@ -78,42 +96,170 @@ fn rows_of(rows: Vec<AnyRow>) -> Result<Rows, Error> {
         .first()
         .map(|r| r.columns().iter().map(|c| c.name().to_string()).collect())
         .unwrap_or_default();
-    let rows = rows.iter().map(row_values).collect::<Result<_, _>>()?;
+    let rows = rows
+        .iter()
+        .map(|row| {
+            (0..row.len())
+                .map(|i| value(row, i))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<_, _>>()?;
     Ok(Rows { columns, rows })
 }
 
-fn row_values(row: &AnyRow) -> Result<Vec<Value>, Error> {
-    (0..row.len())
-        .map(|i| {
-            let raw = row.try_get_raw(i).map_err(map_err)?;
-            if raw.is_null() {
-                return Ok(Value::Null);
-            }
-            let kind = raw.type_info().kind();
-            let value = match kind {
-                AnyTypeInfoKind::Null => Value::Null,
-                AnyTypeInfoKind::Bool => {
-                    Value::Int(i64::from(row.try_get::<bool, _>(i).map_err(map_err)?))
-                }
-                AnyTypeInfoKind::SmallInt => {
-                    Value::Int(i64::from(row.try_get::<i16, _>(i).map_err(map_err)?))
-                }
-                AnyTypeInfoKind::Integer => {
-                    Value::Int(i64::from(row.try_get::<i32, _>(i).map_err(map_err)?))
-                }
-                AnyTypeInfoKind::BigInt => Value::Int(row.try_get::<i64, _>(i).map_err(map_err)?),
-                AnyTypeInfoKind::Real => {
-                    Value::Float(f64::from(row.try_get::<f32, _>(i).map_err(map_err)?))
-                }
-                AnyTypeInfoKind::Double => Value::Float(row.try_get::<f64, _>(i).map_err(map_err)?),
-                AnyTypeInfoKind::Text => Value::Text(row.try_get::<String, _>(i).map_err(map_err)?),
-                AnyTypeInfoKind::Blob => {
-                    Value::Blob(row.try_get::<Vec<u8>, _>(i).map_err(map_err)?)
-                }
-            };
-            Ok(value)
+/// SQLite values carry their own storage class, whatever the column declares.
+fn sqlite_value(row: &SqliteRow, i: usize) -> Result<Value, Error> {
+    let raw = row.try_get_raw(i).map_err(map_err)?;
+    if raw.is_null() {
+        return Ok(Value::Null);
+    }
+    let kind = raw.type_info().name().to_string();
+    Ok(match kind.as_str() {
+        "INTEGER" | "BOOLEAN" | "NUMERIC" => {
+            Value::Int(row.try_get_unchecked::<i64, _>(i).map_err(map_err)?)
+        }
+        "REAL" => Value::Float(row.try_get_unchecked::<f64, _>(i).map_err(map_err)?),
+        "BLOB" => Value::Blob(row.try_get_unchecked::<Vec<u8>, _>(i).map_err(map_err)?),
+        _ => Value::Text(row.try_get_unchecked::<String, _>(i).map_err(map_err)?),
+    })
+}
+
+/// MySQL values by column type; date and time types are refused with advice
+/// (the schema keeps times as BIGINT Unix seconds).
+fn mysql_value(row: &MySqlRow, i: usize) -> Result<Value, Error> {
+    let raw = row.try_get_raw(i).map_err(map_err)?;
+    if raw.is_null() {
+        return Ok(Value::Null);
+    }
+    let kind = raw.type_info().name().to_string();
+    let unsigned = |i| -> Result<Value, Error> {
+        let n = row.try_get_unchecked::<u64, _>(i).map_err(map_err)?;
+        i64::try_from(n).map(Value::Int).map_err(|_| {
+            Error::Other(format!(
+                "unsigned value {n} does not fit a signed 64-bit integer"
+            ))
         })
-        .collect()
+    };
+    Ok(match kind.as_str() {
+        "BOOLEAN" => Value::Int(i64::from(
+            row.try_get_unchecked::<bool, _>(i).map_err(map_err)?,
+        )),
+        "TINYINT" | "SMALLINT" | "MEDIUMINT" | "INT" | "BIGINT" => {
+            Value::Int(row.try_get_unchecked::<i64, _>(i).map_err(map_err)?)
+        }
+        k if k.ends_with("UNSIGNED") => unsigned(i)?,
+        "FLOAT" => Value::Float(f64::from(
+            row.try_get_unchecked::<f32, _>(i).map_err(map_err)?,
+        )),
+        "DOUBLE" => Value::Float(row.try_get_unchecked::<f64, _>(i).map_err(map_err)?),
+        "CHAR" | "VARCHAR" | "TEXT" | "TINYTEXT" | "MEDIUMTEXT" | "LONGTEXT" | "ENUM" | "SET"
+        | "JSON" | "DECIMAL" => {
+            Value::Text(row.try_get_unchecked::<String, _>(i).map_err(map_err)?)
+        }
+        "BINARY" | "VARBINARY" | "BLOB" | "TINYBLOB" | "MEDIUMBLOB" | "LONGBLOB" | "BIT" => {
+            Value::Blob(row.try_get_unchecked::<Vec<u8>, _>(i).map_err(map_err)?)
+        }
+        other => {
+            let name = row.columns()[i].name();
+            return Err(Error::InvalidQuery(format!(
+                "column `{name}` has type {other}, which plugins cannot receive; \
+                 select it as Unix seconds (UNIX_TIMESTAMP) or as text (CAST … AS CHAR)"
+            )));
+        }
+    })
+}
+
+async fn query(pool: &Pool, sql: &str, params: Vec<Value>) -> Result<Rows, Error> {
+    match pool {
+        Pool::Sqlite(p) => rows_of(
+            bound::<Sqlite>(sql, params)
+                .fetch_all(p)
+                .await
+                .map_err(map_err)?,
+            sqlite_value,
+        ),
+        Pool::Mysql(p) => rows_of(
+            bound::<MySql>(sql, params)
+                .fetch_all(p)
+                .await
+                .map_err(map_err)?,
+            mysql_value,
+        ),
+    }
+}
+
+async fn execute(pool: &Pool, sql: &str, params: Vec<Value>) -> Result<ExecResult, Error> {
+    match pool {
+        Pool::Sqlite(p) => {
+            let done = bound::<Sqlite>(sql, params)
+                .execute(p)
+                .await
+                .map_err(map_err)?;
+            Ok(exec_result(done.rows_affected(), done.last_insert_rowid()))
+        }
+        Pool::Mysql(p) => {
+            let done = bound::<MySql>(sql, params)
+                .execute(p)
+                .await
+                .map_err(map_err)?;
+            Ok(exec_result(
+                done.rows_affected(),
+                done.last_insert_id() as i64,
+            ))
+        }
+    }
+}
+
+async fn tx_query(tx: &mut OpenTransaction, sql: &str, params: Vec<Value>) -> Result<Rows, Error> {
+    match tx {
+        OpenTransaction::Sqlite(t) => rows_of(
+            bound::<Sqlite>(sql, params)
+                .fetch_all(&mut **t)
+                .await
+                .map_err(map_err)?,
+            sqlite_value,
+        ),
+        OpenTransaction::Mysql(t) => rows_of(
+            bound::<MySql>(sql, params)
+                .fetch_all(&mut **t)
+                .await
+                .map_err(map_err)?,
+            mysql_value,
+        ),
+    }
+}
+
+async fn tx_execute(
+    tx: &mut OpenTransaction,
+    sql: &str,
+    params: Vec<Value>,
+) -> Result<ExecResult, Error> {
+    match tx {
+        OpenTransaction::Sqlite(t) => {
+            let done = bound::<Sqlite>(sql, params)
+                .execute(&mut **t)
+                .await
+                .map_err(map_err)?;
+            Ok(exec_result(done.rows_affected(), done.last_insert_rowid()))
+        }
+        OpenTransaction::Mysql(t) => {
+            let done = bound::<MySql>(sql, params)
+                .execute(&mut **t)
+                .await
+                .map_err(map_err)?;
+            Ok(exec_result(
+                done.rows_affected(),
+                done.last_insert_id() as i64,
+            ))
+        }
+    }
+}
+
+fn exec_result(rows_affected: u64, last_insert_id: i64) -> ExecResult {
+    ExecResult {
+        rows_affected,
+        last_insert_id: (last_insert_id > 0).then_some(last_insert_id),
+    }
 }
 
 /// Maps a database error to what the plugin may see and act on.
@@ -154,7 +300,7 @@ fn is_query_error(code: Option<&str>, message: &str) -> bool {
 
 impl wit::Host for DbView<'_> {
     async fn dialect(&mut self) -> wasmtime::Result<SqlDialect> {
-        Ok(match self.ctx.map(|c| c.db.dialect) {
+        Ok(match self.ctx.map(|c| c.db.dialect()) {
             Some(Dialect::Mysql) => SqlDialect::Mysql,
             _ => SqlDialect::Sqlite,
         })
@@ -166,18 +312,10 @@ impl wit::Host for DbView<'_> {
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<Rows, Error>> {
         let pool = match self.pool() {
-            Ok(p) => p.clone(),
+            Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        let result = async {
-            let args = bind(params)?;
-            let rows = sqlx::query_with(&sql, args)
-                .fetch_all(&pool)
-                .await
-                .map_err(map_err)?;
-            rows_of(rows)
-        };
-        Ok(result.await)
+        Ok(query(&pool, &sql, params).await)
     }
 
     async fn execute(
@@ -186,37 +324,25 @@ impl wit::Host for DbView<'_> {
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<ExecResult, Error>> {
         let pool = match self.pool() {
-            Ok(p) => p.clone(),
+            Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        let result = async {
-            let args = bind(params)?;
-            let done = sqlx::query_with(&sql, args)
-                .execute(&pool)
-                .await
-                .map_err(map_err)?;
-            Ok(exec_result(&done))
-        };
-        Ok(result.await)
+        Ok(execute(&pool, &sql, params).await)
     }
 
     async fn begin(&mut self) -> wasmtime::Result<Result<Resource<Transaction>, Error>> {
         let pool = match self.pool() {
-            Ok(p) => p.clone(),
+            Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        let tx = pool.begin().await.map_err(map_err);
+        let tx = match &pool {
+            Pool::Sqlite(p) => p.begin().await.map(OpenTransaction::Sqlite),
+            Pool::Mysql(p) => p.begin().await.map(OpenTransaction::Mysql),
+        };
         match tx {
             Ok(tx) => Ok(Ok(self.table.push(Transaction { tx: Some(tx) })?)),
-            Err(e) => Ok(Err(e)),
+            Err(e) => Ok(Err(map_err(e))),
         }
-    }
-}
-
-fn exec_result(done: &sqlx::any::AnyQueryResult) -> ExecResult {
-    ExecResult {
-        rows_affected: done.rows_affected(),
-        last_insert_id: done.last_insert_id().filter(|&id| id > 0),
     }
 }
 
@@ -227,19 +353,10 @@ impl wit::HostTransaction for DbView<'_> {
         sql: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<Rows, Error>> {
-        let tx = self.table.get_mut(&this)?;
-        let Some(tx) = tx.tx.as_mut() else {
-            return Ok(Err(Error::TransactionClosed));
-        };
-        let result = async {
-            let args = bind(params)?;
-            let rows = sqlx::query_with(&sql, args)
-                .fetch_all(&mut **tx)
-                .await
-                .map_err(map_err)?;
-            rows_of(rows)
-        };
-        Ok(result.await)
+        match self.table.get_mut(&this)?.tx.as_mut() {
+            Some(tx) => Ok(tx_query(tx, &sql, params).await),
+            None => Ok(Err(Error::TransactionClosed)),
+        }
     }
 
     async fn execute(
@@ -248,36 +365,29 @@ impl wit::HostTransaction for DbView<'_> {
         sql: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<ExecResult, Error>> {
-        let tx = self.table.get_mut(&this)?;
-        let Some(tx) = tx.tx.as_mut() else {
-            return Ok(Err(Error::TransactionClosed));
-        };
-        let result = async {
-            let args = bind(params)?;
-            let done = sqlx::query_with(&sql, args)
-                .execute(&mut **tx)
-                .await
-                .map_err(map_err)?;
-            Ok(exec_result(&done))
-        };
-        Ok(result.await)
+        match self.table.get_mut(&this)?.tx.as_mut() {
+            Some(tx) => Ok(tx_execute(tx, &sql, params).await),
+            None => Ok(Err(Error::TransactionClosed)),
+        }
     }
 
     async fn commit(&mut self, this: Resource<Transaction>) -> wasmtime::Result<Result<(), Error>> {
-        let Some(tx) = self.table.get_mut(&this)?.tx.take() else {
-            return Ok(Err(Error::TransactionClosed));
-        };
-        Ok(tx.commit().await.map_err(map_err))
+        Ok(match self.table.get_mut(&this)?.tx.take() {
+            Some(OpenTransaction::Sqlite(t)) => t.commit().await.map_err(map_err),
+            Some(OpenTransaction::Mysql(t)) => t.commit().await.map_err(map_err),
+            None => Err(Error::TransactionClosed),
+        })
     }
 
     async fn rollback(
         &mut self,
         this: Resource<Transaction>,
     ) -> wasmtime::Result<Result<(), Error>> {
-        let Some(tx) = self.table.get_mut(&this)?.tx.take() else {
-            return Ok(Err(Error::TransactionClosed));
-        };
-        Ok(tx.rollback().await.map_err(map_err))
+        Ok(match self.table.get_mut(&this)?.tx.take() {
+            Some(OpenTransaction::Sqlite(t)) => t.rollback().await.map_err(map_err),
+            Some(OpenTransaction::Mysql(t)) => t.rollback().await.map_err(map_err),
+            None => Err(Error::TransactionClosed),
+        })
     }
 
     async fn drop(&mut self, this: Resource<Transaction>) -> wasmtime::Result<()> {

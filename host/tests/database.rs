@@ -1,0 +1,317 @@
+//! The db capability on SQLite and on the machine's MariaDB: called directly,
+//! and end to end from a real plugin, including a plugin that traps with a
+//! transaction open.
+
+mod common;
+
+use common::*;
+use serde_json::{Value as Json, json};
+use wasmtime::component::ResourceTable;
+use wxhost::bindings::wxhost::plugin::db::{Error, Host, HostTransaction, Value};
+use wxhost::caps::db::{DbCtx, DbView};
+use wxhost::config::Role;
+use wxhost::database;
+
+async fn connect(db: &TestDatabase) -> DbCtx {
+    let database = database::connect(&db.url, &Default::default())
+        .await
+        .expect("connect");
+    database::migrate(&database).await.expect("migrate");
+    DbCtx { db: database }
+}
+
+const CREATE_KV: &str =
+    "CREATE TABLE kv (k VARCHAR(64) NOT NULL PRIMARY KEY, v TEXT, n BIGINT, f DOUBLE, b BLOB)";
+
+fn text(s: &str) -> Value {
+    Value::Text(s.into())
+}
+
+type Tx = wasmtime::component::Resource<wxhost::caps::db::Transaction>;
+
+fn borrow(tx: &Tx) -> Tx {
+    Tx::new_borrow(tx.rep())
+}
+
+async fn exec(db: &mut DbView<'_>, sql: &str, params: Vec<Value>) -> Result<u64, Error> {
+    Host::execute(db, sql.into(), params)
+        .await
+        .unwrap()
+        .map(|r| r.rows_affected)
+}
+
+async fn query(
+    db: &mut DbView<'_>,
+    sql: &str,
+    params: Vec<Value>,
+) -> Result<Vec<Vec<Value>>, Error> {
+    Host::query(db, sql.into(), params)
+        .await
+        .unwrap()
+        .map(|r| r.rows)
+}
+
+async fn tx_exec(
+    db: &mut DbView<'_>,
+    tx: &Tx,
+    sql: &str,
+    params: Vec<Value>,
+) -> Result<u64, Error> {
+    HostTransaction::execute(db, borrow(tx), sql.into(), params)
+        .await
+        .unwrap()
+        .map(|r| r.rows_affected)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_capability_queries_executes_commits_and_rolls_back_on_both_databases() {
+    for test_db in all_databases().await {
+        let ctx = connect(&test_db).await;
+        let mut table = ResourceTable::new();
+        let mut db = DbView {
+            ctx: Some(&ctx),
+            table: &mut table,
+        };
+        let db = &mut db;
+        let which = test_db.name;
+
+        exec(db, CREATE_KV, vec![]).await.unwrap();
+        let params = vec![
+            text("a"),
+            text("你好 🎉"),
+            Value::Int(-42),
+            Value::Float(1.5),
+            Value::Blob(vec![0, 255, 7]),
+        ];
+        assert_eq!(
+            exec(
+                db,
+                "INSERT INTO kv (k, v, n, f, b) VALUES (?, ?, ?, ?, ?)",
+                params
+            )
+            .await
+            .unwrap(),
+            1,
+            "{which}"
+        );
+        exec(
+            db,
+            "INSERT INTO kv (k, v) VALUES (?, ?)",
+            vec![text("null"), Value::Null],
+        )
+        .await
+        .unwrap();
+
+        let rows = Host::query(
+            db,
+            "SELECT k, v, n, f, b FROM kv WHERE k = ?".into(),
+            vec![text("a")],
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(rows.columns, ["k", "v", "n", "f", "b"], "{which}");
+        let row = &rows.rows[0];
+        assert!(
+            matches!(&row[1], Value::Text(s) if s == "你好 🎉"),
+            "{which}: emoji survive: {:?}",
+            row[1]
+        );
+        assert!(matches!(row[2], Value::Int(-42)), "{which}: {:?}", row[2]);
+        assert!(
+            matches!(row[3], Value::Float(f) if f == 1.5),
+            "{which}: {:?}",
+            row[3]
+        );
+        assert!(
+            matches!(&row[4], Value::Blob(b) if b == &[0, 255, 7]),
+            "{which}: {:?}",
+            row[4]
+        );
+        let rows = query(db, "SELECT v, n FROM kv WHERE k = ?", vec![text("null")])
+            .await
+            .unwrap();
+        assert!(matches!(rows[0][..], [Value::Null, Value::Null]), "{which}");
+
+        // Commit makes a write visible; rollback and drop do not.
+        let tx = db.begin().await.unwrap().unwrap();
+        tx_exec(
+            db,
+            &tx,
+            "INSERT INTO kv (k) VALUES (?)",
+            vec![text("committed")],
+        )
+        .await
+        .unwrap();
+        HostTransaction::commit(db, borrow(&tx))
+            .await
+            .unwrap()
+            .unwrap();
+        let again = HostTransaction::commit(db, borrow(&tx)).await.unwrap();
+        assert!(matches!(again, Err(Error::TransactionClosed)), "{which}");
+        let closed = tx_exec(db, &tx, "INSERT INTO kv (k) VALUES (?)", vec![text("late")]).await;
+        assert!(matches!(closed, Err(Error::TransactionClosed)), "{which}");
+        HostTransaction::drop(db, tx).await.unwrap();
+
+        let tx = db.begin().await.unwrap().unwrap();
+        tx_exec(
+            db,
+            &tx,
+            "INSERT INTO kv (k) VALUES (?)",
+            vec![text("rolled-back")],
+        )
+        .await
+        .unwrap();
+        HostTransaction::rollback(db, borrow(&tx))
+            .await
+            .unwrap()
+            .unwrap();
+        HostTransaction::drop(db, tx).await.unwrap();
+
+        let tx = db.begin().await.unwrap().unwrap();
+        tx_exec(
+            db,
+            &tx,
+            "INSERT INTO kv (k) VALUES (?)",
+            vec![text("dropped")],
+        )
+        .await
+        .unwrap();
+        HostTransaction::drop(db, tx).await.unwrap();
+
+        let keys = query(db, "SELECT k FROM kv ORDER BY k", vec![])
+            .await
+            .unwrap();
+        let keys: Vec<String> = keys
+            .iter()
+            .map(|r| match &r[0] {
+                Value::Text(s) => s.clone(),
+                v => panic!("{v:?}"),
+            })
+            .collect();
+        assert_eq!(keys, ["a", "committed", "null"], "{which}");
+
+        // Errors a plugin can cause are results, not traps.
+        let dup = exec(db, "INSERT INTO kv (k) VALUES (?)", vec![text("a")]).await;
+        assert!(matches!(dup, Err(Error::Constraint(_))), "{which}: {dup:?}");
+        let bad = query(db, "SELEKT nothing", vec![]).await;
+        assert!(
+            matches!(bad, Err(Error::InvalidQuery(_))),
+            "{which}: {bad:?}"
+        );
+        let missing = query(db, "SELECT * FROM no_such_table", vec![]).await;
+        assert!(
+            matches!(missing, Err(Error::InvalidQuery(_))),
+            "{which}: {missing:?}"
+        );
+
+        // The schema of DESIGN.md is in place.
+        for table in [
+            "users",
+            "bindings",
+            "orders",
+            "processed_events",
+            "token_cache",
+            "sessions",
+        ] {
+            let r = query(db, &format!("SELECT COUNT(*) FROM {table}"), vec![]).await;
+            assert!(r.is_ok(), "{which}: table {table}: {r:?}");
+        }
+    }
+}
+
+fn probe_config() -> TestConfig {
+    let toml = base_toml(2000, r#""log""#, r#""log", "config", "db""#)
+        + r#"
+[[plugins]]
+name = "db-probe"
+role = "app"
+wasm = "db-probe.wasm"
+routes = ["POST /probe/db"]
+capabilities = ["log", "db"]
+"#;
+    TestConfig::new(&toml, &[("db-probe.wasm", "fixtures/db-probe.wasm")])
+}
+
+async fn probe(client: &reqwest::Client, url: &str, body: Json) -> (u16, Json) {
+    let r = client.post(url).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Json::Null))
+}
+
+fn insert(k: &str) -> Json {
+    json!({"sql": "INSERT INTO kv (k, v) VALUES (?, ?)", "params": [k, "v"]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_commits_rolls_back_and_a_trap_mid_transaction_rolls_back_on_both_databases() {
+    for test_db in all_databases().await {
+        let which = test_db.name;
+        let config = probe_config();
+        let server = start(&config, &[Role::App], Some(&test_db.url), false).await;
+        let client = reqwest::Client::new();
+        let url = url(&server, Role::App, "/probe/db");
+
+        let (status, body) =
+            probe(&client, &url, json!({"statements": [{"sql": CREATE_KV}]})).await;
+        assert_eq!(status, 200, "{which}: {body}");
+        assert!(body["results"][0]["error"].is_null(), "{which}: {body}");
+
+        for (mode, key) in [("commit", "c"), ("rollback", "r"), ("drop", "d")] {
+            let (status, body) = probe(
+                &client,
+                &url,
+                json!({"transaction": mode, "statements": [insert(key)]}),
+            )
+            .await;
+            assert_eq!(status, 200, "{which} {mode}: {body}");
+            assert_eq!(
+                body["results"][0]["rows_affected"], 1,
+                "{which} {mode}: {body}"
+            );
+        }
+        // The plugin traps after writing inside a transaction.
+        let r = client
+            .post(&url)
+            .json(&json!({"transaction": "trap", "statements": [insert("t")]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 500, "{which}");
+        let body: Json = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "plugin_failed", "{which}");
+
+        let (_, body) = probe(
+            &client,
+            &url,
+            json!({"statements": [{"sql": "SELECT k FROM kv ORDER BY k", "query": true}]}),
+        )
+        .await;
+        assert_eq!(
+            body["results"][0]["rows"],
+            json!([["c"]]),
+            "{which}: only the committed row: {body}"
+        );
+
+        // The connection the trapped request held went back to the pool rolled
+        // back: many more requests still get connections.
+        for i in 0..40 {
+            let (status, body) = probe(
+                &client,
+                &url,
+                json!({"transaction": "commit", "statements": [insert(&format!("k{i}"))]}),
+            )
+            .await;
+            assert_eq!(status, 200, "{which}: {body}");
+        }
+        let (_, body) = probe(
+            &client,
+            &url,
+            json!({"statements": [{"sql": "SELECT COUNT(*) AS n FROM kv", "query": true}]}),
+        )
+        .await;
+        assert_eq!(body["results"][0]["rows"], json!([[41]]), "{which}: {body}");
+        server.shutdown();
+        server.wait().await;
+    }
+}
