@@ -29,7 +29,12 @@ struct Options {
 }
 
 fn options() -> Options {
-    let env = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
     Options {
         rounds: env("BENCH_ROUNDS", 3),
         seconds: env("BENCH_SECONDS", 5) as u64,
@@ -47,7 +52,10 @@ struct VerifyQuery {
 }
 
 /// The native baseline: what the plugin does, as a plain axum handler.
-async fn native_verify(State(crypto): State<Arc<CallbackCrypto>>, Query(q): Query<VerifyQuery>) -> (StatusCode, String) {
+async fn native_verify(
+    State(crypto): State<Arc<CallbackCrypto>>,
+    Query(q): Query<VerifyQuery>,
+) -> (StatusCode, String) {
     match crypto.verify_server_signature(&q.signature, &q.timestamp, &q.nonce) {
         Ok(()) => (StatusCode::OK, q.echostr),
         Err(_) => (StatusCode::UNAUTHORIZED, String::new()),
@@ -55,7 +63,9 @@ async fn native_verify(State(crypto): State<Arc<CallbackCrypto>>, Query(q): Quer
 }
 
 fn main() -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(run(options()))
 }
 
@@ -63,7 +73,8 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     which_wrk()?;
     let dir = tempfile::tempdir()?;
     let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/verify.wasm");
-    std::fs::copy(&dist, dir.path().join("verify.wasm")).with_context(|| format!("copying {}", dist.display()))?;
+    std::fs::copy(&dist, dir.path().join("verify.wasm"))
+        .with_context(|| format!("copying {}", dist.display()))?;
     std::fs::write(
         dir.path().join("plugins.toml"),
         r#"
@@ -84,31 +95,65 @@ routes = ["GET /api/v1/auth/wechat/verify"]
 capabilities = ["log", "callback-crypto"]
 "#,
     )?;
-    let settings = Settings { wechat_token: Some(TOKEN.to_string().into()), ..Settings::default() };
-    let server = start(ServeOptions { config_path: dir.path().join("plugins.toml"), roles: vec![Role::Web], settings, watch: false }).await?;
+    let settings = Settings {
+        wechat_token: Some(TOKEN.to_string().into()),
+        ..Settings::default()
+    };
+    let server = start(ServeOptions {
+        config_path: dir.path().join("plugins.toml"),
+        roles: vec![Role::Web],
+        settings,
+        watch: false,
+    })
+    .await?;
     let wasm_addr = server.role_addrs[&Role::Web];
 
-    let crypto = Arc::new(CallbackCrypto::new(Some(TOKEN.to_string().into()), None, None, Some(300))?);
-    let native = axum::Router::new().route("/api/v1/auth/wechat/verify", get(native_verify)).with_state(crypto.clone());
+    let crypto = Arc::new(CallbackCrypto::new(
+        Some(TOKEN.to_string().into()),
+        None,
+        None,
+        Some(300),
+    )?);
+    let native = axum::Router::new()
+        .route("/api/v1/auth/wechat/verify", get(native_verify))
+        .with_state(crypto.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let native_addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, native).await });
 
-    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs().to_string();
-    let query = format!("signature={}&timestamp={ts}&nonce=bench&echostr=5188563426541789870", sorted_sha1(&[TOKEN, &ts, "bench"]));
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        .to_string();
+    let query = format!(
+        "signature={}&timestamp={ts}&nonce=bench&echostr=5188563426541789870",
+        sorted_sha1(&[TOKEN, &ts, "bench"])
+    );
     let path = format!("/api/v1/auth/wechat/verify?{query}");
 
     // Both answer correctly before anything is timed.
     for addr in [wasm_addr, native_addr] {
-        let out = std::process::Command::new("wrk").args(["-t1", "-c1", "-d1s", &format!("http://{addr}{path}")]).output()?;
-        anyhow::ensure!(!String::from_utf8_lossy(&out.stdout).contains("Non-2xx"), "{addr} answered errors");
+        let out = std::process::Command::new("wrk")
+            .args(["-t1", "-c1", "-d1s", &format!("http://{addr}{path}")])
+            .output()?;
+        anyhow::ensure!(
+            !String::from_utf8_lossy(&out.stdout).contains("Non-2xx"),
+            "{addr} answered errors"
+        );
     }
 
     let mut wasm_rps = Vec::new();
     let mut native_rps = Vec::new();
     for round in 1..=opts.rounds {
-        for (label, addr, results) in [("native", native_addr, &mut native_rps), ("wasm", wasm_addr, &mut wasm_rps)] {
-            let rps = wrk(&format!("http://{addr}{path}"), opts.connections, opts.seconds)?;
+        for (label, addr, results) in [
+            ("native", native_addr, &mut native_rps),
+            ("wasm", wasm_addr, &mut wasm_rps),
+        ] {
+            let rps = wrk(
+                &format!("http://{addr}{path}"),
+                opts.connections,
+                opts.seconds,
+            )?;
             eprintln!("round {round}: {label:6} {rps:>10.0} req/s");
             results.push(rps);
         }
@@ -126,38 +171,69 @@ capabilities = ["log", "callback-crypto"]
         request_id: "bench".into(),
     };
     for _ in 0..200 {
-        wxhost::runtime::invoke(&server.host.engine, &server.host.services, &plugin, request.clone()).await?;
+        wxhost::runtime::invoke(
+            &server.host.engine,
+            &server.host.services,
+            &plugin,
+            request.clone(),
+        )
+        .await?;
     }
     let started = Instant::now();
     for _ in 0..opts.sandbox_iterations {
-        let r = wxhost::runtime::invoke(&server.host.engine, &server.host.services, &plugin, request.clone()).await?;
+        let r = wxhost::runtime::invoke(
+            &server.host.engine,
+            &server.host.services,
+            &plugin,
+            request.clone(),
+        )
+        .await?;
         assert_eq!(r.status, 200);
     }
     let wasm_call = started.elapsed() / opts.sandbox_iterations as u32;
     let started = Instant::now();
     for _ in 0..opts.sandbox_iterations {
-        let ok = crypto.verify_server_signature(&sorted_sha1(&[TOKEN, &ts, "bench"]), &ts, "bench").is_ok();
+        let ok = crypto
+            .verify_server_signature(&sorted_sha1(&[TOKEN, &ts, "bench"]), &ts, "bench")
+            .is_ok();
         assert!(std::hint::black_box(ok));
     }
     let native_call = started.elapsed() / opts.sandbox_iterations as u32;
 
     let (w, n) = (median(&mut wasm_rps), median(&mut native_rps));
     println!();
-    println!("| GET /api/v1/auth/wechat/verify ({} rounds x {}s, wrk -c{}) | value |", opts.rounds, opts.seconds, opts.connections);
+    println!(
+        "| GET /api/v1/auth/wechat/verify ({} rounds x {}s, wrk -c{}) | value |",
+        opts.rounds, opts.seconds, opts.connections
+    );
     println!("| --- | --- |");
     println!("| native axum handler, req/s (median) | {n:.0} |");
     println!("| through the verify plugin, req/s (median) | {w:.0} |");
     println!("| ratio plugin / native (aim >= 0.7) | {:.2} |", w / n);
-    println!("| plugin invoke (instantiate + call + drop), one thread | {:.1} us |", micros(wasm_call));
-    println!("| same work natively, one thread | {:.1} us |", micros(native_call));
-    println!("| per-request sandbox cost (aim <= 10 us) | {:.1} us |", micros(wasm_call.saturating_sub(native_call)));
+    println!(
+        "| plugin invoke (instantiate + call + drop), one thread | {:.1} us |",
+        micros(wasm_call)
+    );
+    println!(
+        "| same work natively, one thread | {:.1} us |",
+        micros(native_call)
+    );
+    println!(
+        "| per-request sandbox cost (aim <= 10 us) | {:.1} us |",
+        micros(wasm_call.saturating_sub(native_call))
+    );
     server.shutdown();
     Ok(())
 }
 
 fn wrk(url: &str, connections: usize, seconds: u64) -> anyhow::Result<f64> {
     let out = std::process::Command::new("wrk")
-        .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s"), url])
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            url,
+        ])
         .output()
         .context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout);
