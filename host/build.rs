@@ -29,19 +29,10 @@ fn main() {
     // consider the build script stale on every build.
     let started = SystemTime::now() - Duration::from_secs(5);
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));
-    let root = manifest_dir
-        .parent()
-        .expect("host/ has a parent")
-        .to_path_buf();
+    let root = manifest_dir.parent().expect("host/ has a parent").to_path_buf();
     let dist = root.join("plugins/dist");
 
-    for watched in [
-        "plugins",
-        "wit",
-        "Cargo.toml",
-        "Cargo.lock",
-        ".cargo/config.toml",
-    ] {
+    for watched in ["plugins", "wit", "Cargo.toml", "Cargo.lock", ".cargo/config.toml"] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-changed={}", dist.display());
@@ -62,10 +53,8 @@ fn main() {
         build(&root, &target_dir, packages, features);
         for (package, f, file) in PLUGINS {
             if f == features {
-                let built = target_dir
-                    .join(TARGET)
-                    .join(PROFILE)
-                    .join(format!("{}.wasm", package.replace('-', "_")));
+                let built =
+                    target_dir.join(TARGET).join(PROFILE).join(format!("{}.wasm", package.replace('-', "_")));
                 copy_if_changed(&built, &dist.join(file), started);
             }
         }
@@ -78,14 +67,7 @@ fn build(root: &Path, target_dir: &Path, packages: &[&str], features: &str) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
-        .args([
-            "build",
-            "--target",
-            TARGET,
-            "--profile",
-            PROFILE,
-            "--target-dir",
-        ])
+        .args(["build", "--target", TARGET, "--profile", PROFILE, "--target-dir"])
         .arg(target_dir);
     for package in packages {
         cmd.args(["-p", package]);
@@ -105,9 +87,7 @@ fn build(root: &Path, target_dir: &Path, packages: &[&str], features: &str) {
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd
-        .status()
-        .expect("could not run cargo to build the plugins");
+    let status = cmd.status().expect("could not run cargo to build the plugins");
     if !status.success() {
         panic!(
             "building the wasm plugins ({}) failed. If the error above says the \
@@ -135,8 +115,7 @@ fn plugin_target_dir(root: &Path) -> PathBuf {
 fn copy_if_changed(from: &Path, to: &Path, mtime: SystemTime) {
     let bytes = std::fs::read(from).unwrap_or_else(|e| panic!("reading {}: {e}", from.display()));
     if std::fs::read(to).ok().as_deref() != Some(bytes.as_slice()) {
-        std::fs::create_dir_all(to.parent().expect("dist file has a parent"))
-            .expect("creating plugins/dist");
+        std::fs::create_dir_all(to.parent().expect("dist file has a parent")).expect("creating plugins/dist");
         // Write beside and rename, so a running server's watcher never reads a half-written file.
         let tmp = to.with_extension("wasm.tmp");
         std::fs::write(&tmp, &bytes).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));

@@ -6,6 +6,7 @@ wasmtime::component::bindgen!({
     path: "../wit",
     imports: {
         "wxhost:plugin/db": async | trappable,
+        "wxhost:plugin/internal-call": async | trappable,
         default: trappable,
     },
     exports: { default: async },

@@ -41,14 +41,6 @@ pub fn run(config: &Config, out: &mut impl Write) -> anyhow::Result<bool> {
             }
         }
     }
-    writeln!(
-        out,
-        "{}",
-        if all_ok {
-            "all plugins accepted"
-        } else {
-            "some plugins were refused"
-        }
-    )?;
+    writeln!(out, "{}", if all_ok { "all plugins accepted" } else { "some plugins were refused" })?;
     Ok(all_ok)
 }

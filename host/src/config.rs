@@ -182,12 +182,7 @@ pub struct ConfigErrors {
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} has {} problem(s):",
-            self.path.display(),
-            self.problems.len()
-        )?;
+        write!(f, "{} has {} problem(s):", self.path.display(), self.problems.len())?;
         for p in &self.problems {
             write!(f, "\n  - {p}")?;
         }
@@ -199,10 +194,7 @@ impl std::error::Error for ConfigErrors {}
 
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let fail = |problem: String| ConfigErrors {
-        path: path.to_path_buf(),
-        problems: vec![problem],
-    };
+    let fail = |problem: String| ConfigErrors { path: path.to_path_buf(), problems: vec![problem] };
     let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
     parse(&text, path)
 }
@@ -220,11 +212,8 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
     let mut problems = Vec::new();
     let base = path.parent().unwrap_or(Path::new("."));
 
-    let admin_listen = parse_addr(
-        raw.admin.listen.as_deref().unwrap_or("127.0.0.1:9090"),
-        "[admin] listen",
-        &mut problems,
-    );
+    let admin_listen =
+        parse_addr(raw.admin.listen.as_deref().unwrap_or("127.0.0.1:9090"), "[admin] listen", &mut problems);
     if let Some(addr) = admin_listen
         && !addr.ip().is_loopback()
     {
@@ -236,9 +225,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
     let mut roles = BTreeMap::new();
     for (name, r) in &raw.roles {
         let Some(role) = Role::parse(name) else {
-            problems.push(format!(
-                "[roles.{name}]: unknown role (expected `web` or `app`)"
-            ));
+            problems.push(format!("[roles.{name}]: unknown role (expected `web` or `app`)"));
             continue;
         };
         let listen = parse_addr(&r.listen, &format!("[roles.{name}] listen"), &mut problems);
@@ -249,9 +236,8 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
                     "[roles.{name}] grants unknown capability `{g}` (known: {})",
                     Capability::names()
                 )),
-                Some(cap) if !role.grantable().contains(&cap) => problems.push(format!(
-                    "[roles.{name}] grants `{g}`, which the {role} role can never have"
-                )),
+                Some(cap) if !role.grantable().contains(&cap) => problems
+                    .push(format!("[roles.{name}] grants `{g}`, which the {role} role can never have")),
                 Some(cap) if !cap.implemented() => problems.push(format!(
                     "[roles.{name}] grants `{g}`, which this version of wxhost does not provide yet"
                 )),
@@ -262,9 +248,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         }
         let deadline_ms = r.deadline_ms.unwrap_or(role.default_deadline_ms());
         if deadline_ms == 0 || deadline_ms > 60_000 {
-            problems.push(format!(
-                "[roles.{name}] deadline_ms = {deadline_ms} must be between 1 and 60000"
-            ));
+            problems.push(format!("[roles.{name}] deadline_ms = {deadline_ms} must be between 1 and 60000"));
         }
         if role == Role::Web && deadline_ms >= WECHAT_CALLBACK_LIMIT_MS {
             problems.push(format!(
@@ -273,15 +257,12 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         }
         let memory_mib = r.memory_limit_mib.unwrap_or(64);
         if !(1..=4096).contains(&memory_mib) {
-            problems.push(format!(
-                "[roles.{name}] memory_limit_mib = {memory_mib} must be between 1 and 4096"
-            ));
+            problems
+                .push(format!("[roles.{name}] memory_limit_mib = {memory_mib} must be between 1 and 4096"));
         }
         let body_kib = r.max_body_kib.unwrap_or(1024);
         if !(1..=65536).contains(&body_kib) {
-            problems.push(format!(
-                "[roles.{name}] max_body_kib = {body_kib} must be between 1 and 65536"
-            ));
+            problems.push(format!("[roles.{name}] max_body_kib = {body_kib} must be between 1 and 65536"));
         }
         if let Some(listen) = listen {
             roles.insert(
@@ -301,12 +282,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
     let mut names = BTreeSet::new();
     for p in raw.plugins {
         let at = format!("plugin `{}`", p.name);
-        if p.name.is_empty()
-            || !p
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if p.name.is_empty() || !p.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             problems.push(format!("{at}: a name is letters, digits, `-` and `_`"));
         }
         if !names.insert(p.name.clone()) {
@@ -328,17 +304,13 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         let mut capabilities = BTreeSet::new();
         for c in &p.capabilities {
             match Capability::parse(c) {
-                None => problems.push(format!(
-                    "{at} declares unknown capability `{c}` (known: {})",
-                    Capability::names()
-                )),
+                None => problems
+                    .push(format!("{at} declares unknown capability `{c}` (known: {})", Capability::names())),
                 Some(cap) => {
                     if let (Some(r), Some(rc)) = (role, role_cfg)
                         && !rc.grants.contains(&cap)
                     {
-                        problems.push(format!(
-                            "{at} declares `{c}`, which role `{r}` does not grant"
-                        ));
+                        problems.push(format!("{at} declares `{c}`, which role `{r}` does not grant"));
                     }
                     capabilities.insert(cap);
                 }
@@ -347,6 +319,12 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         let mut routes = Vec::new();
         for r in &p.routes {
             match parse_route(r) {
+                Ok(route)
+                    if role != Some(Role::App)
+                        && route.path.starts_with(crate::internal_auth::INTERNAL_PREFIX) =>
+                {
+                    problems.push(format!("{at}: route `{r}`: the internal API belongs to the app role"))
+                }
                 Ok(route) => routes.push(route),
                 Err(e) => problems.push(format!("{at}: route `{r}`: {e}")),
             }
@@ -355,30 +333,18 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             problems.push(format!("{at} has no routes"));
         }
         if let Some(role) = role {
-            plugins.push(PluginSpec {
-                name: p.name,
-                role,
-                wasm,
-                routes,
-                capabilities,
-                config: p.config,
-            });
+            plugins.push(PluginSpec { name: p.name, role, wasm, routes, capabilities, config: p.config });
         }
     }
     check_routes(&plugins, &mut problems);
 
     let max_instances = raw.host.max_instances.unwrap_or(256);
     if !(1..=10_000).contains(&max_instances) {
-        problems.push(format!(
-            "[host] max_instances = {max_instances} must be between 1 and 10000"
-        ));
+        problems.push(format!("[host] max_instances = {max_instances} must be between 1 and 10000"));
     }
 
     if !problems.is_empty() {
-        return Err(ConfigErrors {
-            path: path.to_path_buf(),
-            problems,
-        });
+        return Err(ConfigErrors { path: path.to_path_buf(), problems });
     }
     Ok(Config {
         path: path.to_path_buf(),
@@ -398,9 +364,7 @@ fn parse_addr(s: &str, what: &str, problems: &mut Vec<String>) -> Option<SocketA
     match s.parse() {
         Ok(a) => Some(a),
         Err(_) => {
-            problems.push(format!(
-                "{what} = \"{s}\" is not an address like 127.0.0.1:8080"
-            ));
+            problems.push(format!("{what} = \"{s}\" is not an address like 127.0.0.1:8080"));
             None
         }
     }
@@ -410,10 +374,7 @@ fn parse_route(s: &str) -> Result<RouteSpec, String> {
     let (method, path) = s.trim().split_once(' ').ok_or("expected `METHOD /path`")?;
     let path = path.trim();
     if !METHODS.contains(&method) {
-        return Err(format!(
-            "method `{method}` is not one of {}",
-            METHODS.join(", ")
-        ));
+        return Err(format!("method `{method}` is not one of {}", METHODS.join(", ")));
     }
     if !path.starts_with('/') || path.contains(char::is_whitespace) || path.contains('?') {
         return Err("the path must start with `/` and hold no spaces or query".into());
@@ -421,13 +382,8 @@ fn parse_route(s: &str) -> Result<RouteSpec, String> {
     if RESERVED_PATHS.contains(&path) {
         return Err(format!("{path} is answered by the host itself"));
     }
-    matchit::Router::<()>::new()
-        .insert(path, ())
-        .map_err(|e| format!("invalid path pattern: {e}"))?;
-    Ok(RouteSpec {
-        method: method.to_string(),
-        path: path.to_string(),
-    })
+    matchit::Router::<()>::new().insert(path, ()).map_err(|e| format!("invalid path pattern: {e}"))?;
+    Ok(RouteSpec { method: method.to_string(), path: path.to_string() })
 }
 
 /// Duplicate and overlapping routes within a role: a request must have exactly one plugin.
@@ -470,13 +426,7 @@ fn patterns_overlap(a: &str, b: &str) -> bool {
     let probe = |pattern: &str| -> String {
         pattern
             .split('/')
-            .map(|seg| {
-                if seg.starts_with('{') {
-                    "wxhost-probe"
-                } else {
-                    seg
-                }
-            })
+            .map(|seg| if seg.starts_with('{') { "wxhost-probe" } else { seg })
             .collect::<Vec<_>>()
             .join("/")
     };
@@ -536,21 +486,15 @@ mod tests {
             "route `GET /x` of plugin `b` duplicates",
             "overlaps route `GET /items/{id}`",
         ] {
-            assert!(
-                all.contains(expected),
-                "missing problem {expected:?} in:\n{all}"
-            );
+            assert!(all.contains(expected), "missing problem {expected:?} in:\n{all}");
         }
         assert_eq!(err.problems.len(), 10, "{all}");
     }
 
     #[test]
     fn unknown_keys_are_rejected_with_their_name() {
-        let err = parse(
-            "[roles.web]\nlisten = \"127.0.0.1:0\"\nlisen = 1\n",
-            Path::new("p.toml"),
-        )
-        .unwrap_err();
+        let err =
+            parse("[roles.web]\nlisten = \"127.0.0.1:0\"\nlisen = 1\n", Path::new("p.toml")).unwrap_err();
         assert!(err.problems[0].contains("unknown field `lisen`"), "{err}");
     }
 

@@ -47,9 +47,7 @@ impl Dialect {
         match url.split(':').next().unwrap_or_default() {
             "sqlite" => Ok(Dialect::Sqlite),
             "mysql" | "mariadb" => Ok(Dialect::Mysql),
-            other => anyhow::bail!(
-                "DATABASE_URL scheme `{other}:` is not supported (use sqlite: or mysql:)"
-            ),
+            other => anyhow::bail!("DATABASE_URL scheme `{other}:` is not supported (use sqlite: or mysql:)"),
         }
     }
 }
@@ -63,10 +61,7 @@ pub struct PoolSettings {
 
 impl Default for PoolSettings {
     fn default() -> Self {
-        PoolSettings {
-            max_connections: 16,
-            acquire_timeout: Duration::from_secs(3),
-        }
+        PoolSettings { max_connections: 16, acquire_timeout: Duration::from_secs(3) }
     }
 }
 
@@ -75,10 +70,7 @@ impl Default for PoolSettings {
 pub async fn connect(url: &str, settings: &PoolSettings) -> anyhow::Result<Database> {
     let dialect = Dialect::of_url(url)?;
     let connect_error = |e: sqlx::Error| {
-        anyhow::anyhow!(
-            "cannot connect to the {dialect:?} database: {}",
-            redact_db_error(&e)
-        )
+        anyhow::anyhow!("cannot connect to the {dialect:?} database: {}", redact_db_error(&e))
     };
     let pool = match dialect {
         Dialect::Sqlite => {
@@ -92,12 +84,7 @@ pub async fn connect(url: &str, settings: &PoolSettings) -> anyhow::Result<Datab
                 .foreign_keys(true)
                 .log_statements(tracing::log::LevelFilter::Trace)
                 .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
-            Pool::Sqlite(
-                pool_options(settings)
-                    .connect_with(options)
-                    .await
-                    .map_err(connect_error)?,
-            )
+            Pool::Sqlite(pool_options(settings).connect_with(options).await.map_err(connect_error)?)
         }
         Dialect::Mysql => {
             let url = url.replacen("mariadb:", "mysql:", 1);
@@ -107,21 +94,14 @@ pub async fn connect(url: &str, settings: &PoolSettings) -> anyhow::Result<Datab
                 .timezone(Some("+00:00".into()))
                 .log_statements(tracing::log::LevelFilter::Trace)
                 .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
-            Pool::Mysql(
-                pool_options(settings)
-                    .connect_with(options)
-                    .await
-                    .map_err(connect_error)?,
-            )
+            Pool::Mysql(pool_options(settings).connect_with(options).await.map_err(connect_error)?)
         }
     };
     Ok(Database { pool })
 }
 
 fn pool_options<DB: sqlx::Database>(settings: &PoolSettings) -> PoolOptions<DB> {
-    PoolOptions::new()
-        .max_connections(settings.max_connections)
-        .acquire_timeout(settings.acquire_timeout)
+    PoolOptions::new().max_connections(settings.max_connections).acquire_timeout(settings.acquire_timeout)
 }
 
 /// Applies the embedded migrations of the URL's dialect.
@@ -142,8 +122,7 @@ fn create_sqlite_folder(url: &str) -> anyhow::Result<()> {
     if let Some(parent) = std::path::Path::new(path).parent()
         && !parent.as_os_str().is_empty()
     {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
     Ok(())
 }

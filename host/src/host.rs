@@ -59,15 +59,9 @@ impl Host {
             reload_lock: tokio::sync::Mutex::new(()),
         };
         let loaded = host.load(config, roles).await.map_err(|errors| {
-            anyhow::anyhow!(
-                "plugins could not be loaded:\n  - {}",
-                errors.join("\n  - ")
-            )
+            anyhow::anyhow!("plugins could not be loaded:\n  - {}", errors.join("\n  - "))
         })?;
-        let runtimes = loaded
-            .into_iter()
-            .map(|(role, rt)| (role, ArcSwap::from_pointee(rt)))
-            .collect();
+        let runtimes = loaded.into_iter().map(|(role, rt)| (role, ArcSwap::from_pointee(rt))).collect();
         Ok(Host { runtimes, ..host })
     }
 
@@ -99,11 +93,7 @@ impl Host {
         let _one_at_a_time = self.reload_lock.lock().await;
         let roles: Vec<Role> = self.roles().collect();
         let result = match config::load(&self.config_path) {
-            Err(e) => Err(e
-                .problems
-                .iter()
-                .map(|p| format!("{}: {p}", e.path.display()))
-                .collect()),
+            Err(e) => Err(e.problems.iter().map(|p| format!("{}: {p}", e.path.display())).collect()),
             Ok(config) => self.load(&config, &roles).await,
         };
         let status = match result {
@@ -119,26 +109,13 @@ impl Host {
                         tracing::info!(plugin = %p.identity.name, version = %p.identity.version, role = %role, trigger, "plugin serving");
                     }
                 }
-                ReloadStatus {
-                    at_unix: unix_now(),
-                    trigger: trigger.into(),
-                    ok: true,
-                    errors: vec![],
-                }
+                ReloadStatus { at_unix: unix_now(), trigger: trigger.into(), ok: true, errors: vec![] }
             }
             Err(errors) => {
                 for e in &errors {
-                    tracing::error!(
-                        trigger,
-                        "reload refused, the running plugins keep serving: {e}"
-                    );
+                    tracing::error!(trigger, "reload refused, the running plugins keep serving: {e}");
                 }
-                ReloadStatus {
-                    at_unix: unix_now(),
-                    trigger: trigger.into(),
-                    ok: false,
-                    errors,
-                }
+                ReloadStatus { at_unix: unix_now(), trigger: trigger.into(), ok: false, errors }
             }
         };
         *self.status.lock().expect("status lock") = status.clone();
@@ -172,11 +149,7 @@ impl Host {
                 Err(e) => errors.push(e.to_string()),
             }
         }
-        if errors.is_empty() {
-            Ok(out)
-        } else {
-            Err(errors)
-        }
+        if errors.is_empty() { Ok(out) } else { Err(errors) }
     }
 
     async fn load_plugin(
@@ -184,20 +157,13 @@ impl Host {
         spec: &config::PluginSpec,
         role: &config::RoleConfig,
     ) -> Result<LoadedPlugin, plugin::LoadError> {
-        let bytes = tokio::fs::read(&spec.wasm)
-            .await
-            .map_err(|error| plugin::LoadError::Read {
-                plugin: spec.name.clone(),
-                path: spec.wasm.display().to_string(),
-                error,
-            })?;
+        let bytes = tokio::fs::read(&spec.wasm).await.map_err(|error| plugin::LoadError::Read {
+            plugin: spec.name.clone(),
+            path: spec.wasm.display().to_string(),
+            error,
+        })?;
         let version = plugin::version_of(&bytes);
-        let cached = self
-            .compiled
-            .lock()
-            .expect("compile cache lock")
-            .get(&version)
-            .cloned();
+        let cached = self.compiled.lock().expect("compile cache lock").get(&version).cloned();
         let (engine, spec, role) = (self.engine.clone(), spec.clone(), role.clone());
         let (component, loaded) = tokio::task::spawn_blocking(move || {
             let component = match cached {
@@ -223,11 +189,7 @@ impl Host {
 pub fn is_watched(changed: &Path, watched: &[PathBuf]) -> bool {
     let key = |p: &Path| -> Option<(PathBuf, std::ffi::OsString)> {
         let dir = p.parent()?;
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
+        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
         Some((dir.canonicalize().ok()?, p.file_name()?.to_os_string()))
     };
     let Some(changed) = key(changed) else {
@@ -237,8 +199,5 @@ pub fn is_watched(changed: &Path, watched: &[PathBuf]) -> bool {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
 }

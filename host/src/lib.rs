@@ -12,6 +12,7 @@ pub mod database;
 pub mod engine;
 pub mod error;
 pub mod host;
+pub mod internal_auth;
 pub mod plugin;
 pub mod runtime;
 pub mod server;

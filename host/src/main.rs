@@ -68,10 +68,7 @@ impl RoleArg {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
@@ -87,32 +84,18 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Check { config } => {
             let config = config::load(&config)?;
             let ok = check::run(&config, &mut std::io::stdout().lock())?;
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Migrate => {
             let settings = Settings::from_env()?;
-            let url = settings
-                .database_url
-                .as_ref()
-                .map(|u| u.expose_secret().to_string());
-            let db = database::connect(
-                url.as_deref().unwrap_or(database::DEFAULT_URL),
-                &Default::default(),
-            )
-            .await?;
+            let url = settings.database_url.as_ref().map(|u| u.expose_secret().to_string());
+            let db = database::connect(url.as_deref().unwrap_or(database::DEFAULT_URL), &Default::default())
+                .await?;
             database::migrate(&db).await?;
             println!("migrations applied ({:?})", db.dialect());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve {
-            role,
-            config,
-            no_watch,
-        } => {
+        Command::Serve { role, config, no_watch } => {
             let options = server::ServeOptions {
                 config_path: config,
                 roles: role.roles(),
@@ -122,10 +105,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let running = server::start(options).await?;
             let host = running.host.clone();
             let shutdown = running.shutdown_token();
-            let mut hangup =
-                signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-            let mut terminate =
-                signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+            let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+            let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
             tokio::spawn(async move {
                 while hangup.recv().await.is_some() {
                     host.reload("SIGHUP").await;
@@ -150,9 +131,7 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,sqlx=warn,wasmtime=warn,cranelift=warn")
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

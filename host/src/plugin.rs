@@ -51,22 +51,11 @@ pub struct ImportCheck {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("plugin `{plugin}`: cannot read {path}: {error}")]
-    Read {
-        plugin: String,
-        path: String,
-        error: std::io::Error,
-    },
+    Read { plugin: String, path: String, error: std::io::Error },
     #[error("plugin `{plugin}`: {path} is not a valid wasm component: {error}")]
-    Compile {
-        plugin: String,
-        path: String,
-        error: String,
-    },
+    Compile { plugin: String, path: String, error: String },
     #[error("plugin `{plugin}` refused: {}", .refused.join("; "))]
-    Refused {
-        plugin: String,
-        refused: Vec<String>,
-    },
+    Refused { plugin: String, refused: Vec<String> },
     #[error("plugin `{plugin}`: {error}")]
     Link { plugin: String, error: String },
 }
@@ -97,15 +86,9 @@ pub fn check_imports(
         .map(|(name, _)| {
             let (granted, note) = if let Some(cap) = Capability::of_import(name) {
                 if !role.grants.contains(&cap) {
-                    (
-                        false,
-                        format!("capability `{cap}` is not granted to role {}", spec.role),
-                    )
+                    (false, format!("capability `{cap}` is not granted to role {}", spec.role))
                 } else if !spec.capabilities.contains(&cap) {
-                    (
-                        false,
-                        format!("capability `{cap}` is not declared by the plugin in plugins.toml"),
-                    )
+                    (false, format!("capability `{cap}` is not declared by the plugin in plugins.toml"))
                 } else {
                     (true, format!("capability `{cap}`"))
                 }
@@ -116,11 +99,7 @@ pub fn check_imports(
             } else {
                 (false, "not provided by wxhost".into())
             };
-            ImportCheck {
-                name: name.to_string(),
-                granted,
-                note,
-            }
+            ImportCheck { name: name.to_string(), granted, note }
         })
         .collect()
 }
@@ -141,20 +120,11 @@ pub fn prepare(
         .map(|i| format!("imports `{}`, but {}", i.name, i.note))
         .collect();
     if !refused.is_empty() {
-        return Err(LoadError::Refused {
-            plugin: spec.name.clone(),
-            refused,
-        });
+        return Err(LoadError::Refused { plugin: spec.name.clone(), refused });
     }
-    let linked: BTreeSet<Capability> = spec
-        .capabilities
-        .intersection(&role.grants)
-        .copied()
-        .collect();
-    let link_err = |e: wasmtime::Error| LoadError::Link {
-        plugin: spec.name.clone(),
-        error: format!("{e:#}"),
-    };
+    let linked: BTreeSet<Capability> = spec.capabilities.intersection(&role.grants).copied().collect();
+    let link_err =
+        |e: wasmtime::Error| LoadError::Link { plugin: spec.name.clone(), error: format!("{e:#}") };
     let linker = caps::linker(engine, &linked).map_err(link_err)?;
     let instance_pre = linker.instantiate_pre(component).map_err(link_err)?;
     let pre = PluginHostPre::new(instance_pre).map_err(|e| LoadError::Link {
@@ -166,11 +136,7 @@ pub fn prepare(
         _ => serde_json::Map::new(),
     };
     Ok(LoadedPlugin {
-        identity: Arc::new(PluginIdentity {
-            name: spec.name.clone(),
-            version,
-            config,
-        }),
+        identity: Arc::new(PluginIdentity { name: spec.name.clone(), version, config }),
         role: spec.role,
         wasm: spec.wasm.clone(),
         routes: spec.routes.clone(),

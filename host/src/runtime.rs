@@ -11,6 +11,7 @@ use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use crate::bindings::wxhost::plugin::types::{Request, Response};
 use crate::caps::{MemoryLimitExceeded, PluginState, Services};
 use crate::config::{Role, RoleConfig};
+use crate::internal_auth::INTERNAL_PREFIX;
 use crate::plugin::LoadedPlugin;
 
 /// Host-side slack on top of the epoch deadline, covering time spent awaiting host calls.
@@ -20,13 +21,16 @@ pub struct RoleRuntime {
     pub role: Role,
     pub config: RoleConfig,
     pub plugins: Vec<Arc<LoadedPlugin>>,
-    routes: HashMap<String, matchit::Router<usize>>,
+    /// Per method: path pattern → (plugin index, whether the route is internal API).
+    routes: HashMap<String, matchit::Router<(usize, bool)>>,
 }
 
 pub enum RouteMatch<'a> {
     Found {
         plugin: &'a Arc<LoadedPlugin>,
         params: Vec<(String, String)>,
+        /// The route is under /api/v1/internal/: callers must be authenticated.
+        internal: bool,
     },
     MethodNotAllowed,
     NotFound,
@@ -34,40 +38,25 @@ pub enum RouteMatch<'a> {
 
 impl RoleRuntime {
     /// Builds the route table; plugins.toml validation has already refused conflicts.
-    pub fn new(
-        role: Role,
-        config: RoleConfig,
-        plugins: Vec<Arc<LoadedPlugin>>,
-    ) -> anyhow::Result<Self> {
-        let mut routes: HashMap<String, matchit::Router<usize>> = HashMap::new();
+    pub fn new(role: Role, config: RoleConfig, plugins: Vec<Arc<LoadedPlugin>>) -> anyhow::Result<Self> {
+        let mut routes: HashMap<String, matchit::Router<(usize, bool)>> = HashMap::new();
         for (index, plugin) in plugins.iter().enumerate() {
             for route in &plugin.routes {
                 routes
                     .entry(route.method.clone())
                     .or_default()
-                    .insert(route.path.clone(), index)
+                    .insert(route.path.clone(), (index, route.path.starts_with(INTERNAL_PREFIX)))
                     .map_err(|e| anyhow::anyhow!("route {route}: {e}"))?;
             }
         }
-        Ok(RoleRuntime {
-            role,
-            config,
-            plugins,
-            routes,
-        })
+        Ok(RoleRuntime { role, config, plugins, routes })
     }
 
     pub fn route(&self, method: &str, path: &str) -> RouteMatch<'_> {
         if let Some(m) = self.routes.get(method).and_then(|r| r.at(path).ok()) {
-            let params = m
-                .params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            return RouteMatch::Found {
-                plugin: &self.plugins[*m.value],
-                params,
-            };
+            let params = m.params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let (index, internal) = *m.value;
+            return RouteMatch::Found { plugin: &self.plugins[index], params, internal };
         }
         if self.routes.values().any(|r| r.at(path).is_ok()) {
             RouteMatch::MethodNotAllowed
@@ -95,16 +84,18 @@ pub async fn invoke(
     plugin: &LoadedPlugin,
     request: Request,
 ) -> Result<Response, PluginFailure> {
+    let deadline_at = Instant::now() + plugin.deadline;
     let state = PluginState::new(
         plugin.identity.clone(),
         services.clone(),
         plugin.memory_limit_bytes,
+        request.request_id.clone(),
+        deadline_at,
     );
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limiter);
     // Every epoch tick, a running plugin yields to the executor (so one that
     // spins cannot hold a worker thread) until its deadline, then it traps.
-    let deadline_at = Instant::now() + plugin.deadline;
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |_| {
         if Instant::now() >= deadline_at {
@@ -116,10 +107,7 @@ pub async fn invoke(
 
     let run = async {
         let instance = plugin.pre.instantiate_async(&mut store).await?;
-        instance
-            .wxhost_plugin_handler()
-            .call_handle(&mut store, &request)
-            .await
+        instance.wxhost_plugin_handler().call_handle(&mut store, &request).await
     };
     let outcome = tokio::time::timeout(plugin.deadline + AWAIT_GRACE, run).await;
     match outcome {

@@ -20,11 +20,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bindings::wxhost::plugin::types as wit;
+use crate::caps::internal_call::InternalClient;
 use crate::caps::{Services, callback_crypto::CallbackCrypto, db::DbCtx};
 use crate::config::{self, Config, Role};
 use crate::database;
 use crate::error::ApiError;
 use crate::host::{self, Host};
+use crate::internal_auth::{INTERNAL_PREFIX, InternalAuth, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use crate::runtime::{self, PluginFailure, RouteMatch};
 use crate::settings::Settings;
 
@@ -69,6 +71,10 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<RunningServer> {
     let engine = crate::engine::new(config.max_instances)?;
     let services = Arc::new(services(&config, &options).await?);
     let host = Arc::new(Host::start(engine, services, &config, &options.roles).await?);
+    let internal_auth = options.settings.internal_secret.clone().map(|s| Arc::new(InternalAuth::new(s)));
+    if options.roles.contains(&Role::App) && internal_auth.is_none() {
+        tracing::warn!("INTERNAL_SECRET is not set: the app role's internal API answers 503");
+    }
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
 
@@ -86,7 +92,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<RunningServer> {
         let bound = listener.local_addr()?;
         tracing::info!(role = %role, addr = %bound, "listening");
         role_addrs.insert(role, bound);
-        let app = role_router(host.clone(), role);
+        let app = role_router(host.clone(), role, internal_auth.clone());
         tasks.spawn(serve(listener, app, shutdown.clone()));
     }
 
@@ -100,31 +106,17 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<RunningServer> {
         .with_context(|| format!("binding the admin listener to {admin}"))?;
     let admin_addr = listener.local_addr()?;
     tracing::info!(addr = %admin_addr, "admin listening");
-    tasks.spawn(serve(
-        listener,
-        admin_router(host.clone()),
-        shutdown.clone(),
-    ));
+    tasks.spawn(serve(listener, admin_router(host.clone()), shutdown.clone()));
 
     if options.watch {
         tasks.spawn(watch_files(host.clone(), shutdown.clone()));
     }
-    Ok(RunningServer {
-        role_addrs,
-        admin_addr,
-        host,
-        shutdown,
-        tasks,
-    })
+    Ok(RunningServer { role_addrs, admin_addr, host, shutdown, tasks })
 }
 
 async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Services> {
     let db = if options.roles.contains(&Role::App) {
-        let url = options
-            .settings
-            .database_url
-            .as_ref()
-            .map(|u| u.expose_secret().to_string());
+        let url = options.settings.database_url.as_ref().map(|u| u.expose_secret().to_string());
         let url = url.as_deref().unwrap_or(database::DEFAULT_URL);
         let db = database::connect(url, &database::PoolSettings::default()).await?;
         database::migrate(&db).await?;
@@ -146,19 +138,26 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
     } else {
         None
     };
-    Ok(Services {
-        db,
-        callback_crypto,
-    })
+    let internal_call = if options.roles.contains(&Role::Web) {
+        match (&options.settings.app_internal_url, &options.settings.internal_secret) {
+            (Some(url), Some(secret)) => Some(InternalClient::new(url, InternalAuth::new(secret.clone()))?),
+            _ => {
+                tracing::warn!(
+                    "APP_INTERNAL_URL or INTERNAL_SECRET is not set: the web role cannot reach the app role"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    Ok(Services { db, callback_crypto, internal_call })
 }
 
 async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) {
-    let result = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await;
+    let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
     if let Err(e) = result {
         tracing::error!("server stopped: {e}");
     }
@@ -168,14 +167,17 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: Cancell
 struct RoleState {
     host: Arc<Host>,
     role: Role,
+    /// Checks calls to the internal API (app role); `None`: INTERNAL_SECRET unset.
+    internal_auth: Option<Arc<InternalAuth>>,
 }
 
 /// The router of one role: `/healthz` and the plugins' routes.
-pub fn role_router(host: Arc<Host>, role: Role) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .fallback(dispatch)
-        .with_state(RoleState { host, role })
+pub fn role_router(host: Arc<Host>, role: Role, internal_auth: Option<Arc<InternalAuth>>) -> Router {
+    Router::new().route("/healthz", get(healthz)).fallback(dispatch).with_state(RoleState {
+        host,
+        role,
+        internal_auth,
+    })
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -187,15 +189,21 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 async fn dispatch(State(state): State<RoleState>, request: Request) -> Result<Response, ApiError> {
     let runtime = state.host.runtime(state.role);
     let (parts, body) = request.into_parts();
-    let (plugin, params) = match runtime.route(parts.method.as_str(), parts.uri.path()) {
-        RouteMatch::Found { plugin, params } => (plugin.clone(), params),
+    let path = parts.uri.path();
+    let routed = runtime.route(parts.method.as_str(), path);
+    let internal =
+        path.starts_with(INTERNAL_PREFIX) || matches!(routed, RouteMatch::Found { internal: true, .. });
+    let limit = runtime.config.max_body_bytes;
+    let body: Bytes =
+        axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::payload_too_large(limit))?;
+    if internal {
+        authenticate_internal(&state, &parts, &body)?;
+    }
+    let (plugin, params) = match routed {
+        RouteMatch::Found { plugin, params, .. } => (plugin.clone(), params),
         RouteMatch::MethodNotAllowed => return Err(ApiError::method_not_allowed()),
         RouteMatch::NotFound => return Err(ApiError::not_found()),
     };
-    let limit = runtime.config.max_body_bytes;
-    let body: Bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::payload_too_large(limit))?;
     let request_id = parts
         .headers
         .get(&REQUEST_ID)
@@ -218,13 +226,7 @@ async fn dispatch(State(state): State<RoleState>, request: Request) -> Result<Re
         request_id: request_id.clone(),
     };
     let started = std::time::Instant::now();
-    let outcome = runtime::invoke(
-        &state.host.engine,
-        &state.host.services,
-        &plugin,
-        wit_request,
-    )
-    .await;
+    let outcome = runtime::invoke(&state.host.engine, &state.host.services, &plugin, wit_request).await;
     let identity = &plugin.identity;
     let mut response = match outcome {
         Ok(r) => to_http(r),
@@ -242,23 +244,48 @@ async fn dispatch(State(state): State<RoleState>, request: Request) -> Result<Re
     Ok(response)
 }
 
+/// The internal API answers only calls signed with INTERNAL_SECRET, checked
+/// before any plugin runs.
+fn authenticate_internal(
+    state: &RoleState,
+    parts: &axum::http::request::Parts,
+    body: &[u8],
+) -> Result<(), ApiError> {
+    if state.role != Role::App {
+        return Err(ApiError::not_found());
+    }
+    let Some(auth) = &state.internal_auth else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_configured",
+            "the internal API is not configured",
+        ));
+    };
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    auth.verify(
+        parts.method.as_str(),
+        path,
+        header(TIMESTAMP_HEADER),
+        header(SIGNATURE_HEADER),
+        body,
+        crate::internal_auth::unix_now(),
+    )
+    .map_err(|e| {
+        tracing::warn!(path, "internal call refused: {e}");
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "internal calls must be signed")
+    })
+}
+
 fn failure_response(failure: &PluginFailure) -> Response {
     let (status, code, message) = match failure {
-        PluginFailure::Timeout(_) => (
-            StatusCode::GATEWAY_TIMEOUT,
-            "plugin_timeout",
-            "the handler did not finish in time",
-        ),
-        PluginFailure::OutOfMemory => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "plugin_out_of_memory",
-            "the handler ran out of memory",
-        ),
-        PluginFailure::Trap(_) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "plugin_failed",
-            "the handler failed",
-        ),
+        PluginFailure::Timeout(_) => {
+            (StatusCode::GATEWAY_TIMEOUT, "plugin_timeout", "the handler did not finish in time")
+        }
+        PluginFailure::OutOfMemory => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "plugin_out_of_memory", "the handler ran out of memory")
+        }
+        PluginFailure::Trap(_) => (StatusCode::INTERNAL_SERVER_ERROR, "plugin_failed", "the handler failed"),
     };
     let body = serde_json::json!({ "error": { "code": code, "message": message } });
     (status, axum::Json(body)).into_response()
@@ -277,10 +304,7 @@ fn to_http(r: wit::Response) -> Response {
     let mut response = Response::new(Body::from(r.body));
     *response.status_mut() = status;
     for (name, value) in r.headers {
-        match (
-            HeaderName::try_from(name.as_str()),
-            HeaderValue::try_from(value.as_str()),
-        ) {
+        match (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) {
             (Ok(n), Ok(v)) => {
                 response.headers_mut().append(n, v);
             }
@@ -321,11 +345,7 @@ async fn admin_plugins(State(host): State<Arc<Host>>) -> impl IntoResponse {
 
 async fn admin_reload(State(host): State<Arc<Host>>) -> Response {
     let status = host.reload("admin").await;
-    let code = if status.ok {
-        StatusCode::OK
-    } else {
-        StatusCode::UNPROCESSABLE_ENTITY
-    };
+    let code = if status.ok { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
     (code, axum::Json(status)).into_response()
 }
 
@@ -336,33 +356,25 @@ const SETTLE: Duration = Duration::from_millis(200);
 /// not files, so an editor's or a deploy's rename-over is seen too.
 async fn watch_files(host: Arc<Host>, shutdown: CancellationToken) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut watcher =
-        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if let Ok(event) = event {
-                let _ = tx.send(event.paths);
-            }
-        }) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!(
-                    "file watching is unavailable ({e}); reload with SIGHUP or POST /admin/reload"
-                );
-                return;
-            }
-        };
+    let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event {
+            let _ = tx.send(event.paths);
+        }
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!("file watching is unavailable ({e}); reload with SIGHUP or POST /admin/reload");
+            return;
+        }
+    };
     let mut watched_dirs: Vec<PathBuf> = Vec::new();
     loop {
         let files = host.watched_files();
         let dirs: Vec<PathBuf> = files
             .iter()
             .filter_map(|f| {
-                f.parent().map(|p| {
-                    if p.as_os_str().is_empty() {
-                        PathBuf::from(".")
-                    } else {
-                        p.to_path_buf()
-                    }
-                })
+                f.parent()
+                    .map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() })
             })
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()

@@ -12,6 +12,8 @@ pub struct Settings {
     pub wechat_appid: Option<String>,
     pub wechat_token: Option<SecretString>,
     pub wechat_aes_key: Option<SecretString>,
+    pub internal_secret: Option<SecretString>,
+    pub app_internal_url: Option<String>,
     pub web_listen: Option<SocketAddr>,
     pub app_listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
@@ -25,6 +27,8 @@ impl Settings {
             wechat_appid: var("WECHAT_APPID"),
             wechat_token: secret("WECHAT_TOKEN"),
             wechat_aes_key: secret("WECHAT_AES_KEY"),
+            internal_secret: secret("INTERNAL_SECRET"),
+            app_internal_url: var("APP_INTERNAL_URL"),
             web_listen: addr("WXHOST_WEB_LISTEN")?,
             app_listen: addr("WXHOST_APP_LISTEN")?,
             admin_listen: addr("WXHOST_ADMIN_LISTEN")?,
@@ -42,9 +46,6 @@ fn secret(name: &str) -> Option<SecretString> {
 
 fn addr(name: &str) -> anyhow::Result<Option<SocketAddr>> {
     var(name)
-        .map(|v| {
-            v.parse()
-                .with_context(|| format!("{name}={v} is not an address like 127.0.0.1:8080"))
-        })
+        .map(|v| v.parse().with_context(|| format!("{name}={v} is not an address like 127.0.0.1:8080")))
         .transpose()
 }

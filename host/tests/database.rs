@@ -13,9 +13,7 @@ use wxhost::config::Role;
 use wxhost::database;
 
 async fn connect(db: &TestDatabase) -> DbCtx {
-    let database = database::connect(&db.url, &Default::default())
-        .await
-        .expect("connect");
+    let database = database::connect(&db.url, &Default::default()).await.expect("connect");
     database::migrate(&database).await.expect("migrate");
     DbCtx { db: database }
 }
@@ -34,33 +32,15 @@ fn borrow(tx: &Tx) -> Tx {
 }
 
 async fn exec(db: &mut DbView<'_>, sql: &str, params: Vec<Value>) -> Result<u64, Error> {
-    Host::execute(db, sql.into(), params)
-        .await
-        .unwrap()
-        .map(|r| r.rows_affected)
+    Host::execute(db, sql.into(), params).await.unwrap().map(|r| r.rows_affected)
 }
 
-async fn query(
-    db: &mut DbView<'_>,
-    sql: &str,
-    params: Vec<Value>,
-) -> Result<Vec<Vec<Value>>, Error> {
-    Host::query(db, sql.into(), params)
-        .await
-        .unwrap()
-        .map(|r| r.rows)
+async fn query(db: &mut DbView<'_>, sql: &str, params: Vec<Value>) -> Result<Vec<Vec<Value>>, Error> {
+    Host::query(db, sql.into(), params).await.unwrap().map(|r| r.rows)
 }
 
-async fn tx_exec(
-    db: &mut DbView<'_>,
-    tx: &Tx,
-    sql: &str,
-    params: Vec<Value>,
-) -> Result<u64, Error> {
-    HostTransaction::execute(db, borrow(tx), sql.into(), params)
-        .await
-        .unwrap()
-        .map(|r| r.rows_affected)
+async fn tx_exec(db: &mut DbView<'_>, tx: &Tx, sql: &str, params: Vec<Value>) -> Result<u64, Error> {
+    HostTransaction::execute(db, borrow(tx), sql.into(), params).await.unwrap().map(|r| r.rows_affected)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,10 +48,7 @@ async fn the_capability_queries_executes_commits_and_rolls_back_on_both_database
     for test_db in all_databases().await {
         let ctx = connect(&test_db).await;
         let mut table = ResourceTable::new();
-        let mut db = DbView {
-            ctx: Some(&ctx),
-            table: &mut table,
-        };
+        let mut db = DbView { ctx: Some(&ctx), table: &mut table };
         let db = &mut db;
         let which = test_db.name;
 
@@ -84,69 +61,29 @@ async fn the_capability_queries_executes_commits_and_rolls_back_on_both_database
             Value::Blob(vec![0, 255, 7]),
         ];
         assert_eq!(
-            exec(
-                db,
-                "INSERT INTO kv (k, v, n, f, b) VALUES (?, ?, ?, ?, ?)",
-                params
-            )
-            .await
-            .unwrap(),
+            exec(db, "INSERT INTO kv (k, v, n, f, b) VALUES (?, ?, ?, ?, ?)", params).await.unwrap(),
             1,
             "{which}"
         );
-        exec(
-            db,
-            "INSERT INTO kv (k, v) VALUES (?, ?)",
-            vec![text("null"), Value::Null],
-        )
-        .await
-        .unwrap();
+        exec(db, "INSERT INTO kv (k, v) VALUES (?, ?)", vec![text("null"), Value::Null]).await.unwrap();
 
-        let rows = Host::query(
-            db,
-            "SELECT k, v, n, f, b FROM kv WHERE k = ?".into(),
-            vec![text("a")],
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let rows = Host::query(db, "SELECT k, v, n, f, b FROM kv WHERE k = ?".into(), vec![text("a")])
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(rows.columns, ["k", "v", "n", "f", "b"], "{which}");
         let row = &rows.rows[0];
-        assert!(
-            matches!(&row[1], Value::Text(s) if s == "你好 🎉"),
-            "{which}: emoji survive: {:?}",
-            row[1]
-        );
+        assert!(matches!(&row[1], Value::Text(s) if s == "你好 🎉"), "{which}: emoji survive: {:?}", row[1]);
         assert!(matches!(row[2], Value::Int(-42)), "{which}: {:?}", row[2]);
-        assert!(
-            matches!(row[3], Value::Float(f) if f == 1.5),
-            "{which}: {:?}",
-            row[3]
-        );
-        assert!(
-            matches!(&row[4], Value::Blob(b) if b == &[0, 255, 7]),
-            "{which}: {:?}",
-            row[4]
-        );
-        let rows = query(db, "SELECT v, n FROM kv WHERE k = ?", vec![text("null")])
-            .await
-            .unwrap();
+        assert!(matches!(row[3], Value::Float(f) if f == 1.5), "{which}: {:?}", row[3]);
+        assert!(matches!(&row[4], Value::Blob(b) if b == &[0, 255, 7]), "{which}: {:?}", row[4]);
+        let rows = query(db, "SELECT v, n FROM kv WHERE k = ?", vec![text("null")]).await.unwrap();
         assert!(matches!(rows[0][..], [Value::Null, Value::Null]), "{which}");
 
         // Commit makes a write visible; rollback and drop do not.
         let tx = db.begin().await.unwrap().unwrap();
-        tx_exec(
-            db,
-            &tx,
-            "INSERT INTO kv (k) VALUES (?)",
-            vec![text("committed")],
-        )
-        .await
-        .unwrap();
-        HostTransaction::commit(db, borrow(&tx))
-            .await
-            .unwrap()
-            .unwrap();
+        tx_exec(db, &tx, "INSERT INTO kv (k) VALUES (?)", vec![text("committed")]).await.unwrap();
+        HostTransaction::commit(db, borrow(&tx)).await.unwrap().unwrap();
         let again = HostTransaction::commit(db, borrow(&tx)).await.unwrap();
         assert!(matches!(again, Err(Error::TransactionClosed)), "{which}");
         let closed = tx_exec(db, &tx, "INSERT INTO kv (k) VALUES (?)", vec![text("late")]).await;
@@ -154,34 +91,15 @@ async fn the_capability_queries_executes_commits_and_rolls_back_on_both_database
         HostTransaction::drop(db, tx).await.unwrap();
 
         let tx = db.begin().await.unwrap().unwrap();
-        tx_exec(
-            db,
-            &tx,
-            "INSERT INTO kv (k) VALUES (?)",
-            vec![text("rolled-back")],
-        )
-        .await
-        .unwrap();
-        HostTransaction::rollback(db, borrow(&tx))
-            .await
-            .unwrap()
-            .unwrap();
+        tx_exec(db, &tx, "INSERT INTO kv (k) VALUES (?)", vec![text("rolled-back")]).await.unwrap();
+        HostTransaction::rollback(db, borrow(&tx)).await.unwrap().unwrap();
         HostTransaction::drop(db, tx).await.unwrap();
 
         let tx = db.begin().await.unwrap().unwrap();
-        tx_exec(
-            db,
-            &tx,
-            "INSERT INTO kv (k) VALUES (?)",
-            vec![text("dropped")],
-        )
-        .await
-        .unwrap();
+        tx_exec(db, &tx, "INSERT INTO kv (k) VALUES (?)", vec![text("dropped")]).await.unwrap();
         HostTransaction::drop(db, tx).await.unwrap();
 
-        let keys = query(db, "SELECT k FROM kv ORDER BY k", vec![])
-            .await
-            .unwrap();
+        let keys = query(db, "SELECT k FROM kv ORDER BY k", vec![]).await.unwrap();
         let keys: Vec<String> = keys
             .iter()
             .map(|r| match &r[0] {
@@ -195,25 +113,12 @@ async fn the_capability_queries_executes_commits_and_rolls_back_on_both_database
         let dup = exec(db, "INSERT INTO kv (k) VALUES (?)", vec![text("a")]).await;
         assert!(matches!(dup, Err(Error::Constraint(_))), "{which}: {dup:?}");
         let bad = query(db, "SELEKT nothing", vec![]).await;
-        assert!(
-            matches!(bad, Err(Error::InvalidQuery(_))),
-            "{which}: {bad:?}"
-        );
+        assert!(matches!(bad, Err(Error::InvalidQuery(_))), "{which}: {bad:?}");
         let missing = query(db, "SELECT * FROM no_such_table", vec![]).await;
-        assert!(
-            matches!(missing, Err(Error::InvalidQuery(_))),
-            "{which}: {missing:?}"
-        );
+        assert!(matches!(missing, Err(Error::InvalidQuery(_))), "{which}: {missing:?}");
 
         // The schema of DESIGN.md is in place.
-        for table in [
-            "users",
-            "bindings",
-            "orders",
-            "processed_events",
-            "token_cache",
-            "sessions",
-        ] {
+        for table in ["users", "bindings", "orders", "processed_events", "token_cache", "sessions"] {
             let r = query(db, &format!("SELECT COUNT(*) FROM {table}"), vec![]).await;
             assert!(r.is_ok(), "{which}: table {table}: {r:?}");
         }
@@ -252,23 +157,15 @@ async fn a_plugin_commits_rolls_back_and_a_trap_mid_transaction_rolls_back_on_bo
         let client = reqwest::Client::new();
         let url = url(&server, Role::App, "/probe/db");
 
-        let (status, body) =
-            probe(&client, &url, json!({"statements": [{"sql": CREATE_KV}]})).await;
+        let (status, body) = probe(&client, &url, json!({"statements": [{"sql": CREATE_KV}]})).await;
         assert_eq!(status, 200, "{which}: {body}");
         assert!(body["results"][0]["error"].is_null(), "{which}: {body}");
 
         for (mode, key) in [("commit", "c"), ("rollback", "r"), ("drop", "d")] {
-            let (status, body) = probe(
-                &client,
-                &url,
-                json!({"transaction": mode, "statements": [insert(key)]}),
-            )
-            .await;
+            let (status, body) =
+                probe(&client, &url, json!({"transaction": mode, "statements": [insert(key)]})).await;
             assert_eq!(status, 200, "{which} {mode}: {body}");
-            assert_eq!(
-                body["results"][0]["rows_affected"], 1,
-                "{which} {mode}: {body}"
-            );
+            assert_eq!(body["results"][0]["rows_affected"], 1, "{which} {mode}: {body}");
         }
         // The plugin traps after writing inside a transaction.
         let r = client
@@ -287,11 +184,7 @@ async fn a_plugin_commits_rolls_back_and_a_trap_mid_transaction_rolls_back_on_bo
             json!({"statements": [{"sql": "SELECT k FROM kv ORDER BY k", "query": true}]}),
         )
         .await;
-        assert_eq!(
-            body["results"][0]["rows"],
-            json!([["c"]]),
-            "{which}: only the committed row: {body}"
-        );
+        assert_eq!(body["results"][0]["rows"], json!([["c"]]), "{which}: only the committed row: {body}");
 
         // The connection the trapped request held went back to the pool rolled
         // back: many more requests still get connections.

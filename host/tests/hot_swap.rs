@@ -59,10 +59,7 @@ fn stream(
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
+        assert!(started.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -76,22 +73,11 @@ async fn a_replaced_plugin_is_swapped_in_without_failing_a_request_and_a_corrupt
 
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
-    let clients: Vec<_> = (0..3)
-        .map(|_| stream(base.clone(), stop.clone(), seen.clone()))
-        .collect();
+    let clients: Vec<_> = (0..3).map(|_| stream(base.clone(), stop.clone(), seen.clone())).collect();
 
-    wait_for("requests on the old version", || {
-        seen.lock().unwrap().old > 20
-    })
-    .await;
-    config.replace(
-        "verify.wasm",
-        &std::fs::read(dist("fixtures/verify-marked.wasm")).unwrap(),
-    );
-    wait_for("requests on the new version", || {
-        seen.lock().unwrap().new > 20
-    })
-    .await;
+    wait_for("requests on the old version", || seen.lock().unwrap().old > 20).await;
+    config.replace("verify.wasm", &std::fs::read(dist("fixtures/verify-marked.wasm")).unwrap());
+    wait_for("requests on the new version", || seen.lock().unwrap().new > 20).await;
     let version_after = plugin_version(&server).await;
     assert_ne!(version_before, version_after);
 
@@ -102,10 +88,7 @@ async fn a_replaced_plugin_is_swapped_in_without_failing_a_request_and_a_corrupt
     })
     .await;
     let at_failure = seen.lock().unwrap().new;
-    wait_for("more requests after the failed reload", || {
-        seen.lock().unwrap().new > at_failure + 20
-    })
-    .await;
+    wait_for("more requests after the failed reload", || seen.lock().unwrap().new > at_failure + 20).await;
 
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -113,29 +96,14 @@ async fn a_replaced_plugin_is_swapped_in_without_failing_a_request_and_a_corrupt
     }
     let status = admin_status(&server).await.unwrap();
     let errors = status["errors"].to_string();
-    assert!(
-        errors.contains("verify") && errors.contains("not a valid wasm component"),
-        "{errors}"
-    );
-    assert_eq!(
-        plugin_version(&server).await,
-        version_after,
-        "the last good version keeps serving"
-    );
+    assert!(errors.contains("verify") && errors.contains("not a valid wasm component"), "{errors}");
+    assert_eq!(plugin_version(&server).await, version_after, "the last good version keeps serving");
 
     // The admin endpoint reloads on demand and reports the same refusal.
-    let r = reqwest::Client::new()
-        .post(admin_url(&server, "/admin/reload"))
-        .send()
-        .await
-        .unwrap();
+    let r = reqwest::Client::new().post(admin_url(&server, "/admin/reload")).send().await.unwrap();
     assert_eq!(r.status(), 422);
     config.replace("verify.wasm", &std::fs::read(dist("verify.wasm")).unwrap());
-    let r = reqwest::Client::new()
-        .post(admin_url(&server, "/admin/reload"))
-        .send()
-        .await
-        .unwrap();
+    let r = reqwest::Client::new().post(admin_url(&server, "/admin/reload")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(plugin_version(&server).await, version_before);
     server.shutdown();
@@ -147,16 +115,10 @@ async fn a_request_in_flight_finishes_on_the_version_it_started_with() {
     let config = verify_config();
     let server = start(&config, &[Role::Web], None, false).await;
     let before = server.host.runtime(Role::Web);
-    config.replace(
-        "verify.wasm",
-        &std::fs::read(dist("fixtures/verify-marked.wasm")).unwrap(),
-    );
+    config.replace("verify.wasm", &std::fs::read(dist("fixtures/verify-marked.wasm")).unwrap());
     assert!(server.host.reload("test").await.ok);
     let after = server.host.runtime(Role::Web);
-    assert_ne!(
-        before.plugins[0].identity.version,
-        after.plugins[0].identity.version
-    );
+    assert_ne!(before.plugins[0].identity.version, after.plugins[0].identity.version);
     // The old snapshot is still whole and usable by whoever holds it.
     let request = wxhost::bindings::wxhost::plugin::types::Request {
         method: "GET".into(),
@@ -176,37 +138,20 @@ async fn a_request_in_flight_finishes_on_the_version_it_started_with() {
     .await
     .unwrap();
     assert!(old.headers.iter().all(|(k, _)| k != "x-verify-build"));
-    let new = wxhost::runtime::invoke(
-        &server.host.engine,
-        &server.host.services,
-        &after.plugins[0],
-        request,
-    )
-    .await
-    .unwrap();
-    assert!(
-        new.headers
-            .iter()
-            .any(|(k, v)| k == "x-verify-build" && v == "marked")
-    );
+    let new = wxhost::runtime::invoke(&server.host.engine, &server.host.services, &after.plugins[0], request)
+        .await
+        .unwrap();
+    assert!(new.headers.iter().any(|(k, v)| k == "x-verify-build" && v == "marked"));
     server.shutdown();
     server.wait().await;
 }
 
 async fn admin_json(server: &wxhost::server::RunningServer) -> serde_json::Value {
-    reqwest::get(admin_url(server, "/admin/plugins"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    reqwest::get(admin_url(server, "/admin/plugins")).await.unwrap().json().await.unwrap()
 }
 
 async fn plugin_version(server: &wxhost::server::RunningServer) -> String {
-    admin_json(server).await["plugins"][0]["version"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    admin_json(server).await["plugins"][0]["version"].as_str().unwrap().to_string()
 }
 
 async fn admin_status(server: &wxhost::server::RunningServer) -> Option<serde_json::Value> {

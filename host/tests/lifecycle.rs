@@ -19,10 +19,7 @@ wasm = "sandbox-probe.wasm"
 routes = ["GET /probe/ok", "GET /probe/sleep"]
 capabilities = []
 "#;
-    TestConfig::new(
-        &toml,
-        &[("sandbox-probe.wasm", "fixtures/sandbox-probe.wasm")],
-    )
+    TestConfig::new(&toml, &[("sandbox-probe.wasm", "fixtures/sandbox-probe.wasm")])
 }
 
 /// Starts `wxhost serve --role web` and waits for its listeners.
@@ -47,9 +44,7 @@ fn serve(config: &TestConfig, extra: &[&str]) -> (Child, String, String) {
     let (mut web, mut admin) = (None, None);
     let deadline = Instant::now() + Duration::from_secs(30);
     while web.is_none() || admin.is_none() {
-        let line = rx
-            .recv_timeout(deadline - Instant::now())
-            .expect("wxhost announces its listeners");
+        let line = rx.recv_timeout(deadline - Instant::now()).expect("wxhost announces its listeners");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
         let addr = v["fields"]["addr"].as_str().map(str::to_string);
         match v["fields"]["message"].as_str() {
@@ -59,19 +54,12 @@ fn serve(config: &TestConfig, extra: &[&str]) -> (Child, String, String) {
         }
     }
     std::thread::spawn(move || for _ in rx {});
-    (
-        child,
-        format!("http://{}", web.unwrap()),
-        format!("http://{}", admin.unwrap()),
-    )
+    (child, format!("http://{}", web.unwrap()), format!("http://{}", admin.unwrap()))
 }
 
 fn signal(child: &Child, name: &str) {
-    let ok = Command::new("kill")
-        .args([format!("-{name}"), child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
+    let ok =
+        Command::new("kill").args([format!("-{name}"), child.id().to_string()]).status().unwrap().success();
     assert!(ok, "kill -{name}");
 }
 
@@ -82,10 +70,7 @@ async fn sigterm_lets_a_request_in_flight_finish_then_exits_cleanly() {
     let slow = tokio::spawn(reqwest::get(format!("{web}/probe/sleep")));
     tokio::time::sleep(Duration::from_millis(150)).await;
     signal(&child, "TERM");
-    let response = slow
-        .await
-        .unwrap()
-        .expect("the in-flight request is answered");
+    let response = slow.await.unwrap().expect("the in-flight request is answered");
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.unwrap(), "slept");
     let started = Instant::now();
@@ -93,17 +78,11 @@ async fn sigterm_lets_a_request_in_flight_finish_then_exits_cleanly() {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "wxhost did not exit after SIGTERM"
-        );
+        assert!(started.elapsed() < Duration::from_secs(10), "wxhost did not exit after SIGTERM");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "{status}");
-    assert!(
-        reqwest::get(format!("{web}/probe/ok")).await.is_err(),
-        "no longer accepting"
-    );
+    assert!(reqwest::get(format!("{web}/probe/ok")).await.is_err(), "no longer accepting");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,37 +99,21 @@ capabilities = ["log", "callback-crypto"]
     let config = TestConfig::new(&toml, &[("verify.wasm", "verify.wasm")]);
     let (mut child, web, admin) = serve(&config, &["--no-watch"]);
     let version = || async {
-        let v: serde_json::Value = reqwest::get(format!("{admin}/admin/plugins"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: serde_json::Value =
+            reqwest::get(format!("{admin}/admin/plugins")).await.unwrap().json().await.unwrap();
         v["plugins"][0]["version"].as_str().unwrap().to_string()
     };
     let before = version().await;
-    config.replace(
-        "verify.wasm",
-        &std::fs::read(dist("fixtures/verify-marked.wasm")).unwrap(),
-    );
+    config.replace("verify.wasm", &std::fs::read(dist("fixtures/verify-marked.wasm")).unwrap());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        version().await,
-        before,
-        "--no-watch: nothing changes by itself"
-    );
+    assert_eq!(version().await, before, "--no-watch: nothing changes by itself");
     signal(&child, "HUP");
     let started = Instant::now();
     while version().await == before {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "SIGHUP did not reload"
-        );
+        assert!(started.elapsed() < Duration::from_secs(10), "SIGHUP did not reload");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let r = reqwest::get(format!("{web}{}", verify_query("x")))
-        .await
-        .unwrap();
+    let r = reqwest::get(format!("{web}{}", verify_query("x"))).await.unwrap();
     assert_eq!(r.headers()["x-verify-build"], "marked");
     signal(&child, "TERM");
     assert!(child.wait().unwrap().success());
@@ -166,25 +129,15 @@ fn migrate_applies_the_schema_and_is_idempotent() {
             .env("DATABASE_URL", &url)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(String::from_utf8_lossy(&out.stdout).contains("migrations applied (Sqlite)"));
     }
     let out = Command::new(env!("CARGO_BIN_EXE_wxhost"))
         .arg("migrate")
-        .env(
-            "DATABASE_URL",
-            "mysql://nobody:secret-password@127.0.0.1:1/db",
-        )
+        .env("DATABASE_URL", "mysql://nobody:secret-password@127.0.0.1:1/db")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(
-        stderr.contains("cannot connect") && !stderr.contains("secret-password"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("cannot connect") && !stderr.contains("secret-password"), "{stderr}");
 }

@@ -8,12 +8,9 @@ use std::process::Command;
 use common::*;
 
 fn db_probe_in(role: &str, capabilities: &str) -> TestConfig {
-    let toml = base_toml(
-        2000,
-        r#""log", "config", "callback-crypto""#,
-        r#""log", "config", "db""#,
-    ) + &format!(
-        r#"
+    let toml = base_toml(2000, r#""log", "config", "callback-crypto""#, r#""log", "config", "db""#)
+        + &format!(
+            r#"
 [[plugins]]
 name = "db-probe"
 role = "{role}"
@@ -21,7 +18,7 @@ wasm = "db-probe.wasm"
 routes = ["POST /probe/db"]
 capabilities = [{capabilities}]
 "#
-    );
+        );
     TestConfig::new(&toml, &[("db-probe.wasm", "fixtures/db-probe.wasm")])
 }
 
@@ -30,10 +27,7 @@ fn wxhost(args: &[&str], config: &TestConfig) -> std::process::Output {
         .args(args)
         .arg("--config")
         .arg(config.path())
-        .env(
-            "DATABASE_URL",
-            format!("sqlite://{}?mode=rwc", config.file("db.sqlite").display()),
-        )
+        .env("DATABASE_URL", format!("sqlite://{}?mode=rwc", config.file("db.sqlite").display()))
         .env("WXHOST_ADMIN_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .output()
@@ -47,9 +41,7 @@ fn check_refuses_a_db_importing_plugin_in_the_web_role_naming_the_interface() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
-        stdout.contains(
-            "REFUSED  wxhost:plugin/db@0.1.0  (capability `db` is not granted to role web)"
-        ),
+        stdout.contains("REFUSED  wxhost:plugin/db@0.1.0  (capability `db` is not granted to role web)"),
         "{stdout}"
     );
     assert!(stdout.contains("some plugins were refused"), "{stdout}");
@@ -61,10 +53,7 @@ fn serve_refuses_to_start_with_a_db_importing_plugin_in_the_web_role() {
     let out = wxhost(&["serve", "--role", "web", "--no-watch"], &config);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(
-        stderr.contains("plugin `db-probe` refused: imports `wxhost:plugin/db@0.1.0`"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("plugin `db-probe` refused: imports `wxhost:plugin/db@0.1.0`"), "{stderr}");
 }
 
 #[test]
@@ -73,10 +62,7 @@ fn check_accepts_the_same_plugin_in_the_app_role() {
     let out = wxhost(&["check"], &config);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(
-        stdout.contains("granted  wxhost:plugin/db@0.1.0  (capability `db`)"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("granted  wxhost:plugin/db@0.1.0  (capability `db`)"), "{stdout}");
     assert!(stdout.contains("all plugins accepted"), "{stdout}");
 }
 
@@ -86,10 +72,7 @@ fn an_app_plugin_that_does_not_declare_db_is_refused_too() {
     let out = wxhost(&["check"], &config);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(
-        stdout.contains("capability `db` is not declared by the plugin"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("capability `db` is not declared by the plugin"), "{stdout}");
 }
 
 #[test]

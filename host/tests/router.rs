@@ -48,17 +48,9 @@ impl Write for Capture {
 async fn web_host(config: &TestConfig) -> Arc<Host> {
     let config = wxhost::config::load(&config.path()).unwrap();
     let engine = wxhost::engine::new(config.max_instances).unwrap();
-    let crypto =
-        CallbackCrypto::new(Some(TOKEN.to_string().into()), None, None, Some(300)).unwrap();
-    let services = Arc::new(Services {
-        db: None,
-        callback_crypto: Some(crypto),
-    });
-    Arc::new(
-        Host::start(engine, services, &config, &[Role::Web])
-            .await
-            .unwrap(),
-    )
+    let crypto = CallbackCrypto::new(Some(TOKEN.to_string().into()), None, None, Some(300)).unwrap();
+    let services = Arc::new(Services { callback_crypto: Some(crypto), ..Services::default() });
+    Arc::new(Host::start(engine, services, &config, &[Role::Web]).await.unwrap())
 }
 
 fn config() -> TestConfig {
@@ -80,24 +72,14 @@ capabilities = []
 "#;
     TestConfig::new(
         &toml,
-        &[
-            ("verify.wasm", "verify.wasm"),
-            ("sandbox-probe.wasm", "fixtures/sandbox-probe.wasm"),
-        ],
+        &[("verify.wasm", "verify.wasm"), ("sandbox-probe.wasm", "fixtures/sandbox-probe.wasm")],
     )
 }
 
-async fn call(
-    router: axum::Router,
-    request: Request<Body>,
-) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+async fn call(router: axum::Router, request: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
     let response = router.oneshot(request).await.unwrap();
     let (parts, body) = response.into_parts();
-    (
-        parts.status,
-        parts.headers,
-        body.collect().await.unwrap().to_bytes().to_vec(),
-    )
+    (parts.status, parts.headers, body.collect().await.unwrap().to_bytes().to_vec())
 }
 
 fn get(uri: &str) -> Request<Body> {
@@ -109,26 +91,17 @@ async fn the_role_router_dispatches_to_plugins_and_answers_json_errors() {
     let _logs = captured_logs();
     let config = config();
     let host = web_host(&config).await;
-    let router = wxhost::server::role_router(host.clone(), Role::Web);
+    let router = wxhost::server::role_router(host.clone(), Role::Web, None);
 
     let (status, headers, body) = call(router.clone(), get(&verify_query("hi"))).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, b"hi");
-    assert_eq!(
-        headers["x-request-id"].len(),
-        32,
-        "a request id is generated"
-    );
+    assert_eq!(headers["x-request-id"].len(), 32, "a request id is generated");
 
-    let request = Request::get(verify_query("hi"))
-        .header("x-request-id", "req-42")
-        .body(Body::empty())
-        .unwrap();
+    let request =
+        Request::get(verify_query("hi")).header("x-request-id", "req-42").body(Body::empty()).unwrap();
     let (_, headers, _) = call(router.clone(), request).await;
-    assert_eq!(
-        headers["x-request-id"], "req-42",
-        "an incoming request id is kept"
-    );
+    assert_eq!(headers["x-request-id"], "req-42", "an incoming request id is kept");
 
     let (status, headers, body) = call(router.clone(), get("/api/v1/nothing")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -138,10 +111,7 @@ async fn the_role_router_dispatches_to_plugins_and_answers_json_errors() {
     assert!(body["error"]["message"].is_string());
 
     let (status, _, body) = call(router.clone(), get("/healthz")).await;
-    assert_eq!(
-        (status, body),
-        (StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
-    );
+    assert_eq!((status, body), (StatusCode::OK, br#"{"status":"ok"}"#.to_vec()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,18 +119,13 @@ async fn plugin_stdout_and_stderr_reach_the_host_log_tagged_with_the_plugin() {
     let logs = captured_logs();
     let config = config();
     let host = web_host(&config).await;
-    let router = wxhost::server::role_router(host.clone(), Role::Web);
+    let router = wxhost::server::role_router(host.clone(), Role::Web, None);
     let (status, _, _) = call(router, get("/probe/print")).await;
     assert_eq!(status, StatusCode::OK);
     let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
-    for line in [
-        "hello from the probe's stdout",
-        "hello from the probe's stderr",
-    ] {
-        let logged = logs
-            .lines()
-            .find(|l| l.contains(line))
-            .unwrap_or_else(|| panic!("{line:?} not logged:\n{logs}"));
+    for line in ["hello from the probe's stdout", "hello from the probe's stderr"] {
+        let logged =
+            logs.lines().find(|l| l.contains(line)).unwrap_or_else(|| panic!("{line:?} not logged:\n{logs}"));
         assert!(logged.contains("plugin=sandbox-probe"), "{logged}");
         assert!(logged.contains("version="), "{logged}");
     }
@@ -175,30 +140,16 @@ async fn the_admin_api_lists_plugins_with_versions_routes_and_capabilities() {
     let (status, _, body) = call(admin.clone(), get("/admin/plugins")).await;
     assert_eq!(status, StatusCode::OK);
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let verify = body["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "verify")
-        .unwrap();
+    let verify = body["plugins"].as_array().unwrap().iter().find(|p| p["name"] == "verify").unwrap();
     assert_eq!(verify["role"], "web");
     assert_eq!(verify["version"].as_str().unwrap().len(), 16);
-    assert_eq!(
-        verify["routes"],
-        serde_json::json!(["GET /api/v1/auth/wechat/verify"])
-    );
-    assert_eq!(
-        verify["capabilities"],
-        serde_json::json!(["log", "callback-crypto"])
-    );
+    assert_eq!(verify["routes"], serde_json::json!(["GET /api/v1/auth/wechat/verify"]));
+    assert_eq!(verify["capabilities"], serde_json::json!(["log", "callback-crypto"]));
     assert!(verify["loaded_at_unix"].as_u64().unwrap() > 1_700_000_000);
     assert_eq!(body["last_reload"]["ok"], true);
 
-    let (status, _, body) = call(
-        admin.clone(),
-        Request::post("/admin/reload").body(Body::empty()).unwrap(),
-    )
-    .await;
+    let (status, _, body) =
+        call(admin.clone(), Request::post("/admin/reload").body(Body::empty()).unwrap()).await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     let (status, _, _) = call(admin, get("/admin/nothing")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -13,11 +13,8 @@ use wxhost::config::Role;
 const DEADLINE_MS: u64 = 500;
 
 fn probe_config() -> TestConfig {
-    let toml = base_toml(
-        DEADLINE_MS,
-        r#""log", "config", "callback-crypto""#,
-        r#""log""#,
-    ) + r#"
+    let toml = base_toml(DEADLINE_MS, r#""log", "config", "callback-crypto""#, r#""log""#)
+        + r#"
 [[plugins]]
 name = "sandbox-probe"
 role = "web"
@@ -34,23 +31,14 @@ capabilities = ["log", "callback-crypto"]
 "#;
     TestConfig::new(
         &toml,
-        &[
-            ("sandbox-probe.wasm", "fixtures/sandbox-probe.wasm"),
-            ("verify.wasm", "verify.wasm"),
-        ],
+        &[("sandbox-probe.wasm", "fixtures/sandbox-probe.wasm"), ("verify.wasm", "verify.wasm")],
     )
 }
 
 async fn error_code(response: reqwest::Response) -> (u16, String) {
     let status = response.status().as_u16();
     let body: serde_json::Value = response.json().await.expect("a JSON error body");
-    (
-        status,
-        body["error"]["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-    )
+    (status, body["error"]["code"].as_str().unwrap_or_default().to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,12 +52,8 @@ async fn looping_trapping_and_hoarding_plugins_fail_alone_while_other_routes_ans
     let answered = Arc::new(AtomicUsize::new(0));
     let mut streams = Vec::new();
     for path in ["/probe/ok".to_string(), verify_query("still-here")] {
-        let (client, url, stop, answered) = (
-            client.clone(),
-            url(&server, Role::Web, &path),
-            stop.clone(),
-            answered.clone(),
-        );
+        let (client, url, stop, answered) =
+            (client.clone(), url(&server, Role::Web, &path), stop.clone(), answered.clone());
         streams.push(tokio::spawn(async move {
             let mut slowest = Duration::ZERO;
             while !stop.load(Ordering::Relaxed) {
@@ -86,14 +70,8 @@ async fn looping_trapping_and_hoarding_plugins_fail_alone_while_other_routes_ans
     }
 
     let started = Instant::now();
-    let (status, code) = error_code(
-        client
-            .get(url(&server, Role::Web, "/probe/loop"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, code) =
+        error_code(client.get(url(&server, Role::Web, "/probe/loop")).send().await.unwrap()).await;
     let looped_for = started.elapsed();
     assert_eq!((status, code.as_str()), (504, "plugin_timeout"));
     assert!(
@@ -101,24 +79,12 @@ async fn looping_trapping_and_hoarding_plugins_fail_alone_while_other_routes_ans
         "the loop was stopped after {looped_for:?}"
     );
 
-    let (status, code) = error_code(
-        client
-            .get(url(&server, Role::Web, "/probe/trap"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, code) =
+        error_code(client.get(url(&server, Role::Web, "/probe/trap")).send().await.unwrap()).await;
     assert_eq!((status, code.as_str()), (500, "plugin_failed"));
 
-    let (status, code) = error_code(
-        client
-            .get(url(&server, Role::Web, "/probe/oom"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, code) =
+        error_code(client.get(url(&server, Role::Web, "/probe/oom")).send().await.unwrap()).await;
     assert_eq!((status, code.as_str()), (500, "plugin_out_of_memory"));
 
     // Several spinning requests at once still leave the good routes answering.
@@ -135,22 +101,12 @@ async fn looping_trapping_and_hoarding_plugins_fail_alone_while_other_routes_ans
     stop.store(true, Ordering::Relaxed);
     for s in streams {
         let slowest = s.await.expect("the good stream never failed");
-        assert!(
-            slowest < Duration::from_millis(DEADLINE_MS + 1000),
-            "a good request took {slowest:?}"
-        );
+        assert!(slowest < Duration::from_millis(DEADLINE_MS + 1000), "a good request took {slowest:?}");
     }
-    assert!(
-        answered.load(Ordering::Relaxed) > 10,
-        "the good routes kept answering"
-    );
+    assert!(answered.load(Ordering::Relaxed) > 10, "the good routes kept answering");
 
     // The failures did not poison the server.
-    let r = client
-        .get(url(&server, Role::Web, "/probe/ok"))
-        .send()
-        .await
-        .unwrap();
+    let r = client.get(url(&server, Role::Web, "/probe/ok")).send().await.unwrap();
     assert_eq!(r.text().await.unwrap(), "ok");
     server.shutdown();
     server.wait().await;
@@ -162,40 +118,17 @@ async fn unknown_routes_methods_and_oversized_bodies_get_json_errors() {
     let server = start(&config, &[Role::Web], None, false).await;
     let client = reqwest::Client::new();
 
-    let (status, code) = error_code(
-        client
-            .get(url(&server, Role::Web, "/nowhere"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, code) =
+        error_code(client.get(url(&server, Role::Web, "/nowhere")).send().await.unwrap()).await;
     assert_eq!((status, code.as_str()), (404, "not_found"));
-    let (status, code) = error_code(
-        client
-            .post(url(&server, Role::Web, "/probe/ok"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, code) =
+        error_code(client.post(url(&server, Role::Web, "/probe/ok")).send().await.unwrap()).await;
     assert_eq!((status, code.as_str()), (405, "method_not_allowed"));
     let big = vec![b'x'; 65 * 1024];
-    let (status, code) = error_code(
-        client
-            .get(url(&server, Role::Web, "/probe/ok"))
-            .body(big)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, code) =
+        error_code(client.get(url(&server, Role::Web, "/probe/ok")).body(big).send().await.unwrap()).await;
     assert_eq!((status, code.as_str()), (413, "payload_too_large"));
-    let health = client
-        .get(url(&server, Role::Web, "/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let health = client.get(url(&server, Role::Web, "/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
     server.shutdown();
     server.wait().await;

@@ -20,12 +20,8 @@ capabilities = ["log", "callback-crypto"]
 }
 
 fn vector() -> serde_json::Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/vectors/wechat.json"
-    );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors/wechat.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     v["server_signature"][0].clone()
 }
 
@@ -34,8 +30,7 @@ fn the_signature_rule_tests_sign_with_matches_the_sdk_vector() {
     let v = vector();
     let s = |k: &str| v[k].as_str().unwrap().to_string();
     assert_eq!(TOKEN, s("token"));
-    let ours =
-        wxhost::caps::callback_crypto::sorted_sha1(&[&s("token"), &s("timestamp"), &s("nonce")]);
+    let ours = wxhost::caps::callback_crypto::sorted_sha1(&[&s("token"), &s("timestamp"), &s("nonce")]);
     assert_eq!(ours, s("signature"));
 }
 
@@ -54,46 +49,17 @@ async fn server_verification_echoes_echostr_only_for_a_valid_signature() {
     let good = wxhost::caps::callback_crypto::sorted_sha1(&[TOKEN, &ts, "n"]);
     let forged = format!("{}0", &good[..39]);
     let cases = [
-        (
-            format!("signature={forged}&timestamp={ts}&nonce=n&echostr=e"),
-            401,
-            "bad_signature",
-        ),
+        (format!("signature={forged}&timestamp={ts}&nonce=n&echostr=e"), 401, "bad_signature"),
         // Signed over another nonce than the one sent.
-        (
-            format!("signature={good}&timestamp={ts}&nonce=m&echostr=e"),
-            401,
-            "bad_signature",
-        ),
-        (
-            format!("signature=&timestamp={ts}&nonce=n&echostr=e"),
-            400,
-            "missing_parameter",
-        ),
-        (
-            format!("timestamp={ts}&nonce=n&echostr=e"),
-            400,
-            "missing_parameter",
-        ),
-        (
-            format!("signature={good}&timestamp={ts}&nonce=n"),
-            400,
-            "missing_parameter",
-        ),
+        (format!("signature={good}&timestamp={ts}&nonce=m&echostr=e"), 401, "bad_signature"),
+        (format!("signature=&timestamp={ts}&nonce=n&echostr=e"), 400, "missing_parameter"),
+        (format!("timestamp={ts}&nonce=n&echostr=e"), 400, "missing_parameter"),
+        (format!("signature={good}&timestamp={ts}&nonce=n"), 400, "missing_parameter"),
         ("".to_string(), 400, "missing_parameter"),
-        (
-            format!(
-                "signature={}&timestamp={ts}&nonce=n&echostr=e",
-                "z".repeat(5000)
-            ),
-            401,
-            "bad_signature",
-        ),
+        (format!("signature={}&timestamp={ts}&nonce=n&echostr=e", "z".repeat(5000)), 401, "bad_signature"),
     ];
     for (query, status, code) in cases {
-        let r = get(format!("/api/v1/auth/wechat/verify?{query}"))
-            .await
-            .unwrap();
+        let r = get(format!("/api/v1/auth/wechat/verify?{query}")).await.unwrap();
         assert_eq!(r.status().as_u16(), status, "{query}");
         let body: serde_json::Value = r.json().await.unwrap();
         assert_eq!(body["error"]["code"], code, "{query}");
@@ -109,10 +75,7 @@ async fn server_verification_echoes_echostr_only_for_a_valid_signature() {
     );
     let r = get(q).await.unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(
-        r.json::<serde_json::Value>().await.unwrap()["error"]["code"],
-        "stale_timestamp"
-    );
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"]["code"], "stale_timestamp");
 
     // POST is not routed yet in this config: a JSON 405, never a panic.
     let r = client
@@ -140,15 +103,10 @@ async fn verification_without_a_configured_token_is_a_clear_503() {
     })
     .await
     .unwrap();
-    let r = reqwest::get(url(&server, Role::Web, &verify_query("e")))
-        .await
-        .unwrap();
+    let r = reqwest::get(url(&server, Role::Web, &verify_query("e"))).await.unwrap();
     assert_eq!(r.status(), 503);
     let body = r.text().await.unwrap();
-    assert!(
-        body.contains("not_configured") && !body.contains("WECHAT_TOKEN"),
-        "{body}"
-    );
+    assert!(body.contains("not_configured") && !body.contains("WECHAT_TOKEN"), "{body}");
     server.shutdown();
     server.wait().await;
 }

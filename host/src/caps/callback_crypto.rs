@@ -53,21 +53,14 @@ impl CallbackCrypto {
                 if k.len() != 43 {
                     return Err(BadAesKey);
                 }
-                let bytes = LENIENT_BASE64
-                    .decode(format!("{k}="))
-                    .map_err(|_| BadAesKey)?;
+                let bytes = LENIENT_BASE64.decode(format!("{k}=")).map_err(|_| BadAesKey)?;
                 if bytes.len() != 32 {
                     return Err(BadAesKey);
                 }
                 Some(SecretSlice::from(bytes))
             }
         };
-        Ok(CallbackCrypto {
-            token,
-            aes_key,
-            appid,
-            window_secs,
-        })
+        Ok(CallbackCrypto { token, aes_key, appid, window_secs })
     }
 
     fn token(&self) -> Result<&str, CryptoError> {
@@ -85,18 +78,15 @@ impl CallbackCrypto {
     }
 
     fn appid(&self) -> Result<&str, CryptoError> {
-        self.appid
-            .as_deref()
-            .ok_or_else(|| CryptoError::NotConfigured("WECHAT_APPID is not set".into()))
+        self.appid.as_deref().ok_or_else(|| CryptoError::NotConfigured("WECHAT_APPID is not set".into()))
     }
 
     fn check_timestamp(&self, timestamp: &str) -> Result<(), CryptoError> {
         let Some(window) = self.window_secs else {
             return Ok(());
         };
-        let ts: i64 = timestamp
-            .parse()
-            .map_err(|_| CryptoError::Malformed("timestamp is not a number".into()))?;
+        let ts: i64 =
+            timestamp.parse().map_err(|_| CryptoError::Malformed("timestamp is not a number".into()))?;
         if now_unix().abs_diff(ts) > window {
             return Err(CryptoError::StaleTimestamp);
         }
@@ -129,9 +119,7 @@ impl CallbackCrypto {
         }
         self.check_timestamp(timestamp)?;
         let malformed = |what: &str| CryptoError::Malformed(what.to_string());
-        let mut buf = BASE64
-            .decode(encrypt.trim())
-            .map_err(|_| malformed("Encrypt is not base64"))?;
+        let mut buf = BASE64.decode(encrypt.trim()).map_err(|_| malformed("Encrypt is not base64"))?;
         if buf.is_empty() || buf.len() % PAD_BLOCK != 0 {
             return Err(malformed("ciphertext length is not a multiple of 32"));
         }
@@ -143,9 +131,7 @@ impl CallbackCrypto {
         if pad == 0
             || pad > PAD_BLOCK
             || pad > plain.len()
-            || plain[plain.len() - pad..]
-                .iter()
-                .any(|&b| usize::from(b) != pad)
+            || plain[plain.len() - pad..].iter().any(|&b| usize::from(b) != pad)
         {
             return Err(malformed("bad padding"));
         }
@@ -154,9 +140,7 @@ impl CallbackCrypto {
             return Err(malformed("plaintext too short"));
         }
         let len = u32::from_be_bytes(plain[16..20].try_into().expect("4 bytes")) as usize;
-        let body = plain
-            .get(20..20 + len)
-            .ok_or_else(|| malformed("message length beyond plaintext"))?;
+        let body = plain.get(20..20 + len).ok_or_else(|| malformed("message length beyond plaintext"))?;
         let tail = &plain[20 + len..];
         if tail != self.appid()?.as_bytes() {
             return Err(CryptoError::WrongAppid);
@@ -170,9 +154,8 @@ impl CallbackCrypto {
         timestamp: &str,
         nonce: &str,
     ) -> Result<EncryptedReply, CryptoError> {
-        let random: [u8; 16] = rand::random::<[u8; 16]>().map(|b| {
-            b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"[usize::from(b) % 62]
-        });
+        let random: [u8; 16] = rand::random::<[u8; 16]>()
+            .map(|b| b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"[usize::from(b) % 62]);
         self.encrypt_with_prefix(reply, timestamp, nonce, &random)
     }
 
@@ -186,8 +169,7 @@ impl CallbackCrypto {
     ) -> Result<EncryptedReply, CryptoError> {
         let key = self.aes_key()?;
         let appid = self.appid()?;
-        let len = u32::try_from(reply.len())
-            .map_err(|_| CryptoError::Malformed("reply too long".into()))?;
+        let len = u32::try_from(reply.len()).map_err(|_| CryptoError::Malformed("reply too long".into()))?;
         let mut plain = Vec::with_capacity(20 + reply.len() + appid.len() + PAD_BLOCK);
         plain.extend_from_slice(random);
         plain.extend_from_slice(&len.to_be_bytes());
@@ -201,12 +183,7 @@ impl CallbackCrypto {
             .expect("plaintext is padded to the block size");
         let encrypt = BASE64.encode(cipher);
         let msg_signature = sorted_sha1(&[self.token()?, timestamp, nonce, &encrypt]);
-        Ok(EncryptedReply {
-            encrypt,
-            msg_signature,
-            timestamp: timestamp.into(),
-            nonce: nonce.into(),
-        })
+        Ok(EncryptedReply { encrypt, msg_signature, timestamp: timestamp.into(), nonce: nonce.into() })
     }
 }
 
@@ -222,12 +199,7 @@ pub fn sorted_sha1(parts: &[&str]) -> String {
 }
 
 fn hex_eq(given: &str, expected: &str) -> bool {
-    given.len() == expected.len()
-        && given
-            .to_ascii_lowercase()
-            .as_bytes()
-            .ct_eq(expected.as_bytes())
-            .into()
+    given.len() == expected.len() && given.to_ascii_lowercase().as_bytes().ct_eq(expected.as_bytes()).into()
 }
 
 fn now_unix() -> i64 {
@@ -243,9 +215,8 @@ pub struct CallbackCryptoView<'a> {
 
 impl CallbackCryptoView<'_> {
     fn ctx(&self) -> Result<&CallbackCrypto, CryptoError> {
-        self.ctx.ok_or_else(|| {
-            CryptoError::NotConfigured("callback crypto is not available in this role".into())
-        })
+        self.ctx
+            .ok_or_else(|| CryptoError::NotConfigured("callback crypto is not available in this role".into()))
     }
 }
 
@@ -269,9 +240,7 @@ impl wit::Host for CallbackCryptoView<'_> {
         timestamp: String,
         nonce: String,
     ) -> wasmtime::Result<Result<(), CryptoError>> {
-        Ok(self
-            .ctx()
-            .and_then(|c| c.verify_server_signature(&signature, &timestamp, &nonce)))
+        Ok(self.ctx().and_then(|c| c.verify_server_signature(&signature, &timestamp, &nonce)))
     }
 
     fn decrypt_message(
@@ -281,9 +250,7 @@ impl wit::Host for CallbackCryptoView<'_> {
         nonce: String,
         encrypt: String,
     ) -> wasmtime::Result<Result<String, CryptoError>> {
-        Ok(self
-            .ctx()
-            .and_then(|c| c.decrypt_message(&msg_signature, &timestamp, &nonce, &encrypt)))
+        Ok(self.ctx().and_then(|c| c.decrypt_message(&msg_signature, &timestamp, &nonce, &encrypt)))
     }
 
     fn encrypt_reply(
@@ -292,9 +259,7 @@ impl wit::Host for CallbackCryptoView<'_> {
         timestamp: String,
         nonce: String,
     ) -> wasmtime::Result<Result<EncryptedReply, CryptoError>> {
-        Ok(self
-            .ctx()
-            .and_then(|c| c.encrypt_reply(&reply, &timestamp, &nonce)))
+        Ok(self.ctx().and_then(|c| c.encrypt_reply(&reply, &timestamp, &nonce)))
     }
 
     fn verify_pay_notify_v3(
@@ -323,24 +288,17 @@ mod tests {
     use serde_json::Value;
 
     fn vectors() -> Value {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/vectors/wechat.json"
-        );
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors/wechat.json");
         let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
         serde_json::from_str(&text).unwrap()
     }
 
     fn s(v: &Value, k: &str) -> String {
-        v[k].as_str()
-            .unwrap_or_else(|| panic!("vector field {k}"))
-            .to_string()
+        v[k].as_str().unwrap_or_else(|| panic!("vector field {k}")).to_string()
     }
 
     fn crypto_for(v: &Value) -> CallbackCrypto {
-        let key = v
-            .get("encoding_aes_key")
-            .map(|_| SecretString::from(s(v, "encoding_aes_key")));
+        let key = v.get("encoding_aes_key").map(|_| SecretString::from(s(v, "encoding_aes_key")));
         CallbackCrypto::new(
             Some(s(v, "token").into()),
             key.as_ref(),
@@ -356,20 +314,13 @@ mod tests {
             let c = crypto_for(v);
             let (sig, ts, nonce) = (s(v, "signature"), s(v, "timestamp"), s(v, "nonce"));
             c.verify_server_signature(&sig, &ts, &nonce).unwrap();
-            c.verify_server_signature(&sig.to_uppercase(), &ts, &nonce)
-                .unwrap();
+            c.verify_server_signature(&sig.to_uppercase(), &ts, &nonce).unwrap();
             let mut forged = sig.clone().into_bytes();
             forged[0] = if forged[0] == b'0' { b'1' } else { b'0' };
             let forged = String::from_utf8(forged).unwrap();
-            for (sig, ts) in [
-                (forged.as_str(), ts.as_str()),
-                ("", ts.as_str()),
-                (sig.as_str(), "1410685590"),
-            ] {
-                assert!(matches!(
-                    c.verify_server_signature(sig, ts, &nonce),
-                    Err(CryptoError::BadSignature)
-                ));
+            for (sig, ts) in [(forged.as_str(), ts.as_str()), ("", ts.as_str()), (sig.as_str(), "1410685590")]
+            {
+                assert!(matches!(c.verify_server_signature(sig, ts, &nonce), Err(CryptoError::BadSignature)));
             }
         }
     }
@@ -378,9 +329,8 @@ mod tests {
     fn stale_timestamps_are_refused_even_with_a_valid_signature() {
         let v = &vectors()["server_signature"][0];
         let c = CallbackCrypto::new(Some(s(v, "token").into()), None, None, Some(300)).unwrap();
-        let err = c
-            .verify_server_signature(&s(v, "signature"), &s(v, "timestamp"), &s(v, "nonce"))
-            .unwrap_err();
+        let err =
+            c.verify_server_signature(&s(v, "signature"), &s(v, "timestamp"), &s(v, "nonce")).unwrap_err();
         assert!(matches!(err, CryptoError::StaleTimestamp));
         let now = now_unix().to_string();
         let sig = sorted_sha1(&[&s(v, "token"), &now, "n"]);
@@ -392,12 +342,7 @@ mod tests {
         for v in vectors()["safe_mode"].as_array().unwrap() {
             let c = crypto_for(v);
             let plain = c
-                .decrypt_message(
-                    &s(v, "msg_signature"),
-                    &s(v, "timestamp"),
-                    &s(v, "nonce"),
-                    &s(v, "encrypt"),
-                )
+                .decrypt_message(&s(v, "msg_signature"), &s(v, "timestamp"), &s(v, "nonce"), &s(v, "encrypt"))
                 .unwrap();
             assert_eq!(plain, s(v, "plaintext"));
         }
@@ -405,21 +350,11 @@ mod tests {
 
     #[test]
     fn safe_mode_encryption_with_a_fixed_prefix_matches_the_vector() {
-        for v in vectors()["safe_mode"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|v| v.get("random16").is_some())
-        {
+        for v in vectors()["safe_mode"].as_array().unwrap().iter().filter(|v| v.get("random16").is_some()) {
             let c = crypto_for(v);
             let random: [u8; 16] = s(v, "random16").as_bytes().try_into().unwrap();
             let out = c
-                .encrypt_with_prefix(
-                    &s(v, "plaintext"),
-                    &s(v, "timestamp"),
-                    &s(v, "nonce"),
-                    &random,
-                )
+                .encrypt_with_prefix(&s(v, "plaintext"), &s(v, "timestamp"), &s(v, "nonce"), &random)
                 .unwrap();
             assert_eq!(out.encrypt, s(v, "encrypt"));
             assert_eq!(out.msg_signature, s(v, "msg_signature"));
@@ -433,8 +368,7 @@ mod tests {
         let reply = "<xml><Content><![CDATA[欢迎 🎉]]></Content></xml>";
         let out = c.encrypt_reply(reply, "1409304348", "abc").unwrap();
         assert_eq!(
-            c.decrypt_message(&out.msg_signature, &out.timestamp, &out.nonce, &out.encrypt)
-                .unwrap(),
+            c.decrypt_message(&out.msg_signature, &out.timestamp, &out.nonce, &out.encrypt).unwrap(),
             reply
         );
     }
@@ -444,13 +378,7 @@ mod tests {
         let v = &vectors()["safe_mode"][0];
         let c = crypto_for(v);
         let sign = |enc: &str| sorted_sha1(&[&s(v, "token"), "1", "n", enc]);
-        for enc in [
-            "not base64!",
-            "",
-            "AAAA",
-            &BASE64.encode([0u8; 32]),
-            &BASE64.encode([7u8; 48]),
-        ] {
+        for enc in ["not base64!", "", "AAAA", &BASE64.encode([0u8; 32]), &BASE64.encode([7u8; 48])] {
             let err = c.decrypt_message(&sign(enc), "1", "n", enc).unwrap_err();
             assert!(matches!(err, CryptoError::Malformed(_)), "{enc}: {err:?}");
         }
@@ -462,9 +390,7 @@ mod tests {
         )
         .unwrap();
         let sealed = other.encrypt_reply("<xml/>", "1", "n").unwrap();
-        let err = c
-            .decrypt_message(&sealed.msg_signature, "1", "n", &sealed.encrypt)
-            .unwrap_err();
+        let err = c.decrypt_message(&sealed.msg_signature, "1", "n", &sealed.encrypt).unwrap_err();
         assert!(matches!(err, CryptoError::WrongAppid));
     }
 }

@@ -43,26 +43,13 @@ mod tests {
     #[test]
     fn strings_come_back_as_is_and_other_values_as_json() {
         let table: toml::Table =
-            toml::from_str("welcome = \"欢迎关注\"\nretries = 3\n[keywords]\nhelp = \"帮助\"\n")
-                .unwrap();
-        let serde_json::Value::Object(config) = serde_json::to_value(&table).unwrap() else {
-            unreachable!()
-        };
-        let plugin = PluginIdentity {
-            name: "p".into(),
-            version: "v".into(),
-            config,
-        };
+            toml::from_str("welcome = \"欢迎关注\"\nretries = 3\n[keywords]\nhelp = \"帮助\"\n").unwrap();
+        let serde_json::Value::Object(config) = serde_json::to_value(&table).unwrap() else { unreachable!() };
+        let plugin = PluginIdentity { name: "p".into(), version: "v".into(), config };
         let mut view = ConfigView { plugin: &plugin };
-        assert_eq!(
-            view.get("welcome".into()).unwrap().as_deref(),
-            Some("欢迎关注")
-        );
+        assert_eq!(view.get("welcome".into()).unwrap().as_deref(), Some("欢迎关注"));
         assert_eq!(view.get("retries".into()).unwrap().as_deref(), Some("3"));
-        assert_eq!(
-            view.get("keywords".into()).unwrap().as_deref(),
-            Some(r#"{"help":"帮助"}"#)
-        );
+        assert_eq!(view.get("keywords".into()).unwrap().as_deref(), Some(r#"{"help":"帮助"}"#));
         assert_eq!(view.get("missing".into()).unwrap(), None);
         let all: serde_json::Value = serde_json::from_str(&view.get_all_json().unwrap()).unwrap();
         assert_eq!(all["keywords"]["help"], "帮助");

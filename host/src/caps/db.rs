@@ -9,9 +9,7 @@ use sqlx::sqlite::{Sqlite, SqliteRow};
 use sqlx::{Column, Row, TypeInfo, ValueRef};
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
-use crate::bindings::wxhost::plugin::db::{
-    self as wit, Error, ExecResult, Rows, SqlDialect, Value,
-};
+use crate::bindings::wxhost::plugin::db::{self as wit, Error, ExecResult, Rows, SqlDialect, Value};
 use crate::database::{Database, Dialect, Pool};
 
 /// Most rows one query may return to a plugin; more is an error, not a truncation.
@@ -72,37 +70,24 @@ where
     Vec<u8>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     Option<i64>: sqlx::Encode<'q, DB>,
 {
-    params
-        .into_iter()
-        .fold(sqlx::query::<DB>(sql), |q, p| match p {
-            Value::Null => q.bind(Option::<i64>::None),
-            Value::Int(i) => q.bind(i),
-            Value::Float(f) => q.bind(f),
-            Value::Text(s) => q.bind(s),
-            Value::Blob(b) => q.bind(b),
-        })
+    params.into_iter().fold(sqlx::query::<DB>(sql), |q, p| match p {
+        Value::Null => q.bind(Option::<i64>::None),
+        Value::Int(i) => q.bind(i),
+        Value::Float(f) => q.bind(f),
+        Value::Text(s) => q.bind(s),
+        Value::Blob(b) => q.bind(b),
+    })
 }
 
-fn rows_of<R: Row>(
-    rows: Vec<R>,
-    value: fn(&R, usize) -> Result<Value, Error>,
-) -> Result<Rows, Error> {
+fn rows_of<R: Row>(rows: Vec<R>, value: fn(&R, usize) -> Result<Value, Error>) -> Result<Rows, Error> {
     if rows.len() > MAX_ROWS {
-        return Err(Error::Other(format!(
-            "query returned more than {MAX_ROWS} rows; add a LIMIT"
-        )));
+        return Err(Error::Other(format!("query returned more than {MAX_ROWS} rows; add a LIMIT")));
     }
-    let columns = rows
-        .first()
-        .map(|r| r.columns().iter().map(|c| c.name().to_string()).collect())
-        .unwrap_or_default();
+    let columns =
+        rows.first().map(|r| r.columns().iter().map(|c| c.name().to_string()).collect()).unwrap_or_default();
     let rows = rows
         .iter()
-        .map(|row| {
-            (0..row.len())
-                .map(|i| value(row, i))
-                .collect::<Result<Vec<_>, _>>()
-        })
+        .map(|row| (0..row.len()).map(|i| value(row, i)).collect::<Result<Vec<_>, _>>())
         .collect::<Result<_, _>>()?;
     Ok(Rows { columns, rows })
 }
@@ -115,9 +100,7 @@ fn sqlite_value(row: &SqliteRow, i: usize) -> Result<Value, Error> {
     }
     let kind = raw.type_info().name().to_string();
     Ok(match kind.as_str() {
-        "INTEGER" | "BOOLEAN" | "NUMERIC" => {
-            Value::Int(row.try_get_unchecked::<i64, _>(i).map_err(map_err)?)
-        }
+        "INTEGER" | "BOOLEAN" | "NUMERIC" => Value::Int(row.try_get_unchecked::<i64, _>(i).map_err(map_err)?),
         "REAL" => Value::Float(row.try_get_unchecked::<f64, _>(i).map_err(map_err)?),
         "BLOB" => Value::Blob(row.try_get_unchecked::<Vec<u8>, _>(i).map_err(map_err)?),
         _ => Value::Text(row.try_get_unchecked::<String, _>(i).map_err(map_err)?),
@@ -134,28 +117,20 @@ fn mysql_value(row: &MySqlRow, i: usize) -> Result<Value, Error> {
     let kind = raw.type_info().name().to_string();
     let unsigned = |i| -> Result<Value, Error> {
         let n = row.try_get_unchecked::<u64, _>(i).map_err(map_err)?;
-        i64::try_from(n).map(Value::Int).map_err(|_| {
-            Error::Other(format!(
-                "unsigned value {n} does not fit a signed 64-bit integer"
-            ))
-        })
+        i64::try_from(n)
+            .map(Value::Int)
+            .map_err(|_| Error::Other(format!("unsigned value {n} does not fit a signed 64-bit integer")))
     };
     Ok(match kind.as_str() {
-        "BOOLEAN" => Value::Int(i64::from(
-            row.try_get_unchecked::<bool, _>(i).map_err(map_err)?,
-        )),
+        "BOOLEAN" => Value::Int(i64::from(row.try_get_unchecked::<bool, _>(i).map_err(map_err)?)),
         "TINYINT" | "SMALLINT" | "MEDIUMINT" | "INT" | "BIGINT" => {
             Value::Int(row.try_get_unchecked::<i64, _>(i).map_err(map_err)?)
         }
         k if k.ends_with("UNSIGNED") => unsigned(i)?,
-        "FLOAT" => Value::Float(f64::from(
-            row.try_get_unchecked::<f32, _>(i).map_err(map_err)?,
-        )),
+        "FLOAT" => Value::Float(f64::from(row.try_get_unchecked::<f32, _>(i).map_err(map_err)?)),
         "DOUBLE" => Value::Float(row.try_get_unchecked::<f64, _>(i).map_err(map_err)?),
-        "CHAR" | "VARCHAR" | "TEXT" | "TINYTEXT" | "MEDIUMTEXT" | "LONGTEXT" | "ENUM" | "SET"
-        | "JSON" | "DECIMAL" => {
-            Value::Text(row.try_get_unchecked::<String, _>(i).map_err(map_err)?)
-        }
+        "CHAR" | "VARCHAR" | "TEXT" | "TINYTEXT" | "MEDIUMTEXT" | "LONGTEXT" | "ENUM" | "SET" | "JSON"
+        | "DECIMAL" => Value::Text(row.try_get_unchecked::<String, _>(i).map_err(map_err)?),
         "BINARY" | "VARBINARY" | "BLOB" | "TINYBLOB" | "MEDIUMBLOB" | "LONGBLOB" | "BIT" => {
             Value::Blob(row.try_get_unchecked::<Vec<u8>, _>(i).map_err(map_err)?)
         }
@@ -171,95 +146,54 @@ fn mysql_value(row: &MySqlRow, i: usize) -> Result<Value, Error> {
 
 async fn query(pool: &Pool, sql: &str, params: Vec<Value>) -> Result<Rows, Error> {
     match pool {
-        Pool::Sqlite(p) => rows_of(
-            bound::<Sqlite>(sql, params)
-                .fetch_all(p)
-                .await
-                .map_err(map_err)?,
-            sqlite_value,
-        ),
-        Pool::Mysql(p) => rows_of(
-            bound::<MySql>(sql, params)
-                .fetch_all(p)
-                .await
-                .map_err(map_err)?,
-            mysql_value,
-        ),
+        Pool::Sqlite(p) => {
+            rows_of(bound::<Sqlite>(sql, params).fetch_all(p).await.map_err(map_err)?, sqlite_value)
+        }
+        Pool::Mysql(p) => {
+            rows_of(bound::<MySql>(sql, params).fetch_all(p).await.map_err(map_err)?, mysql_value)
+        }
     }
 }
 
 async fn execute(pool: &Pool, sql: &str, params: Vec<Value>) -> Result<ExecResult, Error> {
     match pool {
         Pool::Sqlite(p) => {
-            let done = bound::<Sqlite>(sql, params)
-                .execute(p)
-                .await
-                .map_err(map_err)?;
+            let done = bound::<Sqlite>(sql, params).execute(p).await.map_err(map_err)?;
             Ok(exec_result(done.rows_affected(), done.last_insert_rowid()))
         }
         Pool::Mysql(p) => {
-            let done = bound::<MySql>(sql, params)
-                .execute(p)
-                .await
-                .map_err(map_err)?;
-            Ok(exec_result(
-                done.rows_affected(),
-                done.last_insert_id() as i64,
-            ))
+            let done = bound::<MySql>(sql, params).execute(p).await.map_err(map_err)?;
+            Ok(exec_result(done.rows_affected(), done.last_insert_id() as i64))
         }
     }
 }
 
 async fn tx_query(tx: &mut OpenTransaction, sql: &str, params: Vec<Value>) -> Result<Rows, Error> {
     match tx {
-        OpenTransaction::Sqlite(t) => rows_of(
-            bound::<Sqlite>(sql, params)
-                .fetch_all(&mut **t)
-                .await
-                .map_err(map_err)?,
-            sqlite_value,
-        ),
-        OpenTransaction::Mysql(t) => rows_of(
-            bound::<MySql>(sql, params)
-                .fetch_all(&mut **t)
-                .await
-                .map_err(map_err)?,
-            mysql_value,
-        ),
+        OpenTransaction::Sqlite(t) => {
+            rows_of(bound::<Sqlite>(sql, params).fetch_all(&mut **t).await.map_err(map_err)?, sqlite_value)
+        }
+        OpenTransaction::Mysql(t) => {
+            rows_of(bound::<MySql>(sql, params).fetch_all(&mut **t).await.map_err(map_err)?, mysql_value)
+        }
     }
 }
 
-async fn tx_execute(
-    tx: &mut OpenTransaction,
-    sql: &str,
-    params: Vec<Value>,
-) -> Result<ExecResult, Error> {
+async fn tx_execute(tx: &mut OpenTransaction, sql: &str, params: Vec<Value>) -> Result<ExecResult, Error> {
     match tx {
         OpenTransaction::Sqlite(t) => {
-            let done = bound::<Sqlite>(sql, params)
-                .execute(&mut **t)
-                .await
-                .map_err(map_err)?;
+            let done = bound::<Sqlite>(sql, params).execute(&mut **t).await.map_err(map_err)?;
             Ok(exec_result(done.rows_affected(), done.last_insert_rowid()))
         }
         OpenTransaction::Mysql(t) => {
-            let done = bound::<MySql>(sql, params)
-                .execute(&mut **t)
-                .await
-                .map_err(map_err)?;
-            Ok(exec_result(
-                done.rows_affected(),
-                done.last_insert_id() as i64,
-            ))
+            let done = bound::<MySql>(sql, params).execute(&mut **t).await.map_err(map_err)?;
+            Ok(exec_result(done.rows_affected(), done.last_insert_id() as i64))
         }
     }
 }
 
 fn exec_result(rows_affected: u64, last_insert_id: i64) -> ExecResult {
-    ExecResult {
-        rows_affected,
-        last_insert_id: (last_insert_id > 0).then_some(last_insert_id),
-    }
+    ExecResult { rows_affected, last_insert_id: (last_insert_id > 0).then_some(last_insert_id) }
 }
 
 /// Maps a database error to what the plugin may see and act on.
@@ -276,10 +210,9 @@ fn map_err(e: sqlx::Error) -> Error {
             }
             _ => Error::Other(d.message().to_string()),
         },
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_) => Error::Unavailable(crate::database::redact_db_error(&e)),
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
+            Error::Unavailable(crate::database::redact_db_error(&e))
+        }
         sqlx::Error::ColumnDecode { .. }
         | sqlx::Error::ColumnNotFound(_)
         | sqlx::Error::TypeNotFound { .. } => Error::InvalidQuery(e.to_string()),
@@ -290,10 +223,8 @@ fn map_err(e: sqlx::Error) -> Error {
 /// Syntax errors, unknown tables or columns: a bug in the plugin's SQL.
 fn is_query_error(code: Option<&str>, message: &str) -> bool {
     // MySQL: 1064 syntax, 1146 no such table, 1054 unknown column; SQLite reports code 1 (SQLITE_ERROR).
-    matches!(
-        code,
-        Some("1064" | "1146" | "1054" | "42000" | "42S02" | "42S22" | "1")
-    ) || message.contains("syntax error")
+    matches!(code, Some("1064" | "1146" | "1054" | "42000" | "42S02" | "42S22" | "1"))
+        || message.contains("syntax error")
         || message.contains("no such table")
         || message.contains("no such column")
 }
@@ -306,11 +237,7 @@ impl wit::Host for DbView<'_> {
         })
     }
 
-    async fn query(
-        &mut self,
-        sql: String,
-        params: Vec<Value>,
-    ) -> wasmtime::Result<Result<Rows, Error>> {
+    async fn query(&mut self, sql: String, params: Vec<Value>) -> wasmtime::Result<Result<Rows, Error>> {
         let pool = match self.pool() {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
@@ -379,10 +306,7 @@ impl wit::HostTransaction for DbView<'_> {
         })
     }
 
-    async fn rollback(
-        &mut self,
-        this: Resource<Transaction>,
-    ) -> wasmtime::Result<Result<(), Error>> {
+    async fn rollback(&mut self, this: Resource<Transaction>) -> wasmtime::Result<Result<(), Error>> {
         Ok(match self.table.get_mut(&this)?.tx.take() {
             Some(OpenTransaction::Sqlite(t)) => t.rollback().await.map_err(map_err),
             Some(OpenTransaction::Mysql(t)) => t.rollback().await.map_err(map_err),

@@ -6,11 +6,13 @@
 pub mod callback_crypto;
 pub mod config;
 pub mod db;
+pub mod internal_call;
 pub mod log;
 pub mod wasi;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Instant;
 
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter};
@@ -68,10 +70,7 @@ impl Capability {
 
     /// Whether this host version implements the capability's interface yet.
     pub fn implemented(self) -> bool {
-        matches!(
-            self,
-            Capability::Log | Capability::Config | Capability::Db | Capability::CallbackCrypto
-        )
+        !matches!(self, Capability::WechatApi | Capability::WechatPay | Capability::Session)
     }
 
     /// The capability a component import (`wxhost:plugin/db@0.1.0`) asks for.
@@ -96,9 +95,11 @@ pub const TYPES_INTERFACE: &str = "wxhost:plugin/types@0.1.0";
 
 /// Resources shared by every request of a process: the capabilities' owned contexts.
 /// A role that is not granted a capability never has its context consulted.
+#[derive(Default)]
 pub struct Services {
     pub db: Option<db::DbCtx>,
     pub callback_crypto: Option<callback_crypto::CallbackCrypto>,
+    pub internal_call: Option<internal_call::InternalClient>,
 }
 
 /// The store data of one request's instance.
@@ -108,6 +109,10 @@ pub struct PluginState {
     pub limiter: MemoryLimiter,
     pub plugin: Arc<PluginIdentity>,
     pub services: Arc<Services>,
+    /// The id the request is logged under, passed on to the app role.
+    pub request_id: String,
+    /// When the request's deadline passes; outbound calls are bounded by it.
+    pub deadline_at: Instant,
 }
 
 impl PluginState {
@@ -115,6 +120,8 @@ impl PluginState {
         plugin: Arc<PluginIdentity>,
         services: Arc<Services>,
         memory_limit_bytes: usize,
+        request_id: String,
+        deadline_at: Instant,
     ) -> Self {
         PluginState {
             wasi: wasi::plugin_ctx(&plugin),
@@ -122,16 +129,15 @@ impl PluginState {
             limiter: MemoryLimiter::new(memory_limit_bytes),
             plugin,
             services,
+            request_id,
+            deadline_at,
         }
     }
 }
 
 impl WasiView for PluginState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
@@ -144,10 +150,7 @@ pub struct MemoryLimiter {
 
 impl MemoryLimiter {
     pub fn new(max_bytes: usize) -> Self {
-        MemoryLimiter {
-            max_bytes,
-            exceeded: false,
-        }
+        MemoryLimiter { max_bytes, exceeded: false }
     }
 }
 
@@ -181,10 +184,7 @@ impl ResourceLimiter for MemoryLimiter {
 }
 
 /// A linker holding WASI (restricted) and exactly the given capabilities.
-pub fn linker(
-    engine: &Engine,
-    capabilities: &BTreeSet<Capability>,
-) -> wasmtime::Result<Linker<PluginState>> {
+pub fn linker(engine: &Engine, capabilities: &BTreeSet<Capability>) -> wasmtime::Result<Linker<PluginState>> {
     let mut linker = Linker::new(engine);
     wasi::add_to_linker(&mut linker)?;
     // The shared request/response types: no functions, nothing to grant.
@@ -194,14 +194,10 @@ pub fn linker(
             Capability::Log => log::add_to_linker(&mut linker, log_view)?,
             Capability::Config => config::add_to_linker(&mut linker, config_view)?,
             Capability::Db => db::add_to_linker(&mut linker, db_view)?,
-            Capability::CallbackCrypto => {
-                callback_crypto::add_to_linker(&mut linker, callback_crypto_view)?
-            }
+            Capability::CallbackCrypto => callback_crypto::add_to_linker(&mut linker, callback_crypto_view)?,
+            Capability::InternalCall => internal_call::add_to_linker(&mut linker, internal_call_view)?,
             // Config validation refuses unimplemented capabilities before any linking.
-            Capability::InternalCall
-            | Capability::WechatApi
-            | Capability::WechatPay
-            | Capability::Session => {
+            Capability::WechatApi | Capability::WechatPay | Capability::Session => {
                 wasmtime::bail!("capability `{cap}` is not implemented by this host version")
             }
         }
@@ -218,14 +214,17 @@ fn config_view(s: &mut PluginState) -> config::ConfigView<'_> {
 }
 
 fn db_view(s: &mut PluginState) -> db::DbView<'_> {
-    db::DbView {
-        ctx: s.services.db.as_ref(),
-        table: &mut s.table,
-    }
+    db::DbView { ctx: s.services.db.as_ref(), table: &mut s.table }
 }
 
 fn callback_crypto_view(s: &mut PluginState) -> callback_crypto::CallbackCryptoView<'_> {
-    callback_crypto::CallbackCryptoView {
-        ctx: s.services.callback_crypto.as_ref(),
+    callback_crypto::CallbackCryptoView { ctx: s.services.callback_crypto.as_ref() }
+}
+
+fn internal_call_view(s: &mut PluginState) -> internal_call::InternalCallView<'_> {
+    internal_call::InternalCallView {
+        ctx: s.services.internal_call.as_ref(),
+        request_id: &s.request_id,
+        deadline_at: s.deadline_at,
     }
 }

@@ -84,14 +84,8 @@ pub fn add_to_linker<T: WasiView + 'static>(l: &mut Linker<T>) -> wasmtime::Resu
 /// and the plugin's output streams, which go to the log tagged with the plugin.
 pub fn plugin_ctx(plugin: &Arc<PluginIdentity>) -> WasiCtx {
     WasiCtxBuilder::new()
-        .stdout(PluginOutput {
-            plugin: plugin.clone(),
-            stream: "stdout",
-        })
-        .stderr(PluginOutput {
-            plugin: plugin.clone(),
-            stream: "stderr",
-        })
+        .stdout(PluginOutput { plugin: plugin.clone(), stream: "stdout" })
+        .stderr(PluginOutput { plugin: plugin.clone(), stream: "stderr" })
         .build()
 }
 
@@ -109,11 +103,7 @@ impl IsTerminal for PluginOutput {
 
 impl StdoutStream for PluginOutput {
     fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
-        Box::new(LineLogger {
-            plugin: self.plugin.clone(),
-            stream: self.stream,
-            pending: Vec::new(),
-        })
+        Box::new(LineLogger { plugin: self.plugin.clone(), stream: self.stream, pending: Vec::new() })
     }
 }
 

@@ -17,11 +17,7 @@ pub const TOKEN: &str = "test";
 /// A compiled plugin from plugins/dist (built by the host's build script).
 pub fn dist(file: &str) -> PathBuf {
     let path = Path::new(env!("WXHOST_PLUGIN_DIST")).join(file);
-    assert!(
-        path.is_file(),
-        "{} is missing: the build script builds it",
-        path.display()
-    );
+    assert!(path.is_file(), "{} is missing: the build script builds it", path.display());
     path
 }
 
@@ -29,9 +25,7 @@ pub fn init_logging() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,wxhost=info".into()),
-            )
+            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,wxhost=info".into()))
             .with_test_writer()
             .try_init();
     });
@@ -104,11 +98,7 @@ pub fn settings(database_url: Option<&str>) -> Settings {
         database_url: database_url.map(|u| u.to_string().into()),
         wechat_token: Some(TOKEN.to_string().into()),
         wechat_appid: Some("wxb11529c136998cb6".into()),
-        wechat_aes_key: Some(
-            "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
-                .to_string()
-                .into(),
-        ),
+        wechat_aes_key: Some("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG".to_string().into()),
         ..Settings::default()
     }
 }
@@ -140,10 +130,7 @@ pub fn admin_url(server: &RunningServer, path: &str) -> String {
 }
 
 pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 /// A signed server-verification query, as WeChat sends it.
@@ -151,9 +138,7 @@ pub fn verify_query(echostr: &str) -> String {
     let ts = unix_now().to_string();
     let nonce = "1234567";
     let signature = wxhost::caps::callback_crypto::sorted_sha1(&[TOKEN, &ts, nonce]);
-    format!(
-        "/api/v1/auth/wechat/verify?signature={signature}&timestamp={ts}&nonce={nonce}&echostr={echostr}"
-    )
+    format!("/api/v1/auth/wechat/verify?signature={signature}&timestamp={ts}&nonce={nonce}&echostr={echostr}")
 }
 
 /// A database for one test, dropped afterwards (MariaDB) or deleted with its folder (SQLite).
@@ -169,10 +154,7 @@ impl Drop for TestDatabase {
         if let Some((server, db)) = self.mysql_drop.take() {
             // Best effort on a fresh runtime: the test's runtime may be gone.
             let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                 rt.block_on(async {
                     use sqlx::Connection;
                     if let Ok(mut c) = sqlx::MySqlConnection::connect(&server).await {
@@ -191,16 +173,8 @@ impl Drop for TestDatabase {
 
 pub async fn sqlite_database() -> TestDatabase {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!(
-        "sqlite://{}?mode=rwc",
-        dir.path().join("wxhost.db").display()
-    );
-    TestDatabase {
-        url,
-        name: "sqlite",
-        _dir: Some(dir),
-        mysql_drop: None,
-    }
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("wxhost.db").display());
+    TestDatabase { url, name: "sqlite", _dir: Some(dir), mysql_drop: None }
 }
 
 /// The MariaDB server the tests use: WXHOST_TEST_MYSQL_URL, default the machine's
@@ -221,8 +195,7 @@ pub async fn mysql_database() -> TestDatabase {
     let name = format!("wxhost_test_{:016x}", rand::random::<u64>());
     sqlx::Executor::execute(
         &mut conn,
-        format!("CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
-            .as_str(),
+        format!("CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci").as_str(),
     )
     .await
     .expect("creating a test database");

@@ -20,9 +20,7 @@ impl Guest for Verify {
             _ => error(405, "method_not_allowed", "use GET for server verification"),
         };
         if cfg!(feature = "marked-build") {
-            response
-                .headers
-                .push(("x-verify-build".into(), "marked".into()));
+            response.headers.push(("x-verify-build".into(), "marked".into()));
         }
         response
     }
@@ -33,17 +31,10 @@ export!(Verify);
 /// WeChat's server verification: `signature`, `timestamp`, `nonce`, `echostr`.
 fn server_verification(req: &Request) -> Response {
     let query = Query::parse(&req.query);
-    let (Some(signature), Some(timestamp), Some(nonce), Some(echostr)) = (
-        query.get("signature"),
-        query.get("timestamp"),
-        query.get("nonce"),
-        query.get("echostr"),
-    ) else {
-        return error(
-            400,
-            "missing_parameter",
-            "signature, timestamp, nonce and echostr are required",
-        );
+    let (Some(signature), Some(timestamp), Some(nonce), Some(echostr)) =
+        (query.get("signature"), query.get("timestamp"), query.get("nonce"), query.get("echostr"))
+    else {
+        return error(400, "missing_parameter", "signature, timestamp, nonce and echostr are required");
     };
     match callback_crypto::verify_server_signature(signature, timestamp, nonce) {
         Ok(()) => Response {
@@ -58,22 +49,13 @@ fn server_verification(req: &Request) -> Response {
 fn crypto_error(e: CryptoError) -> Response {
     match e {
         CryptoError::BadSignature => error(401, "bad_signature", "signature does not verify"),
-        CryptoError::StaleTimestamp => error(
-            401,
-            "stale_timestamp",
-            "timestamp is outside the accepted window",
-        ),
+        CryptoError::StaleTimestamp => {
+            error(401, "stale_timestamp", "timestamp is outside the accepted window")
+        }
         CryptoError::Malformed(what) => error(400, "malformed", &what),
         CryptoError::NotConfigured(what) => {
-            log::log(
-                Level::Error,
-                &format!("callback crypto not configured: {what}"),
-            );
-            error(
-                503,
-                "not_configured",
-                "server verification is not configured",
-            )
+            log::log(Level::Error, &format!("callback crypto not configured: {what}"));
+            error(503, "not_configured", "server verification is not configured")
         }
         other => {
             log::log(Level::Warn, &format!("unexpected crypto error: {other:?}"));
@@ -96,18 +78,10 @@ struct Query(Vec<(String, String)>);
 
 impl Query {
     fn parse(raw: &str) -> Self {
-        Query(
-            form_urlencoded::parse(raw.as_bytes())
-                .into_owned()
-                .collect(),
-        )
+        Query(form_urlencoded::parse(raw.as_bytes()).into_owned().collect())
     }
 
     fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-            .filter(|v| !v.is_empty())
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
     }
 }

@@ -1,0 +1,122 @@
+//! `wxhost:plugin/internal-call`: web role → app role calls, signed by the
+//! host with INTERNAL_SECRET (which the plugin never sees), carrying the
+//! request id so one WeChat push can be followed across both roles.
+
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{HasData, Linker};
+
+use crate::bindings::wxhost::plugin::internal_call::{self as wit, CallError, InternalResponse};
+use crate::internal_auth::{INTERNAL_PREFIX, InternalAuth, SIGNATURE_HEADER, TIMESTAMP_HEADER, unix_now};
+
+/// Largest answer taken from the app role.
+const MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+/// Time kept back from the plugin's deadline so it can still answer WeChat.
+const ANSWER_MARGIN: Duration = Duration::from_millis(200);
+
+/// The owned context: the app role's base URL, the signer and an HTTP client.
+pub struct InternalClient {
+    base: String,
+    auth: InternalAuth,
+    http: reqwest::Client,
+}
+
+impl InternalClient {
+    pub fn new(app_internal_url: &str, auth: InternalAuth) -> anyhow::Result<Self> {
+        let base = app_internal_url.trim_end_matches('/').to_string();
+        anyhow::ensure!(
+            base.starts_with("http://") || base.starts_with("https://"),
+            "APP_INTERNAL_URL must be an http:// or https:// URL"
+        );
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(InternalClient { base, auth, http })
+    }
+
+    /// Sends one signed call, bounded by `timeout`.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+        request_id: &str,
+        timeout: Duration,
+    ) -> Result<InternalResponse, CallError> {
+        if !path.starts_with(INTERNAL_PREFIX) || path.contains("..") || path.contains("//") {
+            return Err(CallError::NotAllowed(format!("{path} is not under {INTERNAL_PREFIX}")));
+        }
+        let method = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|_| CallError::NotAllowed(format!("`{method}` is not an HTTP method")))?;
+        let timestamp = unix_now().to_string();
+        let signature = self.auth.sign(method.as_str(), path, &timestamp, &body);
+        let request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .header("x-request-id", request_id)
+            .header(TIMESTAMP_HEADER, timestamp)
+            .header(SIGNATURE_HEADER, signature)
+            .body(body)
+            .timeout(timeout);
+        let response = request.send().await.map_err(classify)?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(classify)?;
+        if body.len() > MAX_RESPONSE_BYTES {
+            return Err(CallError::Unavailable("the app role's answer is too large".into()));
+        }
+        Ok(InternalResponse { status, body: body.to_vec() })
+    }
+}
+
+fn classify(e: reqwest::Error) -> CallError {
+    if e.is_timeout() {
+        CallError::Timeout
+    } else if e.is_connect() {
+        CallError::Unavailable("the app role refused the connection".into())
+    } else {
+        CallError::Unavailable("the app role did not answer".into())
+    }
+}
+
+pub struct InternalCallView<'a> {
+    pub ctx: Option<&'a InternalClient>,
+    pub request_id: &'a str,
+    pub deadline_at: Instant,
+}
+
+struct HasInternalCall;
+
+impl HasData for HasInternalCall {
+    type Data<'a> = InternalCallView<'a>;
+}
+
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    get: fn(&mut T) -> InternalCallView<'_>,
+) -> wasmtime::Result<()> {
+    wit::add_to_linker::<T, HasInternalCall>(linker, get)
+}
+
+impl wit::Host for InternalCallView<'_> {
+    async fn call(
+        &mut self,
+        method: String,
+        path: String,
+        body: Vec<u8>,
+    ) -> wasmtime::Result<Result<InternalResponse, CallError>> {
+        let Some(client) = self.ctx else {
+            return Ok(Err(CallError::NotConfigured(
+                "APP_INTERNAL_URL and INTERNAL_SECRET are not set".into(),
+            )));
+        };
+        let left = self.deadline_at.saturating_duration_since(Instant::now()).saturating_sub(ANSWER_MARGIN);
+        if left.is_zero() {
+            return Ok(Err(CallError::Timeout));
+        }
+        let request_id = self.request_id.to_string();
+        Ok(client.call(&method, &path, body, &request_id, left).await)
+    }
+}
