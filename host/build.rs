@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 /// (package, extra cargo features, file name in plugins/dist).
 const PLUGINS: &[(&str, &str, &str)] = &[
     ("verify", "", "verify.wasm"),
+    ("internal", "", "internal.wasm"),
     ("sandbox-probe", "", "fixtures/sandbox-probe.wasm"),
     ("db-probe", "", "fixtures/db-probe.wasm"),
     // A build of `verify` whose answers carry a marker header: the hot-swap tests

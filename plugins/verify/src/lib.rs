@@ -1,13 +1,23 @@
-//! Web role plugin answering WeChat's calls to the server URL.
+//! Web role plugin answering WeChat's calls to the server URL
+//! (`/api/v1/auth/wechat/verify`):
 //!
-//! `GET /api/v1/auth/wechat/verify` is WeChat's server verification: the
-//! signature is checked by the host (which holds WECHAT_TOKEN) and `echostr`
-//! is echoed back as the raw body.
+//! - `GET`: server verification. The host (which holds WECHAT_TOKEN) checks
+//!   the signature; `echostr` is echoed back as the raw body.
+//! - `POST`: message and event push, in plaintext, compatible or safe (AES)
+//!   mode. Events that change state go to the app role's internal API through
+//!   the host; only once the app role has taken them is the push
+//!   acknowledged, so WeChat retries whatever was not. Passive replies (a
+//!   welcome on subscribe, keyword replies) come from this plugin's config.
+
+mod xml;
 
 wit_bindgen::generate!({ world: "web-plugin", path: "../../wit" });
 
 use exports::wxhost::plugin::handler::Guest;
+use serde_json::json;
 use wxhost::plugin::callback_crypto::{self, CryptoError};
+use wxhost::plugin::config;
+use wxhost::plugin::internal_call::{self, CallError};
 use wxhost::plugin::log::{self, Level};
 use wxhost::plugin::types::{Request, Response};
 
@@ -17,7 +27,8 @@ impl Guest for Verify {
     fn handle(req: Request) -> Response {
         let mut response = match req.method.as_str() {
             "GET" => server_verification(&req),
-            _ => error(405, "method_not_allowed", "use GET for server verification"),
+            "POST" => push(&req).unwrap_or_else(|r| r),
+            _ => error(405, "method_not_allowed", "use GET or POST"),
         };
         if cfg!(feature = "marked-build") {
             response.headers.push(("x-verify-build".into(), "marked".into()));
@@ -46,16 +57,193 @@ fn server_verification(req: &Request) -> Response {
     }
 }
 
+/// Early answers (errors, or a reply) travel as `Err` through `?`.
+type Step<T> = Result<T, Response>;
+
+fn push(req: &Request) -> Step<Response> {
+    let query = Query::parse(&req.query);
+    let (Some(timestamp), Some(nonce)) = (query.get("timestamp"), query.get("nonce")) else {
+        return Err(error(400, "missing_parameter", "timestamp and nonce are required"));
+    };
+    let body = std::str::from_utf8(&req.body).map_err(|_| error(400, "malformed", "the body is not UTF-8"))?;
+    let safe_mode = query.get("encrypt_type") == Some("aes");
+    let plaintext = if safe_mode {
+        let msg_signature =
+            query.get("msg_signature").ok_or_else(|| error(400, "missing_parameter", "msg_signature is required"))?;
+        let envelope = xml::parse(body).map_err(|e| error(400, "malformed_xml", &e))?;
+        let encrypt =
+            envelope.get("Encrypt").ok_or_else(|| error(400, "malformed_xml", "safe mode needs an Encrypt field"))?;
+        callback_crypto::decrypt_message(msg_signature, timestamp, nonce, encrypt).map_err(crypto_error)?
+    } else {
+        let signature =
+            query.get("signature").ok_or_else(|| error(400, "missing_parameter", "signature is required"))?;
+        callback_crypto::verify_server_signature(signature, timestamp, nonce).map_err(crypto_error)?;
+        body.to_string()
+    };
+    let fields = xml::parse(&plaintext).map_err(|e| error(400, "malformed_xml", &e))?;
+    let message = Message::from_fields(&fields)?;
+    let reply = handle_message(&message, &fields, &req.request_id)?;
+    let Some(text) = reply else { return Ok(plain(200, "success")) };
+    let reply_xml = xml::build(&[
+        ("ToUserName", xml::Value::Text(&message.from)),
+        ("FromUserName", xml::Value::Text(&message.to)),
+        ("CreateTime", xml::Value::Number(now())),
+        ("MsgType", xml::Value::Text("text")),
+        ("Content", xml::Value::Text(&text)),
+    ]);
+    if !safe_mode {
+        return Ok(xml_response(reply_xml));
+    }
+    let sealed = callback_crypto::encrypt_reply(&reply_xml, timestamp, nonce).map_err(crypto_error)?;
+    let timestamp: i64 = sealed.timestamp.parse().unwrap_or_else(|_| now());
+    Ok(xml_response(xml::build(&[
+        ("Encrypt", xml::Value::Text(&sealed.encrypt)),
+        ("MsgSignature", xml::Value::Text(&sealed.msg_signature)),
+        ("TimeStamp", xml::Value::Number(timestamp)),
+        ("Nonce", xml::Value::Text(&sealed.nonce)),
+    ])))
+}
+
+/// The fields every push carries.
+struct Message {
+    to: String,
+    from: String,
+    create_time: i64,
+    msg_type: String,
+}
+
+impl Message {
+    fn from_fields(f: &xml::Fields) -> Step<Message> {
+        let need = |name: &str| {
+            f.get(name).filter(|v| !v.is_empty()).ok_or_else(|| error(400, "malformed_xml", &format!("{name} is missing")))
+        };
+        let create_time =
+            need("CreateTime")?.parse().map_err(|_| error(400, "malformed_xml", "CreateTime is not a number"))?;
+        Ok(Message {
+            to: need("ToUserName")?.to_string(),
+            from: need("FromUserName")?.to_string(),
+            create_time,
+            msg_type: need("MsgType")?.to_string(),
+        })
+    }
+
+    /// WeChat retries a push 3 times; events are told apart by sender and time.
+    fn event_id(&self) -> String {
+        format!("{}:{}", self.from, self.create_time)
+    }
+}
+
+/// Applies the push; returns the passive reply text, if any.
+fn handle_message(m: &Message, f: &xml::Fields, request_id: &str) -> Step<Option<String>> {
+    if m.msg_type != "event" {
+        return Ok(match m.msg_type.as_str() {
+            "text" => f.get("Content").and_then(|c| keyword_reply(c.trim())).or_else(|| config::get("default_reply")),
+            // image, voice, video, shortvideo, location, link, file: accepted, nothing to change.
+            _ => None,
+        });
+    }
+    let event = f.get("Event").unwrap_or_default();
+    let event_key = f.get("EventKey").unwrap_or_default();
+    match event {
+        "subscribe" => {
+            update_user(m, true, request_id)?;
+            if let Some(scene) = event_key.strip_prefix("qrscene_") {
+                bind_scene(m, scene, request_id)?;
+            }
+            Ok(config::get("welcome"))
+        }
+        "SCAN" => {
+            update_user(m, true, request_id)?;
+            bind_scene(m, event_key, request_id)?;
+            Ok(config::get("scan_reply"))
+        }
+        "unsubscribe" => {
+            update_user(m, false, request_id)?;
+            Ok(None)
+        }
+        "CLICK" => Ok(lookup("click_replies", event_key)),
+        // VIEW, LOCATION, TEMPLATESENDJOBFINISH, …: accepted, nothing to change.
+        _ => Ok(None),
+    }
+}
+
+fn update_user(m: &Message, subscribed: bool, request_id: &str) -> Step<()> {
+    let kind = if subscribed { "subscribe" } else { "unsubscribe" };
+    let body = json!({ "openid": m.from, "subscribed": subscribed, "event_id": format!("{kind}:{}", m.event_id()) });
+    let answer = internal("POST", "/api/v1/internal/user/create-or-update", &body, request_id)?;
+    if !(200..300).contains(&answer.status) {
+        log::log(Level::Error, &format!("the app role refused a user update ({}): {}", answer.status, lossy(&answer.body)));
+        return Err(error(502, "rejected_by_app", "the app role refused the event"));
+    }
+    Ok(())
+}
+
+/// Binds a QR scene to the user. A scene the app role does not know, or that
+/// has expired, binds nothing; the push is still acknowledged (a retry would
+/// not change that).
+fn bind_scene(m: &Message, scene: &str, request_id: &str) -> Step<()> {
+    if scene.is_empty() {
+        return Ok(());
+    }
+    let body = json!({ "scene": scene, "openid": m.from, "event_id": format!("bind:{}", m.event_id()) });
+    let answer = internal("PUT", "/api/v1/internal/binding/update", &body, request_id)?;
+    match answer.status {
+        200..=299 => Ok(()),
+        404 | 409 | 410 => {
+            log::log(Level::Warn, &format!("scene {scene:?} not bound ({}): {}", answer.status, lossy(&answer.body)));
+            Ok(())
+        }
+        status => {
+            log::log(Level::Error, &format!("the app role refused a binding ({status}): {}", lossy(&answer.body)));
+            Err(error(502, "rejected_by_app", "the app role refused the event"))
+        }
+    }
+}
+
+/// One internal call; anything but an answer means WeChat must retry.
+fn internal(
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+    request_id: &str,
+) -> Step<internal_call::InternalResponse> {
+    let answer = internal_call::call(method, path, body.to_string().as_bytes());
+    match answer {
+        Ok(a) if a.status >= 500 => {
+            log::log(Level::Error, &format!("{path}: the app role failed ({}), request {request_id}", a.status));
+            Err(error(503, "app_unavailable", "the event could not be stored; retry later"))
+        }
+        Ok(a) => Ok(a),
+        Err(e) => {
+            let why = match e {
+                CallError::Timeout => "timed out".to_string(),
+                CallError::Unavailable(m) | CallError::NotAllowed(m) | CallError::NotConfigured(m) => m,
+            };
+            log::log(Level::Error, &format!("{path}: {why}, request {request_id}"));
+            Err(error(503, "app_unavailable", "the event could not be stored; retry later"))
+        }
+    }
+}
+
+fn keyword_reply(content: &str) -> Option<String> {
+    lookup("keywords", content)
+}
+
+/// A reply from a table of the plugin's config (`[plugins.config.keywords]`, …).
+fn lookup(table: &str, key: &str) -> Option<String> {
+    let table: serde_json::Value = serde_json::from_str(&config::get(table)?).ok()?;
+    table.get(key)?.as_str().map(str::to_string)
+}
+
 fn crypto_error(e: CryptoError) -> Response {
     match e {
         CryptoError::BadSignature => error(401, "bad_signature", "signature does not verify"),
-        CryptoError::StaleTimestamp => {
-            error(401, "stale_timestamp", "timestamp is outside the accepted window")
-        }
+        CryptoError::StaleTimestamp => error(401, "stale_timestamp", "timestamp is outside the accepted window"),
+        CryptoError::WrongAppid => error(401, "wrong_appid", "the message is not for this official account"),
         CryptoError::Malformed(what) => error(400, "malformed", &what),
         CryptoError::NotConfigured(what) => {
             log::log(Level::Error, &format!("callback crypto not configured: {what}"));
-            error(503, "not_configured", "server verification is not configured")
+            error(503, "not_configured", "the WeChat callback is not configured")
         }
         other => {
             log::log(Level::Warn, &format!("unexpected crypto error: {other:?}"));
@@ -65,12 +253,36 @@ fn crypto_error(e: CryptoError) -> Response {
 }
 
 fn error(status: u16, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    let body = json!({ "error": { "code": code, "message": message } });
     Response {
         status,
         headers: vec![("content-type".into(), "application/json".into())],
         body: body.to_string().into_bytes(),
     }
+}
+
+fn plain(status: u16, text: &str) -> Response {
+    Response {
+        status,
+        headers: vec![("content-type".into(), "text/plain; charset=utf-8".into())],
+        body: text.as_bytes().to_vec(),
+    }
+}
+
+fn xml_response(xml: String) -> Response {
+    Response {
+        status: 200,
+        headers: vec![("content-type".into(), "application/xml; charset=utf-8".into())],
+        body: xml.into_bytes(),
+    }
+}
+
+fn lossy(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned()
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// Decoded query parameters; the first occurrence of a name wins.
