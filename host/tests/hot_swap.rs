@@ -12,14 +12,10 @@ use common::*;
 use wxhost::config::Role;
 
 fn verify_config() -> TestConfig {
-    let toml = base_toml(2000, r#""log", "config", "callback-crypto""#, r#""log""#)
+    let toml = base_toml(2000, WEB_GRANTS, r#""log""#)
         + r#"
-[[plugins]]
-name = "verify"
-role = "web"
-wasm = "verify.wasm"
-routes = ["GET /api/v1/auth/wechat/verify"]
-capabilities = ["log", "callback-crypto"]
+"# + VERIFY_PLUGIN
+        + r#"
 "#;
     TestConfig::new(&toml, &[("verify.wasm", "verify.wasm")])
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn probe_config() -> TestConfig {
-    let toml = base_toml(2000, r#""log", "config", "callback-crypto""#, r#""log""#)
+    let toml = base_toml(2000, WEB_GRANTS, r#""log""#)
         + r#"
 [[plugins]]
 name = "sandbox-probe"
@@ -87,14 +87,10 @@ async fn sigterm_lets_a_request_in_flight_finish_then_exits_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_a_replaced_plugin() {
-    let toml = base_toml(2000, r#""log", "config", "callback-crypto""#, r#""log""#)
+    let toml = base_toml(2000, WEB_GRANTS, r#""log""#)
         + r#"
-[[plugins]]
-name = "verify"
-role = "web"
-wasm = "verify.wasm"
-routes = ["GET /api/v1/auth/wechat/verify"]
-capabilities = ["log", "callback-crypto"]
+"# + VERIFY_PLUGIN
+        + r#"
 "#;
     let config = TestConfig::new(&toml, &[("verify.wasm", "verify.wasm")]);
     let (mut child, web, admin) = serve(&config, &["--no-watch"]);

@@ -8,7 +8,7 @@ use std::process::Command;
 use common::*;
 
 fn db_probe_in(role: &str, capabilities: &str) -> TestConfig {
-    let toml = base_toml(2000, r#""log", "config", "callback-crypto""#, r#""log", "config", "db""#)
+    let toml = base_toml(2000, WEB_GRANTS, r#""log", "config", "db""#)
         + &format!(
             r#"
 [[plugins]]

@@ -54,14 +54,10 @@ async fn web_host(config: &TestConfig) -> Arc<Host> {
 }
 
 fn config() -> TestConfig {
-    let toml = base_toml(1000, r#""log", "config", "callback-crypto""#, r#""log""#)
+    let toml = base_toml(1000, WEB_GRANTS, r#""log""#)
         + r#"
-[[plugins]]
-name = "verify"
-role = "web"
-wasm = "verify.wasm"
-routes = ["GET /api/v1/auth/wechat/verify"]
-capabilities = ["log", "callback-crypto"]
+"# + VERIFY_PLUGIN
+        + r#"
 
 [[plugins]]
 name = "sandbox-probe"
@@ -143,8 +139,14 @@ async fn the_admin_api_lists_plugins_with_versions_routes_and_capabilities() {
     let verify = body["plugins"].as_array().unwrap().iter().find(|p| p["name"] == "verify").unwrap();
     assert_eq!(verify["role"], "web");
     assert_eq!(verify["version"].as_str().unwrap().len(), 16);
-    assert_eq!(verify["routes"], serde_json::json!(["GET /api/v1/auth/wechat/verify"]));
-    assert_eq!(verify["capabilities"], serde_json::json!(["log", "callback-crypto"]));
+    assert_eq!(
+        verify["routes"],
+        serde_json::json!(["GET /api/v1/auth/wechat/verify", "POST /api/v1/auth/wechat/verify"])
+    );
+    assert_eq!(
+        verify["capabilities"],
+        serde_json::json!(["log", "config", "callback-crypto", "internal-call"])
+    );
     assert!(verify["loaded_at_unix"].as_u64().unwrap() > 1_700_000_000);
     assert_eq!(body["last_reload"]["ok"], true);
 

@@ -13,7 +13,7 @@ use wxhost::config::Role;
 const DEADLINE_MS: u64 = 500;
 
 fn probe_config() -> TestConfig {
-    let toml = base_toml(DEADLINE_MS, r#""log", "config", "callback-crypto""#, r#""log""#)
+    let toml = base_toml(DEADLINE_MS, WEB_GRANTS, r#""log""#)
         + r#"
 [[plugins]]
 name = "sandbox-probe"
@@ -22,12 +22,8 @@ wasm = "sandbox-probe.wasm"
 routes = ["GET /probe/ok", "GET /probe/loop", "GET /probe/trap", "GET /probe/oom", "GET /probe/print"]
 capabilities = ["log"]
 
-[[plugins]]
-name = "verify"
-role = "web"
-wasm = "verify.wasm"
-routes = ["GET /api/v1/auth/wechat/verify"]
-capabilities = ["log", "callback-crypto"]
+"# + VERIFY_PLUGIN
+        + r#"
 "#;
     TestConfig::new(
         &toml,

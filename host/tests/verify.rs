@@ -7,14 +7,10 @@ use common::*;
 use wxhost::config::Role;
 
 fn verify_config() -> TestConfig {
-    let toml = base_toml(2000, r#""log", "config", "callback-crypto""#, r#""log""#)
+    let toml = base_toml(2000, WEB_GRANTS, r#""log""#)
         + r#"
-[[plugins]]
-name = "verify"
-role = "web"
-wasm = "verify.wasm"
-routes = ["GET /api/v1/auth/wechat/verify"]
-capabilities = ["log", "callback-crypto"]
+"# + VERIFY_PLUGIN
+        + r#"
 "#;
     TestConfig::new(&toml, &[("verify.wasm", "verify.wasm")])
 }
@@ -77,13 +73,9 @@ async fn server_verification_echoes_echostr_only_for_a_valid_signature() {
     assert_eq!(r.status(), 401);
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"]["code"], "stale_timestamp");
 
-    // POST is not routed yet in this config: a JSON 405, never a panic.
-    let r = client
-        .post(url(&server, Role::Web, "/api/v1/auth/wechat/verify"))
-        .body("<xml>")
-        .send()
-        .await
-        .unwrap();
+    // Other methods: a JSON 405, never a panic.
+    let r =
+        client.put(url(&server, Role::Web, "/api/v1/auth/wechat/verify")).body("<xml>").send().await.unwrap();
     assert_eq!(r.status(), 405);
     server.shutdown();
     server.wait().await;

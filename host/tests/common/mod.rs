@@ -64,6 +64,19 @@ impl TestConfig {
     }
 }
 
+/// What the web role grants in test configurations.
+pub const WEB_GRANTS: &str = r#""log", "config", "callback-crypto", "internal-call""#;
+
+/// The `verify` plugin as plugins.toml declares it (wasm copied as verify.wasm).
+pub const VERIFY_PLUGIN: &str = r#"
+[[plugins]]
+name = "verify"
+role = "web"
+wasm = "verify.wasm"
+routes = ["GET /api/v1/auth/wechat/verify", "POST /api/v1/auth/wechat/verify"]
+capabilities = ["log", "config", "callback-crypto", "internal-call"]
+"#;
+
 /// Sections every test configuration starts with: loopback, ephemeral ports.
 pub fn base_toml(web_deadline_ms: u64, grants_web: &str, grants_app: &str) -> String {
     format!(
@@ -93,14 +106,32 @@ memory_limit_mib = 32
     )
 }
 
+/// The AppID and EncodingAESKey tests use (those of the safe-mode SDK vectors).
+pub const APPID: &str = "wxb11529c136998cb6";
+pub const AES_KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
+pub const INTERNAL_SECRET: &str = "test-internal-secret";
+
 pub fn settings(database_url: Option<&str>) -> Settings {
     Settings {
         database_url: database_url.map(|u| u.to_string().into()),
         wechat_token: Some(TOKEN.to_string().into()),
-        wechat_appid: Some("wxb11529c136998cb6".into()),
-        wechat_aes_key: Some("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG".to_string().into()),
+        wechat_appid: Some(APPID.into()),
+        wechat_aes_key: Some(AES_KEY.to_string().into()),
+        internal_secret: Some(INTERNAL_SECRET.to_string().into()),
         ..Settings::default()
     }
+}
+
+pub async fn start_with(
+    config: &TestConfig,
+    roles: &[Role],
+    settings: Settings,
+    watch: bool,
+) -> RunningServer {
+    init_logging();
+    server::start(ServeOptions { config_path: config.path(), roles: roles.to_vec(), settings, watch })
+        .await
+        .unwrap_or_else(|e| panic!("server did not start: {e:#}"))
 }
 
 pub async fn start(

@@ -18,7 +18,9 @@ struct Internal;
 impl Guest for Internal {
     fn handle(req: Request) -> Response {
         let result = match (req.method.as_str(), req.path.as_str()) {
-            ("POST", "/api/v1/internal/user/create-or-update") => parse(&req.body).and_then(create_or_update_user),
+            ("POST", "/api/v1/internal/user/create-or-update") => {
+                parse(&req.body).and_then(create_or_update_user)
+            }
             ("POST", "/api/v1/internal/binding/create") => parse(&req.body).and_then(create_binding),
             ("PUT", "/api/v1/internal/binding/update") => parse(&req.body).and_then(update_binding),
             _ => Err(failure(404, "not_found", "no such internal endpoint")),
@@ -129,7 +131,9 @@ fn create_binding(b: BindingCreate) -> Answer {
         ],
     );
     match result {
-        Ok(_) => Ok(reply(201, json!({ "scene": b.scene, "status": "pending", "expires_at": now + b.expires_in }))),
+        Ok(_) => {
+            Ok(reply(201, json!({ "scene": b.scene, "status": "pending", "expires_at": now + b.expires_in })))
+        }
         Err(db::Error::Constraint(_)) => Err(failure(409, "scene_exists", "this scene already exists")),
         Err(e) => Err(db_failure(e)),
     }
@@ -165,7 +169,9 @@ fn update_binding(b: BindingUpdate) -> Answer {
         return Err(failure(404, "unknown_scene", "no QR code has this scene"));
     };
     let (bound_to, status, expires_at) = match &row[..] {
-        [openid, Value::Text(status), Value::Int(expires_at)] => (text_of(openid), status.as_str(), *expires_at),
+        [openid, Value::Text(status), Value::Int(expires_at)] => {
+            (text_of(openid), status.as_str(), *expires_at)
+        }
         _ => return Err(failure(500, "internal_error", "unexpected binding row")),
     };
     let now = now();
@@ -220,7 +226,11 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Response> {
 fn check_openid(openid: &str) -> Result<(), Response> {
     let ok = (1..=64).contains(&openid.len())
         && openid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok { Ok(()) } else { Err(failure(400, "invalid_openid", "openid must be 1-64 letters, digits, _ or -")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(failure(400, "invalid_openid", "openid must be 1-64 letters, digits, _ or -"))
+    }
 }
 
 fn check_scene(scene: &str) -> Result<(), Response> {
@@ -267,5 +277,8 @@ fn reply(status: u16, body: serde_json::Value) -> Response {
 }
 
 fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }

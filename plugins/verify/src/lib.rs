@@ -65,14 +65,17 @@ fn push(req: &Request) -> Step<Response> {
     let (Some(timestamp), Some(nonce)) = (query.get("timestamp"), query.get("nonce")) else {
         return Err(error(400, "missing_parameter", "timestamp and nonce are required"));
     };
-    let body = std::str::from_utf8(&req.body).map_err(|_| error(400, "malformed", "the body is not UTF-8"))?;
+    let body =
+        std::str::from_utf8(&req.body).map_err(|_| error(400, "malformed", "the body is not UTF-8"))?;
     let safe_mode = query.get("encrypt_type") == Some("aes");
     let plaintext = if safe_mode {
-        let msg_signature =
-            query.get("msg_signature").ok_or_else(|| error(400, "missing_parameter", "msg_signature is required"))?;
+        let msg_signature = query
+            .get("msg_signature")
+            .ok_or_else(|| error(400, "missing_parameter", "msg_signature is required"))?;
         let envelope = xml::parse(body).map_err(|e| error(400, "malformed_xml", &e))?;
-        let encrypt =
-            envelope.get("Encrypt").ok_or_else(|| error(400, "malformed_xml", "safe mode needs an Encrypt field"))?;
+        let encrypt = envelope
+            .get("Encrypt")
+            .ok_or_else(|| error(400, "malformed_xml", "safe mode needs an Encrypt field"))?;
         callback_crypto::decrypt_message(msg_signature, timestamp, nonce, encrypt).map_err(crypto_error)?
     } else {
         let signature =
@@ -115,10 +118,13 @@ struct Message {
 impl Message {
     fn from_fields(f: &xml::Fields) -> Step<Message> {
         let need = |name: &str| {
-            f.get(name).filter(|v| !v.is_empty()).ok_or_else(|| error(400, "malformed_xml", &format!("{name} is missing")))
+            f.get(name)
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| error(400, "malformed_xml", &format!("{name} is missing")))
         };
-        let create_time =
-            need("CreateTime")?.parse().map_err(|_| error(400, "malformed_xml", "CreateTime is not a number"))?;
+        let create_time = need("CreateTime")?
+            .parse()
+            .map_err(|_| error(400, "malformed_xml", "CreateTime is not a number"))?;
         Ok(Message {
             to: need("ToUserName")?.to_string(),
             from: need("FromUserName")?.to_string(),
@@ -137,7 +143,10 @@ impl Message {
 fn handle_message(m: &Message, f: &xml::Fields, request_id: &str) -> Step<Option<String>> {
     if m.msg_type != "event" {
         return Ok(match m.msg_type.as_str() {
-            "text" => f.get("Content").and_then(|c| keyword_reply(c.trim())).or_else(|| config::get("default_reply")),
+            "text" => f
+                .get("Content")
+                .and_then(|c| keyword_reply(c.trim()))
+                .or_else(|| config::get("default_reply")),
             // image, voice, video, shortvideo, location, link, file: accepted, nothing to change.
             _ => None,
         });
@@ -169,10 +178,14 @@ fn handle_message(m: &Message, f: &xml::Fields, request_id: &str) -> Step<Option
 
 fn update_user(m: &Message, subscribed: bool, request_id: &str) -> Step<()> {
     let kind = if subscribed { "subscribe" } else { "unsubscribe" };
-    let body = json!({ "openid": m.from, "subscribed": subscribed, "event_id": format!("{kind}:{}", m.event_id()) });
+    let body =
+        json!({ "openid": m.from, "subscribed": subscribed, "event_id": format!("{kind}:{}", m.event_id()) });
     let answer = internal("POST", "/api/v1/internal/user/create-or-update", &body, request_id)?;
     if !(200..300).contains(&answer.status) {
-        log::log(Level::Error, &format!("the app role refused a user update ({}): {}", answer.status, lossy(&answer.body)));
+        log::log(
+            Level::Error,
+            &format!("the app role refused a user update ({}): {}", answer.status, lossy(&answer.body)),
+        );
         return Err(error(502, "rejected_by_app", "the app role refused the event"));
     }
     Ok(())
@@ -190,11 +203,17 @@ fn bind_scene(m: &Message, scene: &str, request_id: &str) -> Step<()> {
     match answer.status {
         200..=299 => Ok(()),
         404 | 409 | 410 => {
-            log::log(Level::Warn, &format!("scene {scene:?} not bound ({}): {}", answer.status, lossy(&answer.body)));
+            log::log(
+                Level::Warn,
+                &format!("scene {scene:?} not bound ({}): {}", answer.status, lossy(&answer.body)),
+            );
             Ok(())
         }
         status => {
-            log::log(Level::Error, &format!("the app role refused a binding ({status}): {}", lossy(&answer.body)));
+            log::log(
+                Level::Error,
+                &format!("the app role refused a binding ({status}): {}", lossy(&answer.body)),
+            );
             Err(error(502, "rejected_by_app", "the app role refused the event"))
         }
     }
@@ -210,7 +229,10 @@ fn internal(
     let answer = internal_call::call(method, path, body.to_string().as_bytes());
     match answer {
         Ok(a) if a.status >= 500 => {
-            log::log(Level::Error, &format!("{path}: the app role failed ({}), request {request_id}", a.status));
+            log::log(
+                Level::Error,
+                &format!("{path}: the app role failed ({}), request {request_id}", a.status),
+            );
             Err(error(503, "app_unavailable", "the event could not be stored; retry later"))
         }
         Ok(a) => Ok(a),
@@ -238,7 +260,9 @@ fn lookup(table: &str, key: &str) -> Option<String> {
 fn crypto_error(e: CryptoError) -> Response {
     match e {
         CryptoError::BadSignature => error(401, "bad_signature", "signature does not verify"),
-        CryptoError::StaleTimestamp => error(401, "stale_timestamp", "timestamp is outside the accepted window"),
+        CryptoError::StaleTimestamp => {
+            error(401, "stale_timestamp", "timestamp is outside the accepted window")
+        }
         CryptoError::WrongAppid => error(401, "wrong_appid", "the message is not for this official account"),
         CryptoError::Malformed(what) => error(400, "malformed", &what),
         CryptoError::NotConfigured(what) => {
@@ -282,7 +306,10 @@ fn lossy(body: &[u8]) -> String {
 }
 
 fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Decoded query parameters; the first occurrence of a name wins.

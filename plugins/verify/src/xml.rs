@@ -103,7 +103,9 @@ pub fn build(fields: &[(&str, Value<'_>)]) -> String {
                         w.write_event(Event::CData(piece))?;
                     }
                 }
-                Value::Number(n) => w.write_event(Event::Text(quick_xml::events::BytesText::new(&n.to_string())))?,
+                Value::Number(n) => {
+                    w.write_event(Event::Text(quick_xml::events::BytesText::new(&n.to_string())))?
+                }
             }
             w.write_event(Event::End(BytesEnd::new(*name)))?;
         }
