@@ -229,7 +229,18 @@ async fn dispatch(State(state): State<RoleState>, request: Request) -> Result<Re
     let outcome = runtime::invoke(&state.host.engine, &state.host.services, &plugin, wit_request).await;
     let identity = &plugin.identity;
     let mut response = match outcome {
-        Ok(r) => to_http(r),
+        Ok(r) => {
+            let response = to_http(r);
+            // Refusals are worth a line (never the query or body: they may carry user data).
+            if response.status().is_client_error() || response.status().is_server_error() {
+                tracing::warn!(
+                    plugin = %identity.name, version = %identity.version, request_id, role = %state.role,
+                    method = %parts.method, path = parts.uri.path(), status = response.status().as_u16(),
+                    "request refused"
+                );
+            }
+            response
+        }
         Err(failure) => {
             tracing::error!(
                 plugin = %identity.name, version = %identity.version, request_id, role = %state.role,

@@ -552,3 +552,44 @@ fn base64_of(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
+
+/// A stand-in app role that answers too slowly, or with a 500.
+async fn fake_app(delay: Duration, status: u16) -> std::net::SocketAddr {
+    let app = axum::Router::new().fallback(move || async move {
+        tokio::time::sleep(delay).await;
+        (axum::http::StatusCode::from_u16(status).unwrap(), "{}")
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_or_failing_app_role_means_the_push_is_not_acknowledged_in_time() {
+    for (case, delay, status) in [("slow", Duration::from_secs(10), 200), ("failing", Duration::ZERO, 500)] {
+        let config = config();
+        let mut web_settings = settings(None);
+        web_settings.app_internal_url = Some(format!("http://{}", fake_app(delay, status).await));
+        let web = start_with(&config, &[Role::Web], web_settings, false).await;
+        let ts = unix_now().to_string();
+        let q = format!(
+            "/api/v1/auth/wechat/verify?signature={}&timestamp={ts}&nonce=n",
+            sorted_sha1(&[TOKEN, &ts, "n"])
+        );
+        let started = std::time::Instant::now();
+        let r = reqwest::Client::new()
+            .post(url(&web, Role::Web, &q))
+            .body(event("oSlow", unix_now(), "subscribe", ""))
+            .send()
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(r.status(), 503, "{case}");
+        assert!(r.text().await.unwrap().contains("app_unavailable"), "{case}");
+        // Within the web role's 2 s deadline, well inside WeChat's 5 s.
+        assert!(took < Duration::from_millis(2500), "{case}: answered after {took:?}");
+        web.shutdown();
+        web.wait().await;
+    }
+}

@@ -195,10 +195,22 @@ fn update_binding(b: BindingUpdate) -> Answer {
     Ok(reply(200, json!({ "applied": true, "status": "scanned", "scene": b.scene })))
 }
 
+/// How long an applied event is remembered. WeChat retries within seconds;
+/// a week also covers replays of captured pushes within their timestamp window.
+const EVENT_MEMORY_SECS: i64 = 7 * 24 * 3600;
+
 /// Records that an event was applied; `false` if it already was.
 fn claim_event(tx: &Transaction, event_id: Option<&str>, kind: &str) -> Result<bool, Response> {
     let Some(event_id) = event_id else { return Ok(true) };
     check_len("event_id", Some(event_id), 180)?;
+    // Now and then (one call in 64, at random), forget old events so the table stays small.
+    if std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8) % 64 == 0 {
+        tx.execute(
+            "DELETE FROM processed_events WHERE created_at < ?",
+            &[Value::Int(now() - EVENT_MEMORY_SECS)],
+        )
+        .map_err(db_failure)?;
+    }
     let key = format!("{kind}:{event_id}");
     match tx.execute(
         "INSERT INTO processed_events (event_key, kind, created_at) VALUES (?, ?, ?)",
