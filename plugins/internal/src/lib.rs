@@ -204,7 +204,9 @@ fn claim_event(tx: &Transaction, event_id: Option<&str>, kind: &str) -> Result<b
     let Some(event_id) = event_id else { return Ok(true) };
     check_len("event_id", Some(event_id), 180)?;
     // Now and then (one call in 64, at random), forget old events so the table stays small.
-    if std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8) % 64 == 0 {
+    if std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8)
+        .is_multiple_of(64)
+    {
         tx.execute(
             "DELETE FROM processed_events WHERE created_at < ?",
             &[Value::Int(now() - EVENT_MEMORY_SECS)],
