@@ -78,7 +78,7 @@ max_instances = 256
 listen = "127.0.0.1:0"
 [roles.web]
 listen = "127.0.0.1:0"
-grants = ["log", "callback-crypto"]
+grants = ["log", "config", "callback-crypto", "internal-call"]
 deadline_ms = 2000
 memory_limit_mib = 16
 [[plugins]]
@@ -86,7 +86,7 @@ name = "verify"
 role = "web"
 wasm = "verify.wasm"
 routes = ["GET /api/v1/auth/wechat/verify"]
-capabilities = ["log", "callback-crypto"]
+capabilities = ["log", "config", "callback-crypto", "internal-call"]
 "#,
     )?;
     let settings = Settings { wechat_token: Some(TOKEN.to_string().into()), ..Settings::default() };

@@ -186,6 +186,10 @@ async fn healthz() -> impl IntoResponse {
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Response headers a plugin may not set.
+const HOP_BY_HOP: &[&str] =
+    &["content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "trailer"];
+
 async fn dispatch(State(state): State<RoleState>, request: Request) -> Result<Response, ApiError> {
     let runtime = state.host.runtime(state.role);
     let (parts, body) = request.into_parts();
@@ -315,6 +319,10 @@ fn to_http(r: wit::Response) -> Response {
     let mut response = Response::new(Body::from(r.body));
     *response.status_mut() = status;
     for (name, value) in r.headers {
+        // Framing is the host's business: a plugin cannot desynchronise the connection.
+        if HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h)) {
+            continue;
+        }
         match (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) {
             (Ok(n), Ok(v)) => {
                 response.headers_mut().append(n, v);
