@@ -7,6 +7,7 @@ wasmtime::component::bindgen!({
     imports: {
         "wxhost:plugin/db": async | trappable,
         "wxhost:plugin/internal-call": async | trappable,
+        "wxhost:plugin/wechat-api": async | trappable,
         default: trappable,
     },
     exports: { default: async },

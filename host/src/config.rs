@@ -54,6 +54,7 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawWechat {
     timestamp_window_secs: Option<u64>,
+    token_endpoint: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -79,6 +80,9 @@ struct RawPlugin {
     capabilities: Vec<String>,
     #[serde(default)]
     config: toml::Table,
+    /// WeChat API paths the plugin may call through `wechat-api`.
+    #[serde(default)]
+    wechat_api: Vec<String>,
 }
 
 /// The two roles of the seed architecture.
@@ -137,6 +141,7 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// Accepted distance of a callback's timestamp from now; `None` disables the check.
     pub timestamp_window_secs: Option<u64>,
+    pub token_endpoint: crate::caps::wechat_api::TokenEndpoint,
     pub roles: BTreeMap<Role, RoleConfig>,
     pub plugins: Vec<PluginSpec>,
 }
@@ -159,6 +164,8 @@ pub struct PluginSpec {
     /// What the plugin declares; it is linked with these (all granted by its role).
     pub capabilities: BTreeSet<Capability>,
     pub config: toml::Table,
+    /// WeChat API paths (`cgi-bin/menu/get`) the plugin may call.
+    pub wechat_api: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -332,12 +339,44 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         if routes.is_empty() && p.routes.is_empty() {
             problems.push(format!("{at} has no routes"));
         }
+        for path in &p.wechat_api {
+            let ok = !path.is_empty()
+                && !path.starts_with('/')
+                && !path.contains("..")
+                && path
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'/');
+            if !ok {
+                problems.push(format!("{at}: wechat_api path `{path}` must look like `cgi-bin/menu/get`"));
+            }
+        }
+        if !p.wechat_api.is_empty() && !capabilities.contains(&Capability::WechatApi) {
+            problems.push(format!(
+                "{at} lists wechat_api paths but does not declare the `wechat-api` capability"
+            ));
+        }
         if let Some(role) = role {
-            plugins.push(PluginSpec { name: p.name, role, wasm, routes, capabilities, config: p.config });
+            plugins.push(PluginSpec {
+                name: p.name,
+                role,
+                wasm,
+                routes,
+                capabilities,
+                config: p.config,
+                wechat_api: p.wechat_api,
+            });
         }
     }
     check_routes(&plugins, &mut problems);
 
+    let token_endpoint = match raw.wechat.token_endpoint.as_deref() {
+        None | Some("stable") => crate::caps::wechat_api::TokenEndpoint::Stable,
+        Some("token") => crate::caps::wechat_api::TokenEndpoint::Plain,
+        Some(other) => {
+            problems.push(format!("[wechat] token_endpoint = \"{other}\" must be \"stable\" or \"token\""));
+            crate::caps::wechat_api::TokenEndpoint::Stable
+        }
+    };
     let max_instances = raw.host.max_instances.unwrap_or(256);
     if !(1..=10_000).contains(&max_instances) {
         problems.push(format!("[host] max_instances = {max_instances} must be between 1 and 10000"));
@@ -355,6 +394,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             Some(s) => Some(s),
             None => Some(300),
         },
+        token_endpoint,
         roles,
         plugins,
     })

@@ -17,3 +17,4 @@ pub mod plugin;
 pub mod runtime;
 pub mod server;
 pub mod settings;
+pub mod sim;

@@ -23,6 +23,8 @@ pub struct PluginIdentity {
     pub version: String,
     /// The plugin's `[plugins.config]` table.
     pub config: serde_json::Map<String, serde_json::Value>,
+    /// WeChat API paths the plugin may call.
+    pub wechat_api: Vec<String>,
 }
 
 /// A plugin ready to serve: pre-linked against exactly its granted capabilities.
@@ -136,7 +138,12 @@ pub fn prepare(
         _ => serde_json::Map::new(),
     };
     Ok(LoadedPlugin {
-        identity: Arc::new(PluginIdentity { name: spec.name.clone(), version, config }),
+        identity: Arc::new(PluginIdentity {
+            name: spec.name.clone(),
+            version,
+            config,
+            wechat_api: spec.wechat_api.clone(),
+        }),
         role: spec.role,
         wasm: spec.wasm.clone(),
         routes: spec.routes.clone(),

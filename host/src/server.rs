@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bindings::wxhost::plugin::types as wit;
 use crate::caps::internal_call::InternalClient;
+use crate::caps::wechat_api::WechatApi;
 use crate::caps::{Services, callback_crypto::CallbackCrypto, db::DbCtx};
 use crate::config::{self, Config, Role};
 use crate::database;
@@ -115,15 +116,30 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<RunningServer> {
 }
 
 async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Services> {
-    let db = if options.roles.contains(&Role::App) {
+    let database = if options.roles.contains(&Role::App) {
         let url = options.settings.database_url.as_ref().map(|u| u.expose_secret().to_string());
         let url = url.as_deref().unwrap_or(database::DEFAULT_URL);
         let db = database::connect(url, &database::PoolSettings::default()).await?;
         database::migrate(&db).await?;
-        Some(DbCtx { db })
+        Some(db)
     } else {
         None
     };
+    let wechat_api = match (&database, &options.settings.wechat_appid, &options.settings.wechat_appsecret) {
+        (Some(db), Some(appid), Some(secret)) => Some(WechatApi::new(
+            options.settings.wechat_api_base.as_deref(),
+            appid.clone(),
+            secret.clone(),
+            config.token_endpoint,
+            db.clone(),
+        )?),
+        (Some(_), _, _) => {
+            tracing::warn!("WECHAT_APPID or WECHAT_APPSECRET is not set: calls to the WeChat API will fail");
+            None
+        }
+        _ => None,
+    };
+    let db = database.map(|db| DbCtx { db });
     let callback_crypto = if options.roles.contains(&Role::Web) {
         let s = &options.settings;
         if s.wechat_token.is_none() {
@@ -151,7 +167,7 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
     } else {
         None
     };
-    Ok(Services { db, callback_crypto, internal_call })
+    Ok(Services { db, callback_crypto, internal_call, wechat_api })
 }
 
 async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) {

@@ -45,7 +45,7 @@ mod tests {
         let table: toml::Table =
             toml::from_str("welcome = \"欢迎关注\"\nretries = 3\n[keywords]\nhelp = \"帮助\"\n").unwrap();
         let serde_json::Value::Object(config) = serde_json::to_value(&table).unwrap() else { unreachable!() };
-        let plugin = PluginIdentity { name: "p".into(), version: "v".into(), config };
+        let plugin = PluginIdentity { name: "p".into(), version: "v".into(), config, wechat_api: vec![] };
         let mut view = ConfigView { plugin: &plugin };
         assert_eq!(view.get("welcome".into()).unwrap().as_deref(), Some("欢迎关注"));
         assert_eq!(view.get("retries".into()).unwrap().as_deref(), Some("3"));

@@ -9,6 +9,7 @@ pub mod db;
 pub mod internal_call;
 pub mod log;
 pub mod wasi;
+pub mod wechat_api;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -70,7 +71,7 @@ impl Capability {
 
     /// Whether this host version implements the capability's interface yet.
     pub fn implemented(self) -> bool {
-        !matches!(self, Capability::WechatApi | Capability::WechatPay | Capability::Session)
+        !matches!(self, Capability::WechatPay | Capability::Session)
     }
 
     /// The capability a component import (`wxhost:plugin/db@0.1.0`) asks for.
@@ -100,6 +101,7 @@ pub struct Services {
     pub db: Option<db::DbCtx>,
     pub callback_crypto: Option<callback_crypto::CallbackCrypto>,
     pub internal_call: Option<internal_call::InternalClient>,
+    pub wechat_api: Option<wechat_api::WechatApi>,
 }
 
 /// The store data of one request's instance.
@@ -196,8 +198,9 @@ pub fn linker(engine: &Engine, capabilities: &BTreeSet<Capability>) -> wasmtime:
             Capability::Db => db::add_to_linker(&mut linker, db_view)?,
             Capability::CallbackCrypto => callback_crypto::add_to_linker(&mut linker, callback_crypto_view)?,
             Capability::InternalCall => internal_call::add_to_linker(&mut linker, internal_call_view)?,
+            Capability::WechatApi => wechat_api::add_to_linker(&mut linker, wechat_api_view)?,
             // Config validation refuses unimplemented capabilities before any linking.
-            Capability::WechatApi | Capability::WechatPay | Capability::Session => {
+            Capability::WechatPay | Capability::Session => {
                 wasmtime::bail!("capability `{cap}` is not implemented by this host version")
             }
         }
@@ -225,6 +228,14 @@ fn internal_call_view(s: &mut PluginState) -> internal_call::InternalCallView<'_
     internal_call::InternalCallView {
         ctx: s.services.internal_call.as_ref(),
         request_id: &s.request_id,
+        deadline_at: s.deadline_at,
+    }
+}
+
+fn wechat_api_view(s: &mut PluginState) -> wechat_api::WechatApiView<'_> {
+    wechat_api::WechatApiView {
+        ctx: s.services.wechat_api.as_ref(),
+        allowed_paths: &s.plugin.wechat_api,
         deadline_at: s.deadline_at,
     }
 }

@@ -1,0 +1,474 @@
+//! `wxhost:plugin/wechat-api`: the official-account API with the access_token
+//! injected by the host, which alone holds WECHAT_APPSECRET.
+//!
+//! The access_token lives in the database (`token_cache`), shared by every app
+//! process: it is refreshed ahead of expiry by one process at a time (a lease
+//! in the same row), so processes never invalidate each other's token. On
+//! 40001/40014/42001 the host refreshes only if the cached token is still the
+//! failing one, then retries the call once.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+use wasmtime::component::{HasData, Linker};
+
+use crate::bindings::wxhost::plugin::wechat_api::{self as wit, ApiError, Method, OauthUser, WechatError};
+use crate::database::{Database, Pool};
+
+/// The production API; WECHAT_API_BASE overrides it (the simulator, a proxy).
+pub const DEFAULT_BASE: &str = "https://api.weixin.qq.com";
+
+/// Answers WeChat gives when the access_token is not (or no longer) valid.
+const TOKEN_ERRCODES: [i64; 3] = [40001, 40014, 42001];
+
+const TOKEN_ROW: &str = "access_token";
+/// How long a process may hold the refresh lease.
+const LEASE_SECS: i64 = 10;
+/// Longest single call to WeChat.
+const MAX_CALL: Duration = Duration::from_secs(5);
+
+/// Which endpoint issues access tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenEndpoint {
+    /// `cgi-bin/stable_token`: the same token until it expires; other callers are unaffected.
+    Stable,
+    /// `cgi-bin/token`: every call invalidates the previous token everywhere.
+    Plain,
+}
+
+/// The owned context: credentials, HTTP client, and the shared token cache.
+pub struct WechatApi {
+    base: String,
+    appid: String,
+    secret: SecretString,
+    endpoint: TokenEndpoint,
+    http: reqwest::Client,
+    db: Database,
+    /// This process's copy of the shared token: (token, refresh-by Unix time).
+    cached: Mutex<Option<(String, i64)>>,
+}
+
+impl WechatApi {
+    pub fn new(
+        base: Option<&str>,
+        appid: String,
+        secret: SecretString,
+        endpoint: TokenEndpoint,
+        db: Database,
+    ) -> anyhow::Result<Self> {
+        let base = base.unwrap_or(DEFAULT_BASE).trim_end_matches('/').to_string();
+        anyhow::ensure!(
+            base.starts_with("https://") || base.starts_with("http://"),
+            "WECHAT_API_BASE must be an http(s) URL"
+        );
+        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build()?;
+        Ok(WechatApi { base, appid, secret, endpoint, http, db, cached: Mutex::new(None) })
+    }
+
+    pub fn appid(&self) -> &str {
+        &self.appid
+    }
+
+    /// Calls `path` with the access_token added; retries once with a fresh
+    /// token if WeChat says the token is not valid.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(String, String)],
+        body: Option<&str>,
+        deadline: Instant,
+    ) -> Result<Value, ApiError> {
+        let token = self.access_token(deadline).await?;
+        match self.send(method, path, query, Some(&token), body, deadline).await {
+            Err(ApiError::Wechat(e)) if TOKEN_ERRCODES.contains(&i64::from(e.errcode)) => {
+                tracing::warn!(path, errcode = e.errcode, "access_token refused by WeChat; refreshing once");
+                self.invalidate(&token).await?;
+                let fresh = self.access_token(deadline).await?;
+                self.send(method, path, query, Some(&fresh), body, deadline).await
+            }
+            other => other,
+        }
+    }
+
+    /// Calls `path` as-is (for endpoints that take no access_token).
+    pub async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(String, String)],
+        body: Option<&str>,
+        deadline: Instant,
+    ) -> Result<Value, ApiError> {
+        self.send(method, path, query, None, body, deadline).await
+    }
+
+    /// Web authorization: code → openid (and the profile for snsapi_userinfo).
+    pub async fn oauth_login(&self, code: &str, deadline: Instant) -> Result<OauthUser, ApiError> {
+        let query = [
+            ("appid".to_string(), self.appid.clone()),
+            ("secret".to_string(), self.secret.expose_secret().to_string()),
+            ("code".to_string(), code.to_string()),
+            ("grant_type".to_string(), "authorization_code".to_string()),
+        ];
+        let grant = self.send(Method::Get, "sns/oauth2/access_token", &query, None, None, deadline).await?;
+        let text = |v: &Value, k: &str| v[k].as_str().filter(|s| !s.is_empty()).map(str::to_string);
+        let openid = text(&grant, "openid").ok_or_else(|| unavailable("the OAuth answer has no openid"))?;
+        let scope = text(&grant, "scope").unwrap_or_default();
+        let mut user =
+            OauthUser { openid, unionid: text(&grant, "unionid"), scope, nickname: None, avatar_url: None };
+        if user.scope.split(',').any(|s| s == "snsapi_userinfo") {
+            let user_token =
+                text(&grant, "access_token").ok_or_else(|| unavailable("no user access_token"))?;
+            let query = [
+                ("access_token".to_string(), user_token),
+                ("openid".to_string(), user.openid.clone()),
+                ("lang".to_string(), "zh_CN".to_string()),
+            ];
+            let info = self.send(Method::Get, "sns/userinfo", &query, None, None, deadline).await?;
+            user.nickname = text(&info, "nickname");
+            user.avatar_url = text(&info, "headimgurl");
+            user.unionid = user.unionid.or_else(|| text(&info, "unionid"));
+        }
+        Ok(user)
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(String, String)],
+        access_token: Option<&str>,
+        body: Option<&str>,
+        deadline: Instant,
+    ) -> Result<Value, ApiError> {
+        let left = deadline.saturating_duration_since(Instant::now()).min(MAX_CALL);
+        if left.is_zero() {
+            return Err(ApiError::Timeout);
+        }
+        let url = format!("{}/{path}", self.base);
+        let mut request = match method {
+            Method::Get => self.http.get(url),
+            Method::Post => self.http.post(url),
+        };
+        request = request.query(query);
+        if let Some(token) = access_token {
+            request = request.query(&[("access_token", token)]);
+        }
+        if let Some(body) = body {
+            request =
+                request.header("content-type", "application/json; charset=utf-8").body(body.to_string());
+        }
+        // reqwest's errors name the URL, which holds the token or the secret: never pass them on.
+        let response = request.timeout(left).send().await.map_err(classify)?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(classify)?;
+        let json: Value = serde_json::from_slice(&bytes).map_err(|_| {
+            unavailable(&format!("WeChat answered {} with something that is not JSON", status.as_u16()))
+        })?;
+        match json.get("errcode").and_then(Value::as_i64) {
+            Some(0) | None if status.is_success() => Ok(json),
+            Some(0) | None => Err(unavailable(&format!("WeChat answered HTTP {}", status.as_u16()))),
+            Some(errcode) => {
+                let errmsg = json["errmsg"].as_str().unwrap_or_default().to_string();
+                tracing::warn!(path, errcode, errmsg, "WeChat refused a call");
+                Err(ApiError::Wechat(WechatError { errcode: errcode as i32, errmsg }))
+            }
+        }
+    }
+
+    /// The shared access_token, refreshing it (one process at a time) when due.
+    pub async fn access_token(&self, deadline: Instant) -> Result<String, ApiError> {
+        let now = unix_now();
+        if let Some((token, refresh_by)) = self.cached.lock().expect("token cache lock").clone()
+            && refresh_by > now
+        {
+            return Ok(token);
+        }
+        loop {
+            if let Some((token, refresh_by)) = self.read_row().await?
+                && refresh_by > unix_now()
+            {
+                *self.cached.lock().expect("token cache lock") = Some((token.clone(), refresh_by));
+                return Ok(token);
+            }
+            if let Some(lease) = self.take_lease().await? {
+                let fetched = self.fetch_and_store(&lease, deadline).await;
+                return fetched;
+            }
+            // Another process is refreshing: wait for its token.
+            if Instant::now() + Duration::from_millis(50) >= deadline {
+                return Err(ApiError::Timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Marks `failing` stale, unless another process has already replaced it.
+    async fn invalidate(&self, failing: &str) -> Result<(), ApiError> {
+        {
+            let mut cached = self.cached.lock().expect("token cache lock");
+            if cached.as_ref().is_some_and(|(t, _)| t == failing) {
+                *cached = None;
+            }
+        }
+        let sql = "UPDATE token_cache SET expires_at = 0 WHERE name = ? AND token = ?";
+        on_pool!(&self.db.pool, |p| sqlx::query(sql)
+            .bind(TOKEN_ROW)
+            .bind(failing)
+            .execute(p)
+            .await
+            .map(|_| ()))
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn read_row(&self) -> Result<Option<(String, i64)>, ApiError> {
+        let sql = "SELECT token, expires_at FROM token_cache WHERE name = ?";
+        let row: Option<(Option<String>, i64)> =
+            on_pool!(&self.db.pool, |p| sqlx::query_as(sql).bind(TOKEN_ROW).fetch_optional(p).await)
+                .map_err(db_error)?;
+        Ok(row.and_then(|(token, expires_at)| token.map(|t| (t, expires_at))))
+    }
+
+    /// Takes the refresh lease if nobody holds it; returns its unique owner tag.
+    async fn take_lease(&self) -> Result<Option<String>, ApiError> {
+        let now = unix_now();
+        let insert = match self.db.pool {
+            Pool::Sqlite(_) => {
+                "INSERT OR IGNORE INTO token_cache (name, token, expires_at, lease_owner, lease_until, updated_at) VALUES (?, NULL, 0, NULL, 0, ?)"
+            }
+            Pool::Mysql(_) => {
+                "INSERT IGNORE INTO token_cache (name, token, expires_at, lease_owner, lease_until, updated_at) VALUES (?, NULL, 0, NULL, 0, ?)"
+            }
+        };
+        on_pool!(&self.db.pool, |p| sqlx::query(insert)
+            .bind(TOKEN_ROW)
+            .bind(now)
+            .execute(p)
+            .await
+            .map(|_| ()))
+        .map_err(db_error)?;
+        let lease = format!("{:032x}", rand::random::<u128>());
+        let take =
+            "UPDATE token_cache SET lease_owner = ?, lease_until = ? WHERE name = ? AND lease_until <= ?";
+        let taken = on_pool!(&self.db.pool, |p| sqlx::query(take)
+            .bind(&lease)
+            .bind(now + LEASE_SECS)
+            .bind(TOKEN_ROW)
+            .bind(now)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))
+        .map_err(db_error)?;
+        Ok((taken == 1).then_some(lease))
+    }
+
+    /// With the lease held: fetch a token (unless another process just did) and share it.
+    async fn fetch_and_store(&self, lease: &str, deadline: Instant) -> Result<String, ApiError> {
+        let previous = self.read_row().await?;
+        if let Some((token, refresh_by)) = &previous
+            && *refresh_by > unix_now()
+        {
+            self.release(lease).await?;
+            return Ok(token.clone());
+        }
+        let fetched = self.fetch(previous.as_ref().map(|(t, _)| t.as_str()), deadline).await;
+        let (token, expires_in) = match fetched {
+            Ok(t) => t,
+            Err(e) => {
+                self.release(lease).await?;
+                return Err(e);
+            }
+        };
+        // Refresh ahead of WeChat's expiry: a fifth of the lifetime, at most 5 minutes.
+        let refresh_by = unix_now() + expires_in - (expires_in / 5).clamp(1, 300);
+        let sql = "UPDATE token_cache SET token = ?, expires_at = ?, lease_owner = NULL, lease_until = 0, updated_at = ? \
+                   WHERE name = ? AND lease_owner = ?";
+        on_pool!(&self.db.pool, |p| sqlx::query(sql)
+            .bind(&token)
+            .bind(refresh_by)
+            .bind(unix_now())
+            .bind(TOKEN_ROW)
+            .bind(lease)
+            .execute(p)
+            .await
+            .map(|_| ()))
+        .map_err(db_error)?;
+        tracing::info!(endpoint = ?self.endpoint, expires_in, "access_token refreshed");
+        *self.cached.lock().expect("token cache lock") = Some((token.clone(), refresh_by));
+        Ok(token)
+    }
+
+    async fn release(&self, lease: &str) -> Result<(), ApiError> {
+        let sql =
+            "UPDATE token_cache SET lease_owner = NULL, lease_until = 0 WHERE name = ? AND lease_owner = ?";
+        on_pool!(&self.db.pool, |p| sqlx::query(sql)
+            .bind(TOKEN_ROW)
+            .bind(lease)
+            .execute(p)
+            .await
+            .map(|_| ()))
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Asks WeChat for a token. `stale` is the token being replaced: if
+    /// `stable_token` hands it back, it is forced to issue a new one.
+    async fn fetch(&self, stale: Option<&str>, deadline: Instant) -> Result<(String, i64), ApiError> {
+        let secret = self.secret.expose_secret();
+        let answer = match self.endpoint {
+            TokenEndpoint::Plain => {
+                let query = [
+                    ("grant_type".to_string(), "client_credential".to_string()),
+                    ("appid".to_string(), self.appid.clone()),
+                    ("secret".to_string(), secret.to_string()),
+                ];
+                self.send(Method::Get, "cgi-bin/token", &query, None, None, deadline).await?
+            }
+            TokenEndpoint::Stable => {
+                let body = |force: bool| {
+                    serde_json::json!({ "grant_type": "client_credential", "appid": self.appid, "secret": secret, "force_refresh": force })
+                        .to_string()
+                };
+                let first = self
+                    .send(Method::Post, "cgi-bin/stable_token", &[], None, Some(&body(false)), deadline)
+                    .await?;
+                if stale.is_some() && first["access_token"].as_str() == stale {
+                    self.send(Method::Post, "cgi-bin/stable_token", &[], None, Some(&body(true)), deadline)
+                        .await?
+                } else {
+                    first
+                }
+            }
+        };
+        let token = answer["access_token"].as_str().filter(|t| !t.is_empty());
+        let expires_in = answer["expires_in"].as_i64().filter(|&e| e > 0);
+        match (token, expires_in) {
+            (Some(t), Some(e)) => Ok((t.to_string(), e)),
+            _ => Err(unavailable("WeChat's token answer has no access_token")),
+        }
+    }
+}
+
+/// Runs the same sqlx expression on whichever pool the URL chose.
+macro_rules! on_pool {
+    ($pool:expr, |$p:ident| $e:expr) => {
+        match $pool {
+            Pool::Sqlite($p) => $e,
+            Pool::Mysql($p) => $e,
+        }
+    };
+}
+use on_pool;
+
+fn classify(e: reqwest::Error) -> ApiError {
+    if e.is_timeout() {
+        ApiError::Timeout
+    } else if e.is_connect() {
+        unavailable("WeChat could not be reached")
+    } else {
+        unavailable("WeChat did not answer")
+    }
+}
+
+fn unavailable(why: &str) -> ApiError {
+    ApiError::Unavailable(why.to_string())
+}
+
+fn db_error(e: sqlx::Error) -> ApiError {
+    tracing::error!("access_token cache: {}", crate::database::redact_db_error(&e));
+    unavailable("the access_token cache is unavailable")
+}
+
+fn unix_now() -> i64 {
+    crate::internal_auth::unix_now() as i64
+}
+
+/// The borrowed view: the context plus what this plugin may call, and its deadline.
+pub struct WechatApiView<'a> {
+    pub ctx: Option<&'a WechatApi>,
+    pub allowed_paths: &'a [String],
+    pub deadline_at: Instant,
+}
+
+struct HasWechatApi;
+
+impl HasData for HasWechatApi {
+    type Data<'a> = WechatApiView<'a>;
+}
+
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    get: fn(&mut T) -> WechatApiView<'_>,
+) -> wasmtime::Result<()> {
+    wit::add_to_linker::<T, HasWechatApi>(linker, get)
+}
+
+impl WechatApiView<'_> {
+    fn ctx(&self) -> Result<&WechatApi, ApiError> {
+        self.ctx
+            .ok_or_else(|| ApiError::NotConfigured("WECHAT_APPID and WECHAT_APPSECRET are not set".into()))
+    }
+
+    /// The normalised path, if this plugin's allow-list has it.
+    fn allowed(&self, path: &str) -> Result<String, ApiError> {
+        let path = path.trim_start_matches('/');
+        if self.allowed_paths.iter().any(|p| p == path) {
+            Ok(path.to_string())
+        } else {
+            Err(ApiError::NotAllowed(format!(
+                "{path} is not in this plugin's wechat_api list in plugins.toml"
+            )))
+        }
+    }
+}
+
+impl wit::Host for WechatApiView<'_> {
+    async fn call(
+        &mut self,
+        method: Method,
+        path: String,
+        query: Vec<(String, String)>,
+        body: Option<String>,
+    ) -> wasmtime::Result<Result<String, ApiError>> {
+        let result = async {
+            let path = self.allowed(&path)?;
+            let value = self.ctx()?.call(method, &path, &query, body.as_deref(), self.deadline_at).await?;
+            Ok(value.to_string())
+        };
+        Ok(result.await)
+    }
+
+    async fn call_raw(
+        &mut self,
+        method: Method,
+        path: String,
+        query: Vec<(String, String)>,
+        body: Option<String>,
+    ) -> wasmtime::Result<Result<String, ApiError>> {
+        let result = async {
+            let path = self.allowed(&path)?;
+            let value =
+                self.ctx()?.call_raw(method, &path, &query, body.as_deref(), self.deadline_at).await?;
+            Ok(value.to_string())
+        };
+        Ok(result.await)
+    }
+
+    async fn oauth_login(&mut self, code: String) -> wasmtime::Result<Result<OauthUser, ApiError>> {
+        let result = async {
+            if code.is_empty() || code.len() > 256 {
+                return Err(ApiError::Wechat(WechatError { errcode: 40029, errmsg: "invalid code".into() }));
+            }
+            self.ctx()?.oauth_login(&code, self.deadline_at).await
+        };
+        Ok(result.await)
+    }
+
+    async fn appid(&mut self) -> wasmtime::Result<String> {
+        Ok(self.ctx.map(|c| c.appid().to_string()).unwrap_or_default())
+    }
+}
