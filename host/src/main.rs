@@ -46,6 +46,64 @@ enum Command {
     },
     /// Apply the database migrations to DATABASE_URL (default: the SQLite file under ./data).
     Migrate,
+    /// WeChat simulator: serve it, or drive a running one.
+    Sim {
+        #[command(subcommand)]
+        command: SimCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SimCommand {
+    /// Play api.weixin.qq.com on loopback, with WECHAT_APPID, WECHAT_APPSECRET,
+    /// WECHAT_TOKEN and WECHAT_AES_KEY as the simulated account's settings.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:9300")]
+        listen: std::net::SocketAddr,
+        /// The web role, where scans are pushed.
+        #[arg(long, default_value = "http://127.0.0.1:8081")]
+        web_url: String,
+        /// Lifetime of issued access tokens, in seconds.
+        #[arg(long, default_value_t = 7200)]
+        token_ttl: u64,
+    },
+    /// Scan a QR code as a test user: the simulator pushes the event to the web role.
+    Scan {
+        #[arg(long, default_value = "http://127.0.0.1:9300")]
+        sim_url: String,
+        /// The QR code's ticket (or use --scene).
+        #[arg(long)]
+        ticket: Option<String>,
+        #[arg(long)]
+        scene: Option<String>,
+        #[arg(long, default_value = "alice")]
+        user: String,
+        /// The user already follows the account (a SCAN event instead of subscribe).
+        #[arg(long)]
+        subscribed: bool,
+        /// Push in safe mode (AES).
+        #[arg(long)]
+        safe_mode: bool,
+    },
+    /// Issue a web-authorization code for a test user.
+    Code {
+        #[arg(long, default_value = "http://127.0.0.1:9300")]
+        sim_url: String,
+        #[arg(long, default_value = "alice")]
+        user: String,
+        #[arg(long, default_value = "snsapi_userinfo")]
+        scope: String,
+    },
+    /// Make every access token invalid (as another server calling cgi-bin/token would).
+    Invalidate {
+        #[arg(long, default_value = "http://127.0.0.1:9300")]
+        sim_url: String,
+    },
+    /// Counters: tokens issued, API calls.
+    Stats {
+        #[arg(long, default_value = "http://127.0.0.1:9300")]
+        sim_url: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -95,6 +153,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("migrations applied ({:?})", db.dialect());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Sim { command } => sim(command).await,
         Command::Serve { role, config, no_watch } => {
             let options = server::ServeOptions {
                 config_path: config,
@@ -122,6 +181,58 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             });
             running.wait().await;
             tracing::info!("stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn sim(command: SimCommand) -> anyhow::Result<ExitCode> {
+    let control = |sim_url: &str, path: &str, body: serde_json::Value| {
+        let url = format!("{}{path}", sim_url.trim_end_matches('/'));
+        async move {
+            let response = reqwest::Client::new().post(url).json(&body).send().await?;
+            let text = response.text().await?;
+            println!("{text}");
+            Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
+        }
+    };
+    match command {
+        SimCommand::Serve { listen, web_url, token_ttl } => {
+            let settings = Settings::from_env()?;
+            let config = wxhost::sim::SimConfig {
+                appid: settings.wechat_appid.unwrap_or_else(|| "wx0000000000000000".into()),
+                secret: settings.wechat_appsecret.map(|s| s.expose_secret().to_string()).unwrap_or_default(),
+                token: settings.wechat_token.map(|s| s.expose_secret().to_string()).unwrap_or_default(),
+                aes_key: settings.wechat_aes_key.map(|s| s.expose_secret().to_string()),
+                web_url: Some(web_url.trim_end_matches('/').to_string()),
+                token_ttl: std::time::Duration::from_secs(token_ttl),
+            };
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let (addr, task) = wxhost::sim::Sim::new(config).serve(listen, shutdown.clone()).await?;
+            println!("WeChat simulator on http://{addr} (set WECHAT_API_BASE=http://{addr})");
+            let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+            shutdown.cancel();
+            let _ = task.await;
+            Ok(ExitCode::SUCCESS)
+        }
+        SimCommand::Scan { sim_url, ticket, scene, user, subscribed, safe_mode } => {
+            let body = serde_json::json!({ "ticket": ticket, "scene": scene, "user": user, "subscribed": subscribed, "safe_mode": safe_mode });
+            control(&sim_url, "/sim/scan", body).await
+        }
+        SimCommand::Code { sim_url, user, scope } => {
+            control(&sim_url, "/sim/oauth/code", serde_json::json!({ "name": user, "scope": scope })).await
+        }
+        SimCommand::Invalidate { sim_url } => {
+            control(&sim_url, "/sim/tokens/invalidate", serde_json::json!({})).await
+        }
+        SimCommand::Stats { sim_url } => {
+            let text =
+                reqwest::get(format!("{}/sim/stats", sim_url.trim_end_matches('/'))).await?.text().await?;
+            println!("{text}");
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -1,0 +1,198 @@
+//! The wechat-api capability against the WeChat simulator, on SQLite and
+//! MariaDB: one shared access_token per lifetime for several processes, one
+//! refresh after WeChat invalidates it, OAuth, allow-lists, and a WeChat that
+//! is down or slow.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use wxhost::bindings::wxhost::plugin::wechat_api::{ApiError, Host as _, Method};
+use wxhost::caps::wechat_api::{TokenEndpoint, WechatApi, WechatApiView};
+use wxhost::database;
+use wxhost::sim::{Sim, SimConfig};
+
+const SECRET: &str = "sim-app-secret";
+
+async fn simulator(token_ttl: Duration) -> (Sim, String) {
+    let sim = Sim::new(SimConfig {
+        appid: APPID.into(),
+        secret: SECRET.into(),
+        token: TOKEN.into(),
+        aes_key: Some(AES_KEY.into()),
+        web_url: None,
+        token_ttl,
+    });
+    let (addr, _task) =
+        sim.serve("127.0.0.1:0".parse().unwrap(), tokio_util::sync::CancellationToken::new()).await.unwrap();
+    (sim, format!("http://{addr}"))
+}
+
+/// One "app process": its own pool and its own capability context on the shared database.
+async fn process(db: &TestDatabase, base: &str, endpoint: TokenEndpoint) -> Arc<WechatApi> {
+    let database = database::connect(&db.url, &Default::default()).await.unwrap();
+    database::migrate(&database).await.unwrap();
+    Arc::new(WechatApi::new(Some(base), APPID.into(), SECRET.to_string().into(), endpoint, database).unwrap())
+}
+
+fn soon() -> Instant {
+    Instant::now() + Duration::from_secs(5)
+}
+
+async fn menu_get(api: &WechatApi) -> Result<serde_json::Value, ApiError> {
+    api.call(Method::Get, "cgi-bin/menu/get", &[], None, soon()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_one_token_per_lifetime_on_both_databases() {
+    let mut runs = Vec::new();
+    for endpoint in [TokenEndpoint::Stable, TokenEndpoint::Plain] {
+        for db in all_databases().await {
+            runs.push(token_lifetimes(db, endpoint));
+        }
+    }
+    // Independent simulators and databases: run side by side to keep the suite short.
+    futures::future::join_all(runs).await;
+}
+
+async fn token_lifetimes(db: TestDatabase, endpoint: TokenEndpoint) {
+    let which = format!("{} {endpoint:?}", db.name);
+    // A 5 s lifetime: the host refreshes 1 s ahead, so every 4 s.
+    let (sim, base) = simulator(Duration::from_secs(5)).await;
+    let processes = [process(&db, &base, endpoint).await, process(&db, &base, endpoint).await];
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(9) {
+        let batch = processes.iter().flat_map(|p| [p.clone(), p.clone()]).map(|p| async move {
+            // No menu yet: WeChat's 46003 proves the call went through with a valid token.
+            match menu_get(&p).await {
+                Err(ApiError::Wechat(e)) if e.errcode == 46003 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+        for result in futures::future::join_all(batch).await {
+            result.unwrap_or_else(|e| panic!("{which}: a call failed: {e}"));
+            calls += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let issued = sim.tokens_issued();
+    // 9 s at one token per 4 s: the first plus two or three refreshes, never one per process.
+    assert!((2..=4).contains(&issued), "{which}: {issued} tokens for {calls} calls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_token_is_refreshed_once_and_the_call_retried_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let (sim, base) = simulator(Duration::from_secs(7200)).await;
+        let processes = [
+            process(&db, &base, TokenEndpoint::Stable).await,
+            process(&db, &base, TokenEndpoint::Stable).await,
+        ];
+        for p in &processes {
+            assert!(matches!(menu_get(p).await, Err(ApiError::Wechat(e)) if e.errcode == 46003), "{which}");
+        }
+        assert_eq!(sim.tokens_issued(), 1, "{which}");
+        // Someone called cgi-bin/token elsewhere: WeChat now rejects our token with 40001.
+        sim.invalidate_tokens();
+        let calls = processes
+            .iter()
+            .flat_map(|p| [p.clone(), p.clone(), p.clone()])
+            .map(|p| async move { menu_get(&p).await });
+        for result in futures::future::join_all(calls).await {
+            assert!(
+                matches!(result, Err(ApiError::Wechat(ref e)) if e.errcode == 46003),
+                "{which}: {result:?}"
+            );
+        }
+        assert_eq!(
+            sim.tokens_issued(),
+            2,
+            "{which}: exactly one refresh for six failing calls in two processes"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_codes_work_once_and_bad_codes_are_wechat_errors() {
+    let db = sqlite_database().await;
+    let (sim, base) = simulator(Duration::from_secs(7200)).await;
+    let api = process(&db, &base, TokenEndpoint::Stable).await;
+
+    let code = sim.oauth_code("alice", "snsapi_userinfo");
+    let user = api.oauth_login(&code, soon()).await.unwrap();
+    assert_eq!(user.openid, wxhost::sim::openid_of("alice"));
+    assert_eq!(user.scope, "snsapi_userinfo");
+    assert_eq!(user.nickname.as_deref(), Some("alice 🌟"));
+    assert!(user.avatar_url.unwrap().starts_with("https://"));
+
+    let reused = api.oauth_login(&code, soon()).await;
+    assert!(matches!(reused, Err(ApiError::Wechat(ref e)) if e.errcode == 40163), "{reused:?}");
+    let invalid = api.oauth_login("no-such-code", soon()).await;
+    assert!(matches!(invalid, Err(ApiError::Wechat(ref e)) if e.errcode == 40029), "{invalid:?}");
+
+    let base_scope = api.oauth_login(&sim.oauth_code("bob", "snsapi_base"), soon()).await.unwrap();
+    assert_eq!((base_scope.scope.as_str(), base_scope.nickname), ("snsapi_base", None));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_may_call_only_its_allowed_paths_and_never_sees_the_token() {
+    let db = sqlite_database().await;
+    let (sim, base) = simulator(Duration::from_secs(7200)).await;
+    let api = process(&db, &base, TokenEndpoint::Stable).await;
+    let allowed = vec!["cgi-bin/menu/create".to_string(), "cgi-bin/menu/get".to_string()];
+    let mut view = WechatApiView { ctx: Some(&api), allowed_paths: &allowed, deadline_at: soon() };
+
+    let menu = r#"{"button":[{"type":"click","name":"帮助","key":"MENU_HELP"}]}"#;
+    let created =
+        view.call(Method::Post, "/cgi-bin/menu/create".into(), vec![], Some(menu.into())).await.unwrap();
+    assert_eq!(created.unwrap(), r#"{"errcode":0,"errmsg":"ok"}"#);
+    assert_eq!(sim.menu().unwrap()["button"][0]["name"], "帮助");
+    let got = view.call(Method::Get, "cgi-bin/menu/get".into(), vec![], None).await.unwrap().unwrap();
+    assert!(got.contains("帮助") && !got.contains("ACCESS_TOKEN"), "{got}");
+
+    let refused =
+        view.call(Method::Post, "cgi-bin/qrcode/create".into(), vec![], Some("{}".into())).await.unwrap();
+    assert!(matches!(refused, Err(ApiError::NotAllowed(_))), "{refused:?}");
+    let sneaky = view.call(Method::Get, "cgi-bin/menu/get/../../token".into(), vec![], None).await.unwrap();
+    assert!(matches!(sneaky, Err(ApiError::NotAllowed(_))), "{sneaky:?}");
+    assert_eq!(view.appid().await.unwrap(), APPID);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wechat_down_or_slow_is_a_clear_error_within_the_deadline() {
+    let db = sqlite_database().await;
+    let (sim, base) = simulator(Duration::from_secs(7200)).await;
+    let api = process(&db, &base, TokenEndpoint::Stable).await;
+    assert!(matches!(menu_get(&api).await, Err(ApiError::Wechat(e)) if e.errcode == 46003));
+
+    sim.set_down(true);
+    assert!(matches!(menu_get(&api).await, Err(ApiError::Wechat(e)) if e.errcode == -1));
+    sim.set_down(false);
+
+    sim.set_latency(Duration::from_secs(10));
+    let started = Instant::now();
+    let slow = api
+        .call(Method::Get, "cgi-bin/menu/get", &[], None, Instant::now() + Duration::from_millis(700))
+        .await;
+    assert!(matches!(slow, Err(ApiError::Timeout)), "{slow:?}");
+    assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+    sim.set_latency(Duration::ZERO);
+
+    // Nothing listens there: unavailable, and the error names no URL or secret.
+    let nowhere = WechatApi::new(
+        Some("http://127.0.0.1:9"),
+        APPID.into(),
+        SECRET.to_string().into(),
+        TokenEndpoint::Stable,
+        database::connect(&db.url, &Default::default()).await.unwrap(),
+    )
+    .unwrap();
+    let down = menu_get(&nowhere).await;
+    let text = format!("{down:?}");
+    assert!(matches!(down, Err(ApiError::Unavailable(_))), "{text}");
+    assert!(!text.contains(SECRET) && !text.contains("127.0.0.1"), "{text}");
+}
