@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 const PLUGINS: &[(&str, &str, &str)] = &[
     ("verify", "", "verify.wasm"),
     ("internal", "", "internal.wasm"),
+    ("account", "", "account.wasm"),
     ("sandbox-probe", "", "fixtures/sandbox-probe.wasm"),
     ("db-probe", "", "fixtures/db-probe.wasm"),
     // A build of `verify` whose answers carry a marker header: the hot-swap tests

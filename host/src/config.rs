@@ -33,6 +33,8 @@ struct RawConfig {
     #[serde(default)]
     wechat: RawWechat,
     #[serde(default)]
+    sessions: RawSessions,
+    #[serde(default)]
     roles: BTreeMap<String, RawRole>,
     #[serde(default)]
     plugins: Vec<RawPlugin>,
@@ -55,6 +57,12 @@ struct RawAdmin {
 struct RawWechat {
     timestamp_window_secs: Option<u64>,
     token_endpoint: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSessions {
+    ttl_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,6 +150,8 @@ pub struct Config {
     /// Accepted distance of a callback's timestamp from now; `None` disables the check.
     pub timestamp_window_secs: Option<u64>,
     pub token_endpoint: crate::caps::wechat_api::TokenEndpoint,
+    /// Lifetime of login sessions.
+    pub session_ttl_secs: u64,
     pub roles: BTreeMap<Role, RoleConfig>,
     pub plugins: Vec<PluginSpec>,
 }
@@ -343,9 +353,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             let ok = !path.is_empty()
                 && !path.starts_with('/')
                 && !path.contains("..")
-                && path
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'/');
+                && path.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-/".contains(&b));
             if !ok {
                 problems.push(format!("{at}: wechat_api path `{path}` must look like `cgi-bin/menu/get`"));
             }
@@ -377,6 +385,10 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             crate::caps::wechat_api::TokenEndpoint::Stable
         }
     };
+    let session_ttl_secs = raw.sessions.ttl_secs.unwrap_or(7 * 24 * 3600);
+    if !(60..=90 * 24 * 3600).contains(&session_ttl_secs) {
+        problems.push(format!("[sessions] ttl_secs = {session_ttl_secs} must be between 60 and 7776000"));
+    }
     let max_instances = raw.host.max_instances.unwrap_or(256);
     if !(1..=10_000).contains(&max_instances) {
         problems.push(format!("[host] max_instances = {max_instances} must be between 1 and 10000"));
@@ -395,6 +407,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             None => Some(300),
         },
         token_endpoint,
+        session_ttl_secs,
         roles,
         plugins,
     })

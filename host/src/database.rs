@@ -33,6 +33,17 @@ pub struct Database {
     pub pool: Pool,
 }
 
+/// Runs the same sqlx expression on whichever pool the URL chose.
+macro_rules! on_pool {
+    ($pool:expr, |$p:ident| $e:expr) => {
+        match $pool {
+            $crate::database::Pool::Sqlite($p) => $e,
+            $crate::database::Pool::Mysql($p) => $e,
+        }
+    };
+}
+pub(crate) use on_pool;
+
 impl Database {
     pub fn dialect(&self) -> Dialect {
         match self.pool {

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bindings::wxhost::plugin::types as wit;
 use crate::caps::internal_call::InternalClient;
+use crate::caps::session::Sessions;
 use crate::caps::wechat_api::WechatApi;
 use crate::caps::{Services, callback_crypto::CallbackCrypto, db::DbCtx};
 use crate::config::{self, Config, Role};
@@ -139,6 +140,18 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
         }
         _ => None,
     };
+    let sessions = match &database {
+        Some(db) => Some(
+            Sessions::new(
+                db.clone(),
+                options.settings.session_secret.clone(),
+                std::time::Duration::from_secs(config.session_ttl_secs),
+                options.settings.admin_token.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let db = database.map(|db| DbCtx { db });
     let callback_crypto = if options.roles.contains(&Role::Web) {
         let s = &options.settings;
@@ -167,7 +180,7 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
     } else {
         None
     };
-    Ok(Services { db, callback_crypto, internal_call, wechat_api })
+    Ok(Services { db, callback_crypto, internal_call, wechat_api, sessions })
 }
 
 async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) {

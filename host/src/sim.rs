@@ -51,6 +51,10 @@ struct SimData {
     /// QR tickets → (scene, expiry).
     tickets: HashMap<String, (String, i64)>,
     menu: Option<Value>,
+    /// The last menu body exactly as received.
+    menu_raw: Option<String>,
+    /// Where pushes go (overrides the configured web role URL).
+    web_url: Option<String>,
     /// Added to every API answer (to simulate a slow WeChat).
     latency: Duration,
     /// While set, API calls answer 503.
@@ -138,6 +142,16 @@ impl Sim {
 
     pub fn menu(&self) -> Option<Value> {
         self.data.lock().expect("sim lock").menu.clone()
+    }
+
+    /// The last menu exactly as the host sent it.
+    pub fn menu_raw(&self) -> Option<String> {
+        self.data.lock().expect("sim lock").menu_raw.clone()
+    }
+
+    /// Points pushes at a web role started after the simulator.
+    pub fn set_web_url(&self, url: &str) {
+        self.data.lock().expect("sim lock").web_url = Some(url.trim_end_matches('/').to_string());
     }
 
     fn issue_token(&self, d: &mut SimData) -> (String, i64) {
@@ -372,7 +386,9 @@ async fn menu_create(State(sim): State<Sim>, Query(q): Query<TokenQuery>, body: 
     if !menu["button"].as_array().is_some_and(|b| (1..=3).contains(&b.len())) {
         return err(40016, "invalid button size");
     }
-    sim.data.lock().expect("sim lock").menu = Some(menu);
+    let mut d = sim.data.lock().expect("sim lock");
+    d.menu = Some(menu);
+    d.menu_raw = Some(body);
     err(0, "ok")
 }
 

@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod internal_call;
 pub mod log;
+pub mod session;
 pub mod wasi;
 pub mod wechat_api;
 
@@ -71,7 +72,7 @@ impl Capability {
 
     /// Whether this host version implements the capability's interface yet.
     pub fn implemented(self) -> bool {
-        !matches!(self, Capability::WechatPay | Capability::Session)
+        !matches!(self, Capability::WechatPay)
     }
 
     /// The capability a component import (`wxhost:plugin/db@0.1.0`) asks for.
@@ -102,6 +103,7 @@ pub struct Services {
     pub callback_crypto: Option<callback_crypto::CallbackCrypto>,
     pub internal_call: Option<internal_call::InternalClient>,
     pub wechat_api: Option<wechat_api::WechatApi>,
+    pub sessions: Option<session::Sessions>,
 }
 
 /// The store data of one request's instance.
@@ -199,8 +201,9 @@ pub fn linker(engine: &Engine, capabilities: &BTreeSet<Capability>) -> wasmtime:
             Capability::CallbackCrypto => callback_crypto::add_to_linker(&mut linker, callback_crypto_view)?,
             Capability::InternalCall => internal_call::add_to_linker(&mut linker, internal_call_view)?,
             Capability::WechatApi => wechat_api::add_to_linker(&mut linker, wechat_api_view)?,
+            Capability::Session => session::add_to_linker(&mut linker, session_view)?,
             // Config validation refuses unimplemented capabilities before any linking.
-            Capability::WechatPay | Capability::Session => {
+            Capability::WechatPay => {
                 wasmtime::bail!("capability `{cap}` is not implemented by this host version")
             }
         }
@@ -238,4 +241,8 @@ fn wechat_api_view(s: &mut PluginState) -> wechat_api::WechatApiView<'_> {
         allowed_paths: &s.plugin.wechat_api,
         deadline_at: s.deadline_at,
     }
+}
+
+fn session_view(s: &mut PluginState) -> session::SessionView<'_> {
+    session::SessionView { ctx: s.services.sessions.as_ref() }
 }

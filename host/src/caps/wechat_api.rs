@@ -15,7 +15,7 @@ use serde_json::Value;
 use wasmtime::component::{HasData, Linker};
 
 use crate::bindings::wxhost::plugin::wechat_api::{self as wit, ApiError, Method, OauthUser, WechatError};
-use crate::database::{Database, Pool};
+use crate::database::{Database, Pool, on_pool};
 
 /// The production API; WECHAT_API_BASE overrides it (the simulator, a proxy).
 pub const DEFAULT_BASE: &str = "https://api.weixin.qq.com";
@@ -352,17 +352,6 @@ impl WechatApi {
         }
     }
 }
-
-/// Runs the same sqlx expression on whichever pool the URL chose.
-macro_rules! on_pool {
-    ($pool:expr, |$p:ident| $e:expr) => {
-        match $pool {
-            Pool::Sqlite($p) => $e,
-            Pool::Mysql($p) => $e,
-        }
-    };
-}
-use on_pool;
 
 fn classify(e: reqwest::Error) -> ApiError {
     if e.is_timeout() {
