@@ -34,6 +34,14 @@ pub fn new(max_instances: u32) -> anyhow::Result<Engine> {
         .max_wasm_stack(512 << 10)
         .async_stack_size(1 << 20)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    // Compiled plugins are kept on disk (keyed by content and engine settings),
+    // so restarts and the other processes of a deployment skip Cranelift.
+    match wasmtime::Cache::new(wasmtime::CacheConfig::new()) {
+        Ok(cache) => {
+            config.cache(Some(cache));
+        }
+        Err(e) => tracing::warn!("no compilation cache, plugins compile at every start: {e:#}"),
+    }
     let engine = Engine::new(&config)?;
     start_epoch_ticker(&engine);
     Ok(engine)

@@ -493,11 +493,8 @@ impl Sim {
 
     /// Signs (and in safe mode encrypts) a push and posts it to the web role.
     pub async fn push(&self, xml: &str, safe_mode: bool) -> anyhow::Result<(u16, String)> {
-        let web = self
-            .config
-            .web_url
-            .as_deref()
-            .ok_or_else(|| anyhow::anyhow!("the simulator has no web role URL"))?;
+        let web = self.data.lock().expect("sim lock").web_url.clone().or_else(|| self.config.web_url.clone());
+        let web = web.ok_or_else(|| anyhow::anyhow!("the simulator has no web role URL"))?;
         let ts = now().to_string();
         let nonce = random_hex(5);
         let signature = sorted_sha1(&[&self.config.token, &ts, &nonce]);

@@ -1,0 +1,370 @@
+//! End to end with the WeChat simulator, on SQLite and MariaDB: QR-code login
+//! (app → simulator → scan → web → app → poll), OAuth login, sessions, menus,
+//! the user's own data only, and WeChat being down or slow.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+use wxhost::config::Role;
+use wxhost::database::{self, Pool};
+use wxhost::server::RunningServer;
+use wxhost::sim::{ScanRequest, Sim, SimConfig, openid_of};
+
+const APPSECRET: &str = "sim-app-secret";
+const ADMIN: &str = "admin-credential";
+
+fn config() -> TestConfig {
+    let toml = base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "wechat-api", "session""#)
+        + VERIFY_PLUGIN
+        + r#"
+[plugins.config]
+welcome = "欢迎"
+
+[[plugins]]
+name = "internal"
+role = "app"
+wasm = "internal.wasm"
+routes = ["POST /api/v1/internal/user/create-or-update", "POST /api/v1/internal/binding/create", "PUT /api/v1/internal/binding/update"]
+capabilities = ["log", "db"]
+
+[[plugins]]
+name = "account"
+role = "app"
+wasm = "account.wasm"
+routes = [
+  "GET /api/v1/auth/wechat", "POST /api/v1/auth/wechat/qrcode", "GET /api/v1/auth/wechat/qrcode/{scene}",
+  "GET /api/v1/auth/wechat/get-menu", "POST /api/v1/auth/wechat/create-menu", "POST /api/v1/auth/logout",
+  "GET /api/v1/user/me", "GET /api/v1/user/orders", "GET /api/v1/user/orders/{out_trade_no}",
+]
+capabilities = ["log", "config", "db", "wechat-api", "session"]
+wechat_api = ["cgi-bin/qrcode/create", "cgi-bin/menu/get", "cgi-bin/menu/create"]
+"#;
+    TestConfig::new(
+        &toml,
+        &[
+            ("verify.wasm", "verify.wasm"),
+            ("internal.wasm", "internal.wasm"),
+            ("account.wasm", "account.wasm"),
+        ],
+    )
+}
+
+/// The simulator, an app role and a web role, wired together over loopback.
+struct Stack {
+    _config: TestConfig,
+    sim: Sim,
+    app: RunningServer,
+    web: RunningServer,
+    client: reqwest::Client,
+}
+
+impl Stack {
+    async fn start(database_url: &str) -> Stack {
+        let sim = Sim::new(SimConfig {
+            appid: APPID.into(),
+            secret: APPSECRET.into(),
+            token: TOKEN.into(),
+            aes_key: Some(AES_KEY.into()),
+            web_url: None,
+            token_ttl: Duration::from_secs(7200),
+        });
+        let (sim_addr, _) = sim
+            .serve("127.0.0.1:0".parse().unwrap(), tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap();
+        let config = config();
+        let mut app_settings = settings(Some(database_url));
+        app_settings.wechat_appsecret = Some(APPSECRET.to_string().into());
+        app_settings.wechat_api_base = Some(format!("http://{sim_addr}"));
+        app_settings.admin_token = Some(ADMIN.to_string().into());
+        let app = start_with(&config, &[Role::App], app_settings, false).await;
+        let mut web_settings = settings(None);
+        web_settings.app_internal_url = Some(format!("http://{}", app.role_addrs[&Role::App]));
+        let web = start_with(&config, &[Role::Web], web_settings, false).await;
+        sim.set_web_url(&format!("http://{}", web.role_addrs[&Role::Web]));
+        Stack { _config: config, sim, app, web, client: reqwest::Client::new() }
+    }
+
+    fn app_url(&self, path: &str) -> String {
+        url(&self.app, Role::App, path)
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut request = self.client.get(self.app_url(path));
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        let r = request.send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post(&self, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+        let mut request = self.client.post(self.app_url(path)).body(body.to_string());
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        let r = request.send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn shutdown(self) {
+        self.web.shutdown();
+        self.app.shutdown();
+        self.app.wait().await;
+    }
+}
+
+fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qr_code_login_runs_end_to_end_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start(&db.url).await;
+        let (status, qr) = stack.post("/api/v1/auth/wechat/qrcode", None, "").await;
+        assert_eq!(status, 201, "{which}: {qr}");
+        let scene = qr["scene"].as_str().unwrap().to_string();
+        let ticket = qr["ticket"].as_str().unwrap().to_string();
+        assert!(scene.len() >= 24, "{which}: an unguessable scene: {scene}");
+        assert!(qr["qrcode_url"].as_str().unwrap().contains("showqrcode?ticket="), "{which}");
+        assert!(qr["expires_at"].as_i64().unwrap() > unix_now());
+
+        let poll = format!("/api/v1/auth/wechat/qrcode/{scene}");
+        assert_eq!(stack.get(&poll, None).await.1["status"], "pending", "{which}");
+
+        // The user scans the code in WeChat: the simulator pushes subscribe+scene to the web role.
+        let scan = ScanRequest {
+            ticket: Some(ticket),
+            scene: None,
+            user: "bob".into(),
+            subscribed: false,
+            safe_mode: true,
+        };
+        let (status, reply) = stack.sim.scan(&scan).await.unwrap();
+        assert_eq!(status, 200, "{which}: {reply}");
+
+        let (status, scanned) = stack.get(&poll, None).await;
+        assert_eq!((status, scanned["status"].as_str()), (200, Some("scanned")), "{which}: {scanned}");
+        assert_eq!(scanned["openid"], openid_of("bob"), "{which}");
+        let token = scanned["token"].as_str().unwrap().to_string();
+        // The session is handed out once.
+        let (_, again) = stack.get(&poll, None).await;
+        assert_eq!((again["status"].as_str(), again.get("token")), (Some("consumed"), None), "{which}");
+
+        let (status, me) = stack.get("/api/v1/user/me", Some(&token)).await;
+        assert_eq!(status, 200, "{which}: {me}");
+        assert_eq!(
+            (me["openid"].as_str(), me["subscribed"].as_bool(), me["quota"].as_i64()),
+            (Some(openid_of("bob").as_str()), Some(true), Some(0)),
+            "{which}"
+        );
+        stack.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qr_code_that_nobody_scans_expires() {
+    let db = sqlite_database().await;
+    let stack = Stack::start(&db.url).await;
+    let (_, qr) = stack.post("/api/v1/auth/wechat/qrcode", None, "").await;
+    let scene = qr["scene"].as_str().unwrap();
+    set_sql(&db.url, "UPDATE bindings SET expires_at = 1 WHERE scene = ?", scene).await;
+    let (_, poll) = stack.get(&format!("/api/v1/auth/wechat/qrcode/{scene}"), None).await;
+    assert_eq!(poll["status"], "expired");
+    let (status, _) = stack.get("/api/v1/auth/wechat/qrcode/login_nonexistent", None).await;
+    assert_eq!(status, 404);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_login_gives_a_session_once_per_code_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start(&db.url).await;
+        let code = stack.sim.oauth_code("carol", "snsapi_userinfo");
+        let (status, login) = stack.get(&format!("/api/v1/auth/wechat?code={code}&state=x"), None).await;
+        assert_eq!(status, 200, "{which}: {login}");
+        assert_eq!(login["openid"], openid_of("carol"));
+        assert_eq!(login["user"]["nickname"], "carol 🌟", "{which}: emoji-safe nickname");
+        let token = login["token"].as_str().unwrap();
+        let (status, me) = stack.get("/api/v1/user/me", Some(token)).await;
+        assert_eq!((status, me["nickname"].as_str()), (200, Some("carol 🌟")), "{which}");
+
+        let (status, reused) = stack.get(&format!("/api/v1/auth/wechat?code={code}"), None).await;
+        assert_eq!((status, error_code(&reused)), (400, "invalid_code"), "{which}");
+        let (status, bad) = stack.get("/api/v1/auth/wechat?code=forged", None).await;
+        assert_eq!((status, error_code(&bad)), (400, "invalid_code"), "{which}");
+        let (status, missing) = stack.get("/api/v1/auth/wechat", None).await;
+        assert_eq!((status, error_code(&missing)), (400, "missing_code"), "{which}");
+        stack.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_valid_session_reads_data_and_only_its_own_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start(&db.url).await;
+        let login = |name: &'static str| {
+            let code = stack.sim.oauth_code(name, "snsapi_base");
+            let stack = &stack;
+            async move {
+                stack.get(&format!("/api/v1/auth/wechat?code={code}"), None).await.1["token"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            }
+        };
+        let dave = login("dave").await;
+        let erin = login("erin").await;
+        insert_order(&db.url, "WX_ORDER_DAVE_1", &openid_of("dave")).await;
+
+        let (status, mine) = stack.get("/api/v1/user/orders/WX_ORDER_DAVE_1", Some(&dave)).await;
+        assert_eq!((status, mine["amount_fen"].as_i64()), (200, Some(990)), "{which}: {mine}");
+        let (status, list) = stack.get("/api/v1/user/orders", Some(&dave)).await;
+        assert_eq!((status, list["orders"].as_array().map(Vec::len)), (200, Some(1)), "{which}");
+        let (status, theirs) = stack.get("/api/v1/user/orders/WX_ORDER_DAVE_1", Some(&erin)).await;
+        assert_eq!((status, error_code(&theirs)), (404, "not_found"), "{which}: another user's order");
+        let (_, erins) = stack.get("/api/v1/user/orders", Some(&erin)).await;
+        assert_eq!(erins["orders"], json!([]), "{which}");
+
+        // No token, a forged one, an openid in place of a token.
+        for token in [None, Some("v1.abc.9999999999.forged"), Some(openid_of("dave").as_str()), Some("")] {
+            let (status, body) = stack.get("/api/v1/user/me", token).await;
+            assert_eq!(status, 401, "{which}: {token:?} → {body}");
+        }
+        // A tampered expiry breaks the signature.
+        let mut parts: Vec<&str> = dave.split('.').collect();
+        parts[2] = "9999999999";
+        let (status, _) = stack.get("/api/v1/user/me", Some(&parts.join("."))).await;
+        assert_eq!(status, 401, "{which}");
+
+        // Logging out revokes the token.
+        assert_eq!(stack.post("/api/v1/auth/logout", Some(&dave), "").await.0, 200, "{which}");
+        let (status, body) = stack.get("/api/v1/user/me", Some(&dave)).await;
+        assert_eq!((status, error_code(&body)), (401, "session_revoked"), "{which}");
+        assert_eq!(stack.get("/api/v1/user/me", Some(&erin)).await.0, 200, "{which}: other sessions live on");
+        stack.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_session_is_refused() {
+    let db = sqlite_database().await;
+    let database = database::connect(&db.url, &Default::default()).await.unwrap();
+    database::migrate(&database).await.unwrap();
+    let sessions =
+        wxhost::caps::session::Sessions::new(database, None, Duration::from_secs(1), None).await.unwrap();
+    let issued = sessions.issue("oSomeone").await.unwrap();
+    assert_eq!(sessions.verify(&issued.token).await.unwrap().openid, "oSomeone");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(matches!(
+        sessions.verify(&issued.token).await,
+        Err(wxhost::bindings::wxhost::plugin::session::SessionError::Expired)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn menus_need_the_admin_credential_and_are_validated_before_sending() {
+    let db = sqlite_database().await;
+    let stack = Stack::start(&db.url).await;
+    let (status, menu) = stack.get("/api/v1/auth/wechat/get-menu", None).await;
+    assert_eq!((status, &menu["menu"]), (200, &Value::Null));
+
+    let menu = r#"{"button":[{"type":"click","name":"今日歌曲","key":"V1001_TODAY_MUSIC"},{"name":"菜单","sub_button":[{"type":"view","name":"搜索","url":"https://www.soso.com/"}]}]}"#;
+    let path = "/api/v1/auth/wechat/create-menu";
+    assert_eq!(stack.post(path, None, menu).await.0, 401);
+    assert_eq!(stack.post(path, Some("not-the-admin"), menu).await.0, 403);
+    // A user's session is no admin credential either.
+    let code = stack.sim.oauth_code("frank", "snsapi_base");
+    let user = stack.get(&format!("/api/v1/auth/wechat?code={code}"), None).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(stack.post(path, Some(&user), menu).await.0, 403);
+    for bad in [
+        r#"{"button":[]}"#,
+        r#"{"button":[{"type":"click","name":"x"}]}"#,
+        "not json",
+        r#"{"button":[{"type":"view","name":"这个名字实在是太长了超过十六个字节","url":"https://a"}]}"#,
+    ] {
+        let (status, body) = stack.post(path, Some(ADMIN), bad).await;
+        assert_eq!((status, error_code(&body)), (400, "invalid_menu"), "{bad}");
+    }
+    assert!(stack.sim.menu().is_none(), "nothing invalid reached WeChat");
+
+    let (status, body) = stack.post(path, Some(ADMIN), menu).await;
+    assert_eq!(status, 200, "{body}");
+    let sent = stack.sim.menu_raw().unwrap();
+    assert!(sent.contains("今日歌曲") && !sent.contains("\\u"), "Chinese sent unescaped: {sent}");
+    let (_, got) = stack.get("/api/v1/auth/wechat/get-menu", None).await;
+    assert_eq!(got["menu"]["button"][0]["name"], "今日歌曲");
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wechat_down_or_slow_is_a_clear_502_or_504_and_nothing_is_half_made() {
+    let db = sqlite_database().await;
+    let stack = Stack::start(&db.url).await;
+    stack.sim.set_down(true);
+    let (status, body) = stack.post("/api/v1/auth/wechat/qrcode", None, "").await;
+    assert_eq!((status, error_code(&body)), (502, "wechat_error"), "{body}");
+    stack.sim.set_down(false);
+
+    stack.sim.set_latency(Duration::from_secs(30));
+    let started = Instant::now();
+    let (status, body) = stack.post("/api/v1/auth/wechat/qrcode", None, "").await;
+    assert_eq!((status, error_code(&body)), (504, "wechat_timeout"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "bounded by the app role's 3 s deadline: {:?}",
+        started.elapsed()
+    );
+    let (status, _) = stack
+        .get(&format!("/api/v1/auth/wechat?code={}", stack.sim.oauth_code("gina", "snsapi_base")), None)
+        .await;
+    assert_eq!(status, 504);
+    stack.sim.set_latency(Duration::ZERO);
+
+    assert_eq!(
+        count(&db.url, "SELECT COUNT(*) FROM bindings").await,
+        0,
+        "no pending binding without a QR code"
+    );
+    assert_eq!(count(&db.url, "SELECT COUNT(*) FROM users").await, 0);
+    assert_eq!(count(&db.url, "SELECT COUNT(*) FROM sessions").await, 0);
+    stack.shutdown().await;
+}
+
+async fn count(url: &str, sql: &str) -> i64 {
+    let db = database::connect(url, &Default::default()).await.unwrap();
+    match &db.pool {
+        Pool::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await.unwrap(),
+        Pool::Mysql(p) => sqlx::query_scalar(sql).fetch_one(p).await.unwrap(),
+    }
+}
+
+async fn set_sql(url: &str, sql: &str, arg: &str) {
+    let db = database::connect(url, &Default::default()).await.unwrap();
+    match &db.pool {
+        Pool::Sqlite(p) => sqlx::query(sql).bind(arg).execute(p).await.map(|_| ()),
+        Pool::Mysql(p) => sqlx::query(sql).bind(arg).execute(p).await.map(|_| ()),
+    }
+    .unwrap();
+}
+
+async fn insert_order(url: &str, out_trade_no: &str, openid: &str) {
+    let db = database::connect(url, &Default::default()).await.unwrap();
+    let sql = "INSERT INTO orders (out_trade_no, openid, product_id, description, amount_fen, credits, status, time_expire, created_at, updated_at) \
+               VALUES (?, ?, 'p10', '10 次', 990, 10, 'pending', 9999999999, 1, 1)";
+    match &db.pool {
+        Pool::Sqlite(p) => sqlx::query(sql).bind(out_trade_no).bind(openid).execute(p).await.map(|_| ()),
+        Pool::Mysql(p) => sqlx::query(sql).bind(out_trade_no).bind(openid).execute(p).await.map(|_| ()),
+    }
+    .unwrap();
+}
