@@ -46,6 +46,14 @@ enum Command {
     },
     /// Apply the database migrations to DATABASE_URL (default: the SQLite file under ./data).
     Migrate,
+    /// Development: the web role, the app role and the WeChat simulator together,
+    /// on the SQLite default, with generated secrets kept in data/dev.env.
+    Dev {
+        #[arg(long, default_value = config::DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:9300")]
+        sim_listen: std::net::SocketAddr,
+    },
     /// WeChat simulator: serve it, or drive a running one.
     Sim {
         #[command(subcommand)]
@@ -154,6 +162,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sim { command } => sim(command).await,
+        Command::Dev { config, sim_listen } => dev(config, sim_listen).await,
         Command::Serve { role, config, no_watch } => {
             let options = server::ServeOptions {
                 config_path: config,
@@ -184,6 +193,122 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Where `wxhost dev` keeps the secrets it generates, so restarts keep sessions.
+const DEV_SECRETS: &str = "data/dev.env";
+
+async fn dev(config_path: PathBuf, sim_listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
+    let config = config::load(&config_path)?;
+    let dev = dev_secrets(std::path::Path::new(DEV_SECRETS))?;
+    let mut settings = Settings::from_env()?;
+    let pick = |set: &mut Option<secrecy::SecretString>, key: &str| {
+        if set.is_none() {
+            *set = dev.get(key).map(|v| v.clone().into());
+        }
+    };
+    pick(&mut settings.wechat_token, "WECHAT_TOKEN");
+    pick(&mut settings.wechat_aes_key, "WECHAT_AES_KEY");
+    pick(&mut settings.wechat_appsecret, "WECHAT_APPSECRET");
+    pick(&mut settings.internal_secret, "INTERNAL_SECRET");
+    pick(&mut settings.admin_token, "WXHOST_ADMIN_TOKEN");
+    settings.wechat_appid.get_or_insert_with(|| "wxdev00000000000a".into());
+    let roles = [Role::Web, Role::App];
+    let listen = |role: Role, over: Option<std::net::SocketAddr>| {
+        over.or_else(|| config.roles.get(&role).map(|r| r.listen))
+            .ok_or_else(|| anyhow::anyhow!("no [roles.{role}]"))
+    };
+    let (web, app) = (listen(Role::Web, settings.web_listen)?, listen(Role::App, settings.app_listen)?);
+    settings.app_internal_url.get_or_insert_with(|| format!("http://{app}"));
+    settings.wechat_api_base.get_or_insert_with(|| format!("http://{sim_listen}"));
+    settings.wechat_qrcode_base.get_or_insert_with(|| format!("http://{sim_listen}/cgi-bin/showqrcode"));
+
+    let sim_config = wxhost::sim::SimConfig {
+        appid: settings.wechat_appid.clone().unwrap_or_default(),
+        secret: settings.wechat_appsecret.as_ref().map(|s| s.expose_secret().to_string()).unwrap_or_default(),
+        token: settings.wechat_token.as_ref().map(|s| s.expose_secret().to_string()).unwrap_or_default(),
+        aes_key: settings.wechat_aes_key.as_ref().map(|s| s.expose_secret().to_string()),
+        web_url: Some(format!("http://{web}")),
+        token_ttl: std::time::Duration::from_secs(7200),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (sim_addr, sim_task) = wxhost::sim::Sim::new(sim_config).serve(sim_listen, shutdown.clone()).await?;
+    let admin = settings.admin_token.as_ref().map(|s| s.expose_secret().to_string()).unwrap_or_default();
+    let running = server::start(server::ServeOptions {
+        config_path: config_path.clone(),
+        roles: roles.to_vec(),
+        settings,
+        watch: true,
+    })
+    .await?;
+    let app = running.role_addrs[&Role::App];
+    let exe = std::env::args().next().unwrap_or_else(|| "wxhost".into());
+    println!(
+        r#"
+wxhost dev: web role http://{web}, app role http://{app}, WeChat simulator http://{sim_addr}
+secrets: {DEV_SECRETS} (generated; delete it to make new ones)
+
+QR-code login:
+  curl -s -X POST http://{app}/api/v1/auth/wechat/qrcode            # -> scene, ticket, qrcode_url
+  {exe} sim scan --sim-url http://{sim_addr} --ticket TICKET --user alice
+  curl -s http://{app}/api/v1/auth/wechat/qrcode/SCENE              # -> status scanned, token
+  curl -s -H "Authorization: Bearer TOKEN" http://{app}/api/v1/user/me
+
+Web authorization (OAuth):
+  {exe} sim code --sim-url http://{sim_addr} --user bob                 # -> code
+  curl -s "http://{app}/api/v1/auth/wechat?code=CODE"
+
+Menu (admin credential from {DEV_SECRETS}: {admin}):
+  curl -s -X POST -H "Authorization: Bearer {admin}" http://{app}/api/v1/auth/wechat/create-menu        -d '{{"button":[{{"type":"click","name":"帮助","key":"MENU_HELP"}}]}}'
+
+Edit a plugin and run `cargo build`: the server swaps it in. Ctrl-C stops everything.
+"#
+    );
+    let stop = running.shutdown_token();
+    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    stop.cancel();
+    shutdown.cancel();
+    running.wait().await;
+    let _ = sim_task.await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads data/dev.env, creating it with fresh random secrets the first time.
+fn dev_secrets(path: &std::path::Path) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    use base64::Engine as _;
+    if !path.exists() {
+        let random = |n: usize| {
+            let mut b = vec![0u8; n];
+            rand::fill(&mut b[..]);
+            b
+        };
+        let aes = base64::engine::general_purpose::STANDARD_NO_PAD.encode(random(32));
+        let text = format!(
+            "# Generated by `wxhost dev` for local development only.\n\
+             WECHAT_TOKEN={}\nWECHAT_AES_KEY={}\nWECHAT_APPSECRET={}\nINTERNAL_SECRET={}\nWXHOST_ADMIN_TOKEN={}\n",
+            hex::encode(random(16)),
+            &aes[..43],
+            hex::encode(random(16)),
+            hex::encode(random(32)),
+            hex::encode(random(16)),
+        );
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect())
 }
 
 async fn sim(command: SimCommand) -> anyhow::Result<ExitCode> {

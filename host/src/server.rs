@@ -129,6 +129,7 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
     let wechat_api = match (&database, &options.settings.wechat_appid, &options.settings.wechat_appsecret) {
         (Some(db), Some(appid), Some(secret)) => Some(WechatApi::new(
             options.settings.wechat_api_base.as_deref(),
+            options.settings.wechat_qrcode_base.as_deref(),
             appid.clone(),
             secret.clone(),
             config.token_endpoint,

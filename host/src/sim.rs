@@ -81,6 +81,7 @@ impl Sim {
             .route("/sns/oauth2/access_token", get(oauth_access_token))
             .route("/sns/userinfo", get(userinfo))
             .route("/cgi-bin/qrcode/create", post(qrcode_create))
+            .route("/cgi-bin/showqrcode", get(showqrcode))
             .route("/cgi-bin/menu/get", get(menu_get))
             .route("/cgi-bin/menu/create", post(menu_create))
             .route("/sim/stats", get(stats))
@@ -364,6 +365,49 @@ async fn qrcode_create(
     Json(
         json!({ "ticket": ticket, "expire_seconds": expire, "url": format!("http://weixin.qq.com/q/{ticket}") }),
     )
+}
+
+#[derive(Deserialize)]
+struct TicketQuery {
+    ticket: Option<String>,
+}
+
+/// The QR code image of a ticket: a real, scannable PNG of the ticket's URL.
+async fn showqrcode(State(sim): State<Sim>, Query(q): Query<TicketQuery>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let ticket = q.ticket.unwrap_or_default();
+    if !sim.data.lock().expect("sim lock").tickets.contains_key(&ticket) {
+        return (axum::http::StatusCode::NOT_FOUND, "no such ticket").into_response();
+    }
+    match qr_png(&format!("http://weixin.qq.com/q/{ticket}")) {
+        Ok(png) => ([(axum::http::header::CONTENT_TYPE, "image/png")], png).into_response(),
+        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Renders `text` as a QR code PNG: 8 pixels a module, a 4-module quiet zone.
+pub fn qr_png(text: &str) -> anyhow::Result<Vec<u8>> {
+    const SCALE: usize = 8;
+    const QUIET: usize = 4;
+    let code = qrcode::QrCode::new(text.as_bytes())?;
+    let modules = code.width();
+    let colors = code.to_colors();
+    let side = (modules + 2 * QUIET) * SCALE;
+    let mut pixels = vec![255u8; side * side];
+    for (i, color) in colors.iter().enumerate() {
+        if *color == qrcode::Color::Dark {
+            let (mx, my) = (i % modules + QUIET, i / modules + QUIET);
+            for y in my * SCALE..(my + 1) * SCALE {
+                pixels[y * side + mx * SCALE..y * side + (mx + 1) * SCALE].fill(0);
+            }
+        }
+    }
+    let mut png = Vec::new();
+    let mut encoder = png::Encoder::new(&mut png, side as u32, side as u32);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.write_header()?.write_image_data(&pixels)?;
+    Ok(png)
 }
 
 async fn menu_get(State(sim): State<Sim>, Query(q): Query<TokenQuery>) -> Json<Value> {

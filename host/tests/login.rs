@@ -79,6 +79,7 @@ impl Stack {
         let mut app_settings = settings(Some(database_url));
         app_settings.wechat_appsecret = Some(APPSECRET.to_string().into());
         app_settings.wechat_api_base = Some(format!("http://{sim_addr}"));
+        app_settings.wechat_qrcode_base = Some(format!("http://{sim_addr}/cgi-bin/showqrcode"));
         app_settings.admin_token = Some(ADMIN.to_string().into());
         let app = start_with(&config, &[Role::App], app_settings, false).await;
         let mut web_settings = settings(None);
@@ -133,6 +134,12 @@ async fn qr_code_login_runs_end_to_end_on_both_databases() {
         assert!(scene.len() >= 24, "{which}: an unguessable scene: {scene}");
         assert!(qr["qrcode_url"].as_str().unwrap().contains("showqrcode?ticket="), "{which}");
         assert!(qr["expires_at"].as_i64().unwrap() > unix_now());
+
+        // The QR image is a real, decodable QR code of the ticket's URL.
+        let image = stack.client.get(qr["qrcode_url"].as_str().unwrap()).send().await.unwrap();
+        assert_eq!(image.headers()["content-type"], "image/png", "{which}");
+        let decoded = decode_qr(&image.bytes().await.unwrap());
+        assert_eq!(decoded, format!("http://weixin.qq.com/q/{ticket}"), "{which}");
 
         let poll = format!("/api/v1/auth/wechat/qrcode/{scene}");
         assert_eq!(stack.get(&poll, None).await.1["status"], "pending", "{which}");
@@ -367,4 +374,67 @@ async fn insert_order(url: &str, out_trade_no: &str, openid: &str) {
         Pool::Mysql(p) => sqlx::query(sql).bind(out_trade_no).bind(openid).execute(p).await.map(|_| ()),
     }
     .unwrap();
+}
+
+/// Reads the text of a QR code PNG, as a phone camera would.
+fn decode_qr(png_bytes: &[u8]) -> String {
+    let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    let (w, h) = (info.width as usize, info.height as usize);
+    let mut image = rqrr::PreparedImage::prepare_from_greyscale(w, h, |x, y| pixels[y * w + x]);
+    let grids = image.detect_grids();
+    assert_eq!(grids.len(), 1, "one QR code in the image");
+    grids[0].decode().unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_app_processes_on_one_mariadb_share_one_token_per_lifetime() {
+    let db = mysql_database().await;
+    let sim = Sim::new(SimConfig {
+        appid: APPID.into(),
+        secret: APPSECRET.into(),
+        token: TOKEN.into(),
+        aes_key: None,
+        web_url: None,
+        token_ttl: Duration::from_secs(5),
+    });
+    let (sim_addr, _) =
+        sim.serve("127.0.0.1:0".parse().unwrap(), tokio_util::sync::CancellationToken::new()).await.unwrap();
+    let config = config();
+    let mut apps = Vec::new();
+    for _ in 0..2 {
+        let mut s = settings(Some(&db.url));
+        s.wechat_appsecret = Some(APPSECRET.to_string().into());
+        s.wechat_api_base = Some(format!("http://{sim_addr}"));
+        apps.push(start_with(&config, &[Role::App], s, false).await);
+    }
+    let client = reqwest::Client::new();
+    let menu = |i: usize| {
+        let (client, url) = (client.clone(), url(&apps[i % 2], Role::App, "/api/v1/auth/wechat/get-menu"));
+        async move { client.get(url).send().await.unwrap().status().as_u16() }
+    };
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(9) {
+        for status in futures::future::join_all((0..4).map(menu)).await {
+            assert_eq!(status, 200);
+            calls += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let issued = sim.tokens_issued();
+    assert!((2..=4).contains(&issued), "{issued} tokens for {calls} calls from two app processes");
+
+    // Another server invalidates the token: one refresh, and every call still succeeds.
+    sim.invalidate_tokens();
+    for status in futures::future::join_all((0..6).map(menu)).await {
+        assert_eq!(status, 200);
+    }
+    assert_eq!(sim.tokens_issued(), issued + 1);
+    for app in apps {
+        app.shutdown();
+        app.wait().await;
+    }
 }

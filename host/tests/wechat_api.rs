@@ -34,7 +34,10 @@ async fn simulator(token_ttl: Duration) -> (Sim, String) {
 async fn process(db: &TestDatabase, base: &str, endpoint: TokenEndpoint) -> Arc<WechatApi> {
     let database = database::connect(&db.url, &Default::default()).await.unwrap();
     database::migrate(&database).await.unwrap();
-    Arc::new(WechatApi::new(Some(base), APPID.into(), SECRET.to_string().into(), endpoint, database).unwrap())
+    Arc::new(
+        WechatApi::new(Some(base), None, APPID.into(), SECRET.to_string().into(), endpoint, database)
+            .unwrap(),
+    )
 }
 
 fn soon() -> Instant {
@@ -185,6 +188,7 @@ async fn wechat_down_or_slow_is_a_clear_error_within_the_deadline() {
     // Nothing listens there: unavailable, and the error names no URL or secret.
     let nowhere = WechatApi::new(
         Some("http://127.0.0.1:9"),
+        None,
         APPID.into(),
         SECRET.to_string().into(),
         TokenEndpoint::Stable,

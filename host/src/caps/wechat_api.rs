@@ -20,6 +20,9 @@ use crate::database::{Database, Pool, on_pool};
 /// The production API; WECHAT_API_BASE overrides it (the simulator, a proxy).
 pub const DEFAULT_BASE: &str = "https://api.weixin.qq.com";
 
+/// Where WeChat shows QR code images; WECHAT_QRCODE_BASE overrides it.
+pub const DEFAULT_QRCODE_BASE: &str = "https://mp.weixin.qq.com/cgi-bin/showqrcode";
+
 /// Answers WeChat gives when the access_token is not (or no longer) valid.
 const TOKEN_ERRCODES: [i64; 3] = [40001, 40014, 42001];
 
@@ -43,6 +46,7 @@ pub enum TokenEndpoint {
 /// The owned context: credentials, HTTP client, and the shared token cache.
 pub struct WechatApi {
     base: String,
+    qrcode_base: String,
     appid: String,
     secret: SecretString,
     endpoint: TokenEndpoint,
@@ -55,6 +59,7 @@ pub struct WechatApi {
 impl WechatApi {
     pub fn new(
         base: Option<&str>,
+        qrcode_base: Option<&str>,
         appid: String,
         secret: SecretString,
         endpoint: TokenEndpoint,
@@ -65,12 +70,18 @@ impl WechatApi {
             base.starts_with("https://") || base.starts_with("http://"),
             "WECHAT_API_BASE must be an http(s) URL"
         );
+        let qrcode_base = qrcode_base.unwrap_or(DEFAULT_QRCODE_BASE).to_string();
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build()?;
-        Ok(WechatApi { base, appid, secret, endpoint, http, db, cached: Mutex::new(None) })
+        Ok(WechatApi { base, qrcode_base, appid, secret, endpoint, http, db, cached: Mutex::new(None) })
     }
 
     pub fn appid(&self) -> &str {
         &self.appid
+    }
+
+    pub fn qrcode_image_url(&self, ticket: &str) -> String {
+        let ticket: String = url::form_urlencoded::byte_serialize(ticket.as_bytes()).collect();
+        format!("{}?ticket={ticket}", self.qrcode_base)
     }
 
     /// Calls `path` with the access_token added; retries once with a fresh
@@ -462,5 +473,10 @@ impl wit::Host for WechatApiView<'_> {
 
     async fn appid(&mut self) -> wasmtime::Result<String> {
         Ok(self.ctx.map(|c| c.appid().to_string()).unwrap_or_default())
+    }
+
+    async fn qrcode_image_url(&mut self, ticket: String) -> wasmtime::Result<String> {
+        let base = self.ctx.map(|c| c.qrcode_image_url(&ticket));
+        Ok(base.unwrap_or_else(|| format!("{DEFAULT_QRCODE_BASE}?ticket={ticket}")))
     }
 }

@@ -12,7 +12,6 @@ wit_bindgen::generate!({ world: "app-plugin", path: "../../wit" });
 
 use exports::wxhost::plugin::handler::Guest;
 use serde_json::{Value as Json, json};
-use wxhost::plugin::config;
 use wxhost::plugin::db::{self, SqlDialect, Value};
 use wxhost::plugin::log::{self, Level};
 use wxhost::plugin::session::{self, SessionError};
@@ -96,12 +95,7 @@ fn create_qrcode() -> Answer {
         ],
     )
     .map_err(db_failure)?;
-    let image_base =
-        config::get("showqrcode_url").unwrap_or_else(|| "https://mp.weixin.qq.com/cgi-bin/showqrcode".into());
-    let image_url = format!(
-        "{image_base}?ticket={}",
-        form_urlencoded::byte_serialize(ticket.as_bytes()).collect::<String>()
-    );
+    let image_url = wechat_api::qrcode_image_url(ticket);
     Ok(reply(
         201,
         json!({ "scene": scene, "ticket": ticket, "qrcode_url": image_url, "expires_at": now + expires_in }),
