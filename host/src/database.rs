@@ -34,6 +34,7 @@ pub struct Database {
 }
 
 /// Runs the same sqlx expression on whichever pool the URL chose.
+#[macro_export]
 macro_rules! on_pool {
     ($pool:expr, |$p:ident| $e:expr) => {
         match $pool {
@@ -42,7 +43,7 @@ macro_rules! on_pool {
         }
     };
 }
-pub(crate) use on_pool;
+pub use on_pool;
 
 impl Database {
     pub fn dialect(&self) -> Dialect {

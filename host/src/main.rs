@@ -107,6 +107,11 @@ enum SimCommand {
         #[arg(long, default_value = "http://127.0.0.1:9300")]
         sim_url: String,
     },
+    /// Make every access token expire now (WeChat then answers 42001).
+    Expire {
+        #[arg(long, default_value = "http://127.0.0.1:9300")]
+        sim_url: String,
+    },
     /// Counters: tokens issued, API calls.
     Stats {
         #[arg(long, default_value = "http://127.0.0.1:9300")]
@@ -353,6 +358,9 @@ async fn sim(command: SimCommand) -> anyhow::Result<ExitCode> {
         }
         SimCommand::Invalidate { sim_url } => {
             control(&sim_url, "/sim/tokens/invalidate", serde_json::json!({})).await
+        }
+        SimCommand::Expire { sim_url } => {
+            control(&sim_url, "/sim/tokens/expire", serde_json::json!({})).await
         }
         SimCommand::Stats { sim_url } => {
             let text =

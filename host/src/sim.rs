@@ -88,6 +88,7 @@ impl Sim {
             .route("/sim/users", post(create_user))
             .route("/sim/oauth/code", post(issue_code))
             .route("/sim/tokens/invalidate", post(invalidate_tokens))
+            .route("/sim/tokens/expire", post(expire_tokens))
             .route("/sim/latency", post(set_latency))
             .route("/sim/down", post(set_down))
             .route("/sim/scan", post(scan))
@@ -121,6 +122,13 @@ impl Sim {
         let mut d = self.data.lock().expect("sim lock");
         d.tokens.clear();
         d.stable = None;
+    }
+
+    /// Every access token expires now (WeChat then answers 42001).
+    pub fn expire_tokens(&self) {
+        let mut d = self.data.lock().expect("sim lock");
+        let now = now();
+        d.tokens.values_mut().for_each(|expiry| *expiry = now);
     }
 
     pub fn set_latency(&self, latency: Duration) {
@@ -253,14 +261,19 @@ async fn stable_token(State(sim): State<Sim>, Json(c): Json<Credentials>) -> Jso
         return e;
     }
     let mut d = sim.data.lock().expect("sim lock");
+    // Like WeChat: the same token until its last stretch (5 minutes, or a fifth
+    // of short test lifetimes), then a new one while the old one stays valid.
+    let renew_window = (sim.config.token_ttl.as_secs() as i64 / 5).clamp(1, 300);
     if !c.force_refresh
         && let Some(current) = d.stable.clone()
         && let Some(&expiry) = d.tokens.get(&current)
-        && expiry > now()
+        && expiry - now() > renew_window
     {
         return Json(json!({ "access_token": current, "expires_in": expiry - now() }));
     }
-    if let Some(old) = d.stable.take() {
+    if c.force_refresh
+        && let Some(old) = d.stable.take()
+    {
         d.tokens.remove(&old);
     }
     let (token, ttl) = sim.issue_token(&mut d);
@@ -463,6 +476,11 @@ async fn issue_code(State(sim): State<Sim>, Json(u): Json<UserBody>) -> Json<Val
 
 async fn invalidate_tokens(State(sim): State<Sim>) -> Json<Value> {
     sim.invalidate_tokens();
+    err(0, "ok")
+}
+
+async fn expire_tokens(State(sim): State<Sim>) -> Json<Value> {
+    sim.expire_tokens();
     err(0, "ok")
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{Value, json};
 use wxhost::config::Role;
-use wxhost::database::{self, Pool};
+use wxhost::database;
 use wxhost::server::RunningServer;
 use wxhost::sim::{ScanRequest, Sim, SimConfig, openid_of};
 
@@ -180,7 +180,7 @@ async fn a_qr_code_that_nobody_scans_expires() {
     let stack = Stack::start(&db.url).await;
     let (_, qr) = stack.post("/api/v1/auth/wechat/qrcode", None, "").await;
     let scene = qr["scene"].as_str().unwrap();
-    set_sql(&db.url, "UPDATE bindings SET expires_at = 1 WHERE scene = ?", scene).await;
+    db_exec(&db.url, "UPDATE bindings SET expires_at = 1 WHERE scene = ?", &[scene]).await;
     let (_, poll) = stack.get(&format!("/api/v1/auth/wechat/qrcode/{scene}"), None).await;
     assert_eq!(poll["status"], "expired");
     let (status, _) = stack.get("/api/v1/auth/wechat/qrcode/login_nonexistent", None).await;
@@ -339,41 +339,19 @@ async fn wechat_down_or_slow_is_a_clear_502_or_504_and_nothing_is_half_made() {
     stack.sim.set_latency(Duration::ZERO);
 
     assert_eq!(
-        count(&db.url, "SELECT COUNT(*) FROM bindings").await,
+        db_count(&db.url, "SELECT COUNT(*) FROM bindings").await,
         0,
         "no pending binding without a QR code"
     );
-    assert_eq!(count(&db.url, "SELECT COUNT(*) FROM users").await, 0);
-    assert_eq!(count(&db.url, "SELECT COUNT(*) FROM sessions").await, 0);
+    assert_eq!(db_count(&db.url, "SELECT COUNT(*) FROM users").await, 0);
+    assert_eq!(db_count(&db.url, "SELECT COUNT(*) FROM sessions").await, 0);
     stack.shutdown().await;
 }
 
-async fn count(url: &str, sql: &str) -> i64 {
-    let db = database::connect(url, &Default::default()).await.unwrap();
-    match &db.pool {
-        Pool::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await.unwrap(),
-        Pool::Mysql(p) => sqlx::query_scalar(sql).fetch_one(p).await.unwrap(),
-    }
-}
-
-async fn set_sql(url: &str, sql: &str, arg: &str) {
-    let db = database::connect(url, &Default::default()).await.unwrap();
-    match &db.pool {
-        Pool::Sqlite(p) => sqlx::query(sql).bind(arg).execute(p).await.map(|_| ()),
-        Pool::Mysql(p) => sqlx::query(sql).bind(arg).execute(p).await.map(|_| ()),
-    }
-    .unwrap();
-}
-
 async fn insert_order(url: &str, out_trade_no: &str, openid: &str) {
-    let db = database::connect(url, &Default::default()).await.unwrap();
-    let sql = "INSERT INTO orders (out_trade_no, openid, product_id, description, amount_fen, credits, status, time_expire, created_at, updated_at) \
-               VALUES (?, ?, 'p10', '10 次', 990, 10, 'pending', 9999999999, 1, 1)";
-    match &db.pool {
-        Pool::Sqlite(p) => sqlx::query(sql).bind(out_trade_no).bind(openid).execute(p).await.map(|_| ()),
-        Pool::Mysql(p) => sqlx::query(sql).bind(out_trade_no).bind(openid).execute(p).await.map(|_| ()),
-    }
-    .unwrap();
+    let sql = "INSERT INTO orders (out_trade_no, openid, product_id, description, amount_fen, credits, status, \
+               time_expire, created_at, updated_at) VALUES (?, ?, 'p10', '10 次', 990, 10, 'pending', 9999999999, 1, 1)";
+    db_exec(url, sql, &[out_trade_no, openid]).await;
 }
 
 /// Reads the text of a QR code PNG, as a phone camera would.
@@ -413,7 +391,13 @@ async fn two_app_processes_on_one_mariadb_share_one_token_per_lifetime() {
     let client = reqwest::Client::new();
     let menu = |i: usize| {
         let (client, url) = (client.clone(), url(&apps[i % 2], Role::App, "/api/v1/auth/wechat/get-menu"));
-        async move { client.get(url).send().await.unwrap().status().as_u16() }
+        async move {
+            let r = client.get(url).send().await.unwrap();
+            let status = r.status().as_u16();
+            let body = r.text().await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            status
+        }
     };
     let started = Instant::now();
     let mut calls = 0;

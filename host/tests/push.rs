@@ -10,7 +10,7 @@ use common::*;
 use serde_json::json;
 use wxhost::caps::callback_crypto::{CallbackCrypto, sorted_sha1};
 use wxhost::config::Role;
-use wxhost::database::{self, Pool};
+use wxhost::database;
 use wxhost::internal_auth::{InternalAuth, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use wxhost::server::RunningServer;
 
@@ -190,31 +190,13 @@ struct Snapshot {
 
 async fn snapshot(url: &str) -> Snapshot {
     let db = database::connect(url, &Default::default()).await.unwrap();
-    let (users, bindings, events) = match &db.pool {
-        Pool::Sqlite(p) => (
-            sqlx::query_as("SELECT openid, subscribed FROM users ORDER BY openid")
-                .fetch_all(p)
-                .await
-                .unwrap(),
-            sqlx::query_as("SELECT scene, openid, status FROM bindings ORDER BY scene")
-                .fetch_all(p)
-                .await
-                .unwrap(),
-            sqlx::query_scalar("SELECT COUNT(*) FROM processed_events").fetch_one(p).await.unwrap(),
-        ),
-        Pool::Mysql(p) => (
-            sqlx::query_as("SELECT openid, subscribed FROM users ORDER BY openid")
-                .fetch_all(p)
-                .await
-                .unwrap(),
-            sqlx::query_as("SELECT scene, openid, status FROM bindings ORDER BY scene")
-                .fetch_all(p)
-                .await
-                .unwrap(),
-            sqlx::query_scalar("SELECT COUNT(*) FROM processed_events").fetch_one(p).await.unwrap(),
-        ),
-    };
-    Snapshot { users, bindings, events }
+    let users = "SELECT openid, subscribed FROM users ORDER BY openid";
+    let bindings = "SELECT scene, openid, status FROM bindings ORDER BY scene";
+    Snapshot {
+        users: wxhost::on_pool!(&db.pool, |p| sqlx::query_as(users).fetch_all(p).await).unwrap(),
+        bindings: wxhost::on_pool!(&db.pool, |p| sqlx::query_as(bindings).fetch_all(p).await).unwrap(),
+        events: db_count(url, "SELECT COUNT(*) FROM processed_events").await,
+    }
 }
 
 fn reply_content(xml: &str) -> String {
@@ -384,13 +366,7 @@ async fn unknown_and_expired_scenes_bind_nothing() {
 }
 
 async fn expire_scene(url: &str, scene: &str) {
-    let db = database::connect(url, &Default::default()).await.unwrap();
-    let sql = "UPDATE bindings SET expires_at = 1 WHERE scene = ?";
-    match &db.pool {
-        Pool::Sqlite(p) => sqlx::query(sql).bind(scene).execute(p).await.map(|_| ()),
-        Pool::Mysql(p) => sqlx::query(sql).bind(scene).execute(p).await.map(|_| ()),
-    }
-    .unwrap();
+    db_exec(url, "UPDATE bindings SET expires_at = 1 WHERE scene = ?", &[scene]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

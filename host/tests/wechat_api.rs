@@ -116,6 +116,18 @@ async fn an_invalidated_token_is_refreshed_once_and_the_call_retried_on_both_dat
             2,
             "{which}: exactly one refresh for six failing calls in two processes"
         );
+
+        // The token expires early (42001): the same single refresh.
+        sim.expire_tokens();
+        let calls =
+            processes.iter().flat_map(|p| [p.clone(), p.clone()]).map(|p| async move { menu_get(&p).await });
+        for result in futures::future::join_all(calls).await {
+            assert!(
+                matches!(result, Err(ApiError::Wechat(ref e)) if e.errcode == 46003),
+                "{which}: {result:?}"
+            );
+        }
+        assert_eq!(sim.tokens_issued(), 3, "{which}: one refresh after expiry");
     }
 }
 

@@ -298,7 +298,10 @@ impl WechatApi {
             }
         };
         // Refresh ahead of WeChat's expiry: a fifth of the lifetime, at most 5 minutes.
-        let refresh_by = unix_now() + expires_in - (expires_in / 5).clamp(1, 300);
+        // (At least a second from now, so a token handed back with little time
+        // left is used rather than asked for again on every call.)
+        let now = unix_now();
+        let refresh_by = (now + expires_in - (expires_in / 5).clamp(1, 300)).max(now + 1);
         let sql = "UPDATE token_cache SET token = ?, expires_at = ?, lease_owner = NULL, lease_until = 0, updated_at = ? \
                    WHERE name = ? AND lease_owner = ?";
         on_pool!(&self.db.pool, |p| sqlx::query(sql)

@@ -242,3 +242,22 @@ pub async fn mysql_database() -> TestDatabase {
 pub async fn all_databases() -> Vec<TestDatabase> {
     vec![sqlite_database().await, mysql_database().await]
 }
+
+/// Runs one statement with text arguments against a test database.
+pub async fn db_exec(url: &str, sql: &str, args: &[&str]) {
+    let db = wxhost::database::connect(url, &Default::default()).await.unwrap();
+    wxhost::on_pool!(&db.pool, |p| {
+        let mut q = sqlx::query(sql);
+        for a in args {
+            q = q.bind(*a);
+        }
+        q.execute(p).await.map(|_| ())
+    })
+    .unwrap();
+}
+
+/// The single integer a query answers (a COUNT, say).
+pub async fn db_count(url: &str, sql: &str) -> i64 {
+    let db = wxhost::database::connect(url, &Default::default()).await.unwrap();
+    wxhost::on_pool!(&db.pool, |p| sqlx::query_scalar(sql).fetch_one(p).await).unwrap()
+}

@@ -363,7 +363,8 @@ fn wechat_failure(e: ApiError) -> Response {
             log::log(Level::Error, &why);
             failure(500, "internal_error", "the server is not configured for this")
         }
-        ApiError::Unavailable(_) => {
+        ApiError::Unavailable(why) => {
+            log::log(Level::Warn, &format!("WeChat unavailable: {why}"));
             failure(502, "wechat_unavailable", "WeChat could not be reached; try again")
         }
     }
