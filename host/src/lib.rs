@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod host;
 pub mod internal_auth;
+pub mod pay_crypto;
 pub mod plugin;
 pub mod runtime;
 pub mod server;
