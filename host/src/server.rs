@@ -159,12 +159,16 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
         if s.wechat_token.is_none() {
             tracing::warn!("WECHAT_TOKEN is not set: WeChat server verification will answer 503");
         }
-        Some(CallbackCrypto::new(
+        let crypto = CallbackCrypto::new(
             s.wechat_token.clone(),
             s.wechat_aes_key.as_ref(),
             s.wechat_appid.clone(),
             config.timestamp_window_secs,
-        )?)
+        )?;
+        Some(match s.pay_notify_keys()? {
+            Some(keys) => crypto.with_pay(keys),
+            None => crypto,
+        })
     } else {
         None
     };

@@ -5,12 +5,15 @@
 use aes::cipher::{BlockDecryptMut, BlockEncryptMut, KeyIvInit, block_padding::NoPadding};
 use base64::Engine as _;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD as BASE64};
-use secrecy::{ExposeSecret, SecretSlice, SecretString};
+use secrecy::{ExposeSecret, SecretBox, SecretSlice, SecretString};
 use sha1::{Digest, Sha1};
 use subtle::ConstantTimeEq;
 use wasmtime::component::{HasData, Linker};
 
-use crate::bindings::wxhost::plugin::callback_crypto::{self as wit, CryptoError, EncryptedReply};
+use crate::bindings::wxhost::plugin::callback_crypto::{
+    self as wit, CryptoError, EncryptedReply, PayNotifyHeaders, PayNotifyV3,
+};
+use crate::pay_crypto::{self, PlatformKeys, V2SignType};
 
 type Aes256CbcEnc = cbc::Encryptor<aes::Aes256>;
 type Aes256CbcDec = cbc::Decryptor<aes::Aes256>;
@@ -32,7 +35,19 @@ pub struct CallbackCrypto {
     appid: Option<String>,
     /// Accepted distance of a callback's timestamp from now; `None` disables the check.
     window_secs: Option<u64>,
+    pay: Option<PayNotifyKeys>,
 }
+
+/// What checking WeChat Pay's notifies takes: the APIv3 key, the platform's
+/// public keys, and (for APIv2 merchants) the APIv2 key.
+pub struct PayNotifyKeys {
+    pub apiv3_key: SecretBox<[u8; 32]>,
+    pub platform: PlatformKeys,
+    pub apiv2_key: Option<SecretString>,
+}
+
+/// WeChat Pay refuses notifies whose timestamp is 5 minutes or more away.
+const PAY_SKEW_SECS: u64 = 300;
 
 /// A bad EncodingAESKey setting (never includes the key).
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +75,85 @@ impl CallbackCrypto {
                 Some(SecretSlice::from(bytes))
             }
         };
-        Ok(CallbackCrypto { token, aes_key, appid, window_secs })
+        Ok(CallbackCrypto { token, aes_key, appid, window_secs, pay: None })
+    }
+
+    /// Adds WeChat Pay notify verification.
+    pub fn with_pay(mut self, keys: PayNotifyKeys) -> Self {
+        self.pay = Some(keys);
+        self
+    }
+
+    fn pay(&self) -> Result<&PayNotifyKeys, CryptoError> {
+        self.pay.as_ref().ok_or_else(|| {
+            CryptoError::NotConfigured("WECHATPAY_APIV3_KEY and the platform public key are not set".into())
+        })
+    }
+
+    /// APIv3 notify: signature probe, clock skew, the key `serial` names, the
+    /// SHA256-RSA signature over `timestamp\nnonce\nbody\n`, then the resource.
+    pub fn verify_pay_notify_v3(
+        &self,
+        h: &PayNotifyHeaders,
+        body: &[u8],
+    ) -> Result<PayNotifyV3, CryptoError> {
+        let pay = self.pay()?;
+        if h.signature.starts_with("WECHATPAY/SIGNTEST/") {
+            return Err(CryptoError::SignatureProbe);
+        }
+        let ts: i64 =
+            h.timestamp.parse().map_err(|_| CryptoError::Malformed("Wechatpay-Timestamp".into()))?;
+        if now_unix().abs_diff(ts) >= PAY_SKEW_SECS {
+            return Err(CryptoError::StaleTimestamp);
+        }
+        let key = pay.platform.get(&h.serial).ok_or_else(|| CryptoError::UnknownKey(h.serial.clone()))?;
+        let mut message = format!("{}\n{}\n", h.timestamp, h.nonce).into_bytes();
+        message.extend_from_slice(body);
+        message.push(b'\n');
+        if !pay_crypto::rsa_verify(key, &message, &h.signature) {
+            return Err(CryptoError::BadSignature);
+        }
+        let malformed = |what: &str| CryptoError::Malformed(what.to_string());
+        let notify: serde_json::Value =
+            serde_json::from_slice(body).map_err(|_| malformed("the body is not JSON"))?;
+        let resource = &notify["resource"];
+        if resource["algorithm"].as_str() != Some("AEAD_AES_256_GCM") {
+            return Err(malformed("resource.algorithm must be AEAD_AES_256_GCM"));
+        }
+        let field =
+            |name: &str| resource[name].as_str().ok_or_else(|| malformed(&format!("resource.{name}")));
+        let plaintext = pay_crypto::v3_decrypt(
+            pay.apiv3_key.expose_secret(),
+            field("nonce")?,
+            resource["associated_data"].as_str().unwrap_or_default(),
+            field("ciphertext")?,
+        )
+        .map_err(|e| malformed(&e.to_string()))?;
+        let resource_json =
+            String::from_utf8(plaintext).map_err(|_| malformed("the resource is not UTF-8"))?;
+        Ok(PayNotifyV3 {
+            event_type: notify["event_type"].as_str().unwrap_or_default().to_string(),
+            resource_json,
+        })
+    }
+
+    /// APIv2 notify: the `sign` over every other received field.
+    pub fn verify_pay_notify_v2(&self, xml: &str) -> Result<Vec<(String, String)>, CryptoError> {
+        let key = self
+            .pay()?
+            .apiv2_key
+            .as_ref()
+            .ok_or_else(|| CryptoError::NotConfigured("WECHATPAY_APIV2_KEY is not set".into()))?;
+        let fields = flat_xml(xml).map_err(CryptoError::Malformed)?;
+        let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
+        let sign = get("sign").ok_or(CryptoError::BadSignature)?;
+        let sign_type = V2SignType::parse(get("sign_type"))
+            .ok_or_else(|| CryptoError::Malformed("unknown sign_type".into()))?;
+        let expected = pay_crypto::v2_sign(&fields, key.expose_secret(), sign_type);
+        if !bool::from(expected.as_bytes().ct_eq(sign.to_ascii_uppercase().as_bytes())) {
+            return Err(CryptoError::BadSignature);
+        }
+        Ok(fields)
     }
 
     fn token(&self) -> Result<&str, CryptoError> {
@@ -198,6 +291,54 @@ pub fn sorted_sha1(parts: &[&str]) -> String {
     hex::encode(h.finalize())
 }
 
+/// The fields of a flat `<xml>` message (APIv2); DOCTYPE and entities refused.
+pub fn flat_xml(xml: &str) -> Result<Vec<(String, String)>, String> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let (mut depth, mut fields, mut text) = (0usize, Vec::new(), String::new());
+    loop {
+        match reader.read_event().map_err(|e| format!("malformed XML: {e}"))? {
+            Event::DocType(_) => return Err("DOCTYPE is not accepted".into()),
+            Event::Start(_) => {
+                depth += 1;
+                text.clear();
+                if depth > 2 {
+                    return Err("nested XML is not an APIv2 message".into());
+                }
+            }
+            Event::End(e) => {
+                if depth == 2 {
+                    let name = e.local_name().into_inner().to_string();
+                    fields.push((name, std::mem::take(&mut text)));
+                }
+                depth = depth.checked_sub(1).ok_or("unbalanced XML")?;
+            }
+            Event::Text(t) => text.push_str(&t.xml10_content()),
+            Event::CData(c) => text.push_str(&c.xml10_content()),
+            Event::GeneralRef(r) => match r.resolve_char_ref() {
+                Ok(Some(c)) => text.push(c),
+                _ => match &*r.into_inner() {
+                    "lt" => text.push('<'),
+                    "gt" => text.push('>'),
+                    "amp" => text.push('&'),
+                    "apos" => text.push('\''),
+                    "quot" => text.push('"'),
+                    other => return Err(format!("unknown entity &{other};")),
+                },
+            },
+            Event::Eof => break,
+            _ => {}
+        }
+        if fields.len() > 100 {
+            return Err("too many fields".into());
+        }
+    }
+    if depth != 0 || fields.is_empty() {
+        return Err("expected <xml> with fields".into());
+    }
+    Ok(fields)
+}
+
 fn hex_eq(given: &str, expected: &str) -> bool {
     given.len() == expected.len() && given.to_ascii_lowercase().as_bytes().ct_eq(expected.as_bytes()).into()
 }
@@ -264,21 +405,17 @@ impl wit::Host for CallbackCryptoView<'_> {
 
     fn verify_pay_notify_v3(
         &mut self,
-        _headers: wit::PayNotifyHeaders,
-        _body: Vec<u8>,
-    ) -> wasmtime::Result<Result<wit::PayNotifyV3, CryptoError>> {
-        Ok(Err(CryptoError::NotConfigured(
-            "WeChat Pay notify verification is not available in this wxhost version".into(),
-        )))
+        headers: PayNotifyHeaders,
+        body: Vec<u8>,
+    ) -> wasmtime::Result<Result<PayNotifyV3, CryptoError>> {
+        Ok(self.ctx().and_then(|c| c.verify_pay_notify_v3(&headers, &body)))
     }
 
     fn verify_pay_notify_v2(
         &mut self,
-        _xml: String,
+        xml: String,
     ) -> wasmtime::Result<Result<Vec<(String, String)>, CryptoError>> {
-        Ok(Err(CryptoError::NotConfigured(
-            "WeChat Pay notify verification is not available in this wxhost version".into(),
-        )))
+        Ok(self.ctx().and_then(|c| c.verify_pay_notify_v2(&xml)))
     }
 }
 
@@ -392,5 +529,135 @@ mod tests {
         let sealed = other.encrypt_reply("<xml/>", "1", "n").unwrap();
         let err = c.decrypt_message(&sealed.msg_signature, "1", "n", &sealed.encrypt).unwrap_err();
         assert!(matches!(err, CryptoError::WrongAppid));
+    }
+
+    mod pay {
+        use super::*;
+        use crate::pay_crypto::{private_key_from_pem, public_key_from_pem, rsa_sign, v2_sign, v3_encrypt};
+
+        const APIV3_KEY: &[u8; 32] = b"a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb";
+        const KEY_ID: &str = "PUB_KEY_ID_0114232134912410000000000000000000";
+
+        fn fixture(f: &str) -> String {
+            std::fs::read_to_string(format!("{}/tests/fixtures/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+        }
+
+        fn crypto() -> CallbackCrypto {
+            let mut platform = PlatformKeys::default();
+            platform
+                .insert(KEY_ID, public_key_from_pem(&fixture("wechatpay_platform_test_pub.pem")).unwrap());
+            CallbackCrypto::new(None, None, None, None).unwrap().with_pay(PayNotifyKeys {
+                apiv3_key: SecretBox::new(Box::new(*APIV3_KEY)),
+                platform,
+                apiv2_key: Some("192006250b4c09247ec02edce69f6a2d".to_string().into()),
+            })
+        }
+
+        /// A notify as WeChat Pay sends it: encrypted resource, signed body.
+        fn notify(resource: &str, timestamp: i64, signer: &str) -> (PayNotifyHeaders, Vec<u8>) {
+            let ciphertext =
+                v3_encrypt(APIV3_KEY, "fdasflkja484", "transaction", resource.as_bytes()).unwrap();
+            let body = serde_json::json!({
+                "id": "EV-2018022511223320873", "create_time": "2015-05-20T13:29:35+08:00",
+                "resource_type": "encrypt-resource", "event_type": "TRANSACTION.SUCCESS", "summary": "支付成功",
+                "resource": { "original_type": "transaction", "algorithm": "AEAD_AES_256_GCM",
+                              "ciphertext": ciphertext, "associated_data": "transaction", "nonce": "fdasflkja484" }
+            })
+            .to_string()
+            .into_bytes();
+            let key = private_key_from_pem(&fixture(signer)).unwrap();
+            let nonce = "593BEC0C930BF1AFEB40B4A08C8FB242";
+            let mut message = format!("{timestamp}\n{nonce}\n").into_bytes();
+            message.extend_from_slice(&body);
+            message.push(b'\n');
+            let headers = PayNotifyHeaders {
+                timestamp: timestamp.to_string(),
+                nonce: nonce.into(),
+                signature: rsa_sign(&key, &message),
+                serial: KEY_ID.into(),
+            };
+            (headers, body)
+        }
+
+        #[test]
+        fn a_signed_v3_notify_verifies_and_its_resource_decrypts() {
+            let resource = r#"{"out_trade_no":"WX1","trade_state":"SUCCESS","amount":{"total":990}}"#;
+            let (h, body) = notify(resource, now_unix(), "wechatpay_platform_test_key.pem");
+            let out = crypto().verify_pay_notify_v3(&h, &body).unwrap();
+            assert_eq!(
+                (out.event_type.as_str(), out.resource_json.as_str()),
+                ("TRANSACTION.SUCCESS", resource)
+            );
+        }
+
+        #[test]
+        fn forged_stale_probing_and_unknown_key_notifies_are_refused() {
+            let c = crypto();
+            let (h, body) = notify("{}", now_unix(), "merchant_test_key.pem");
+            assert!(matches!(c.verify_pay_notify_v3(&h, &body), Err(CryptoError::BadSignature)));
+
+            let (h, mut body) = notify("{}", now_unix(), "wechatpay_platform_test_key.pem");
+            body[5] ^= 1;
+            assert!(matches!(c.verify_pay_notify_v3(&h, &body), Err(CryptoError::BadSignature)));
+
+            let (h, body) = notify("{}", now_unix() - 300, "wechatpay_platform_test_key.pem");
+            assert!(matches!(c.verify_pay_notify_v3(&h, &body), Err(CryptoError::StaleTimestamp)));
+            let (h, body) = notify("{}", now_unix() + 400, "wechatpay_platform_test_key.pem");
+            assert!(matches!(c.verify_pay_notify_v3(&h, &body), Err(CryptoError::StaleTimestamp)));
+
+            let (mut h, body) = notify("{}", now_unix(), "wechatpay_platform_test_key.pem");
+            h.signature = format!("WECHATPAY/SIGNTEST/{}", h.signature);
+            assert!(matches!(c.verify_pay_notify_v3(&h, &body), Err(CryptoError::SignatureProbe)));
+
+            let (mut h, body) = notify("{}", now_unix(), "wechatpay_platform_test_key.pem");
+            h.serial = "PUB_KEY_ID_SOMEONE_ELSE".into();
+            assert!(matches!(c.verify_pay_notify_v3(&h, &body), Err(CryptoError::UnknownKey(_))));
+
+            let unconfigured = CallbackCrypto::new(None, None, None, None).unwrap();
+            assert!(matches!(
+                unconfigured.verify_pay_notify_v3(&h, &body),
+                Err(CryptoError::NotConfigured(_))
+            ));
+        }
+
+        #[test]
+        fn v2_notifies_verify_over_every_received_field() {
+            let key = "192006250b4c09247ec02edce69f6a2d";
+            let mut fields: Vec<(String, String)> = [
+                ("appid", "wxd930ea5d5a258f4f"),
+                ("mch_id", "10000100"),
+                ("nonce_str", "ibuaiVcKdpRxkhJA"),
+                ("out_trade_no", "WX1"),
+                ("result_code", "SUCCESS"),
+                ("return_code", "SUCCESS"),
+                ("total_fee", "990"),
+                ("transaction_id", "4200000001"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            let sign = v2_sign(&fields, key, V2SignType::Md5);
+            fields.push(("sign".into(), sign));
+            let xml = |fields: &[(String, String)]| {
+                let inner: String =
+                    fields.iter().map(|(k, v)| format!("<{k}><![CDATA[{v}]]></{k}>")).collect();
+                format!("<xml>{inner}</xml>")
+            };
+            let c = crypto();
+            let got = c.verify_pay_notify_v2(&xml(&fields)).unwrap();
+            assert!(got.contains(&("total_fee".to_string(), "990".to_string())));
+
+            let mut tampered = fields.clone();
+            tampered[6].1 = "1".into();
+            assert!(matches!(c.verify_pay_notify_v2(&xml(&tampered)), Err(CryptoError::BadSignature)));
+            let mut extra = fields.clone();
+            extra.insert(0, ("attach".into(), "x".into()));
+            assert!(matches!(c.verify_pay_notify_v2(&xml(&extra)), Err(CryptoError::BadSignature)));
+            let unsigned: Vec<_> = fields.iter().filter(|(k, _)| k != "sign").cloned().collect();
+            assert!(matches!(c.verify_pay_notify_v2(&xml(&unsigned)), Err(CryptoError::BadSignature)));
+            for bad in ["<xml><a>1</xml>", "<!DOCTYPE x [<!ENTITY e \"e\">]><xml><a>&e;</a></xml>", "nope"] {
+                assert!(matches!(c.verify_pay_notify_v2(bad), Err(CryptoError::Malformed(_))), "{bad}");
+            }
+        }
     }
 }
