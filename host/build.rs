@@ -16,6 +16,7 @@ const PLUGINS: &[(&str, &str, &str)] = &[
     ("verify", "", "verify.wasm"),
     ("internal", "", "internal.wasm"),
     ("account", "", "account.wasm"),
+    ("notify", "", "notify.wasm"),
     ("sandbox-probe", "", "fixtures/sandbox-probe.wasm"),
     ("db-probe", "", "fixtures/db-probe.wasm"),
     // A build of `verify` whose answers carry a marker header: the hot-swap tests

@@ -1,0 +1,173 @@
+//! Web role plugin: `POST /api/v1/payment/notify`, WeChat Pay's payment result.
+//!
+//! The host verifies the notify (APIv3: SHA256-RSA signature, clock skew,
+//! probes, AES-256-GCM resource; APIv2: the `sign`); this plugin passes a
+//! successful payment to the app role's internal API, which marks the order
+//! paid and credits the user exactly once. Only when the app role has taken it
+//! is WeChat Pay told "success"; otherwise it is told to retry.
+
+wit_bindgen::generate!({ world: "web-plugin", path: "../../wit" });
+
+use exports::wxhost::plugin::handler::Guest;
+use serde_json::{Value, json};
+use wxhost::plugin::callback_crypto::{self, CryptoError, PayNotifyHeaders};
+use wxhost::plugin::internal_call;
+use wxhost::plugin::log::{self, Level};
+use wxhost::plugin::types::{Request, Response};
+
+struct Notify;
+
+impl Guest for Notify {
+    fn handle(req: Request) -> Response {
+        if req.method != "POST" {
+            return v3_fail(405, "use POST");
+        }
+        if header(&req, "wechatpay-signature").is_some() { apiv3(&req) } else { apiv2(&req) }
+    }
+}
+
+export!(Notify);
+
+/// An order update for the app role, or why there is none.
+enum Outcome {
+    /// Paid: tell the app role.
+    Paid(Value),
+    /// Not a successful payment (closed, refund, …): nothing to apply.
+    Ignore(String),
+}
+
+fn apiv3(req: &Request) -> Response {
+    let headers = PayNotifyHeaders {
+        timestamp: header(req, "wechatpay-timestamp").unwrap_or_default().to_string(),
+        nonce: header(req, "wechatpay-nonce").unwrap_or_default().to_string(),
+        signature: header(req, "wechatpay-signature").unwrap_or_default().to_string(),
+        serial: header(req, "wechatpay-serial").unwrap_or_default().to_string(),
+    };
+    let notify = match callback_crypto::verify_pay_notify_v3(&headers, &req.body) {
+        Ok(n) => n,
+        Err(e) => return crypto_failure(e, v3_fail),
+    };
+    let Ok(resource) = serde_json::from_str::<Value>(&notify.resource_json) else {
+        return v3_fail(400, "the resource is not JSON");
+    };
+    let outcome = if notify.event_type == "TRANSACTION.SUCCESS" && resource["trade_state"] == "SUCCESS" {
+        let paid_at = resource["success_time"]
+            .as_str()
+            .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+            .map(|t| t.unix_timestamp());
+        Outcome::Paid(json!({
+            "out_trade_no": resource["out_trade_no"],
+            "transaction_id": resource["transaction_id"],
+            "amount_fen": resource["amount"]["total"],
+            "appid": resource["appid"],
+            "mchid": resource["mchid"],
+            "paid_at": paid_at,
+        }))
+    } else {
+        Outcome::Ignore(format!("{} / {}", notify.event_type, resource["trade_state"]))
+    };
+    match apply(outcome, &req.request_id) {
+        Ok(()) => Response { status: 204, headers: vec![], body: vec![] },
+        Err((status, message)) => v3_fail(status, &message),
+    }
+}
+
+fn apiv2(req: &Request) -> Response {
+    let Ok(xml) = std::str::from_utf8(&req.body) else { return v2_fail("the body is not UTF-8") };
+    let fields = match callback_crypto::verify_pay_notify_v2(xml) {
+        Ok(f) => f,
+        Err(e) => return crypto_failure(e, |_, m| v2_fail(m)),
+    };
+    let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str()).unwrap_or_default();
+    let outcome = if get("return_code") == "SUCCESS" && get("result_code") == "SUCCESS" {
+        let amount: i64 = match get("total_fee").parse() {
+            Ok(a) => a,
+            Err(_) => return v2_fail("total_fee is not a number"),
+        };
+        Outcome::Paid(json!({
+            "out_trade_no": get("out_trade_no"),
+            "transaction_id": get("transaction_id"),
+            "amount_fen": amount,
+            "appid": get("appid"),
+            "mchid": get("mch_id"),
+        }))
+    } else {
+        Outcome::Ignore(format!("{} / {}", get("return_code"), get("result_code")))
+    };
+    match apply(outcome, &req.request_id) {
+        Ok(()) => v2_answer("SUCCESS", "OK"),
+        Err((_, message)) => v2_fail(&message),
+    }
+}
+
+/// Hands a payment to the app role. `Err` carries the status and message for WeChat Pay.
+fn apply(outcome: Outcome, request_id: &str) -> Result<(), (u16, String)> {
+    let update = match outcome {
+        Outcome::Paid(update) => update,
+        Outcome::Ignore(what) => {
+            log::log(Level::Info, &format!("payment notify without a successful payment ({what}); acknowledged"));
+            return Ok(());
+        }
+    };
+    let answer = internal_call::call("PUT", "/api/v1/internal/payment/order/update", update.to_string().as_bytes());
+    match answer {
+        Ok(a) if (200..300).contains(&a.status) => Ok(()),
+        Ok(a) if a.status < 500 => {
+            let body = String::from_utf8_lossy(&a.body).into_owned();
+            log::log(Level::Warn, &format!("payment refused by the app role ({}): {body}, request {request_id}", a.status));
+            let code = serde_json::from_str::<Value>(&body).ok();
+            let code = code.as_ref().and_then(|v| v["error"]["code"].as_str()).unwrap_or("rejected").to_string();
+            Err((a.status, code))
+        }
+        Ok(a) => {
+            log::log(Level::Error, &format!("the app role failed ({}) on a payment, request {request_id}", a.status));
+            Err((500, "the payment could not be stored; retry later".into()))
+        }
+        Err(e) => {
+            log::log(Level::Error, &format!("the app role is unreachable for a payment: {e:?}, request {request_id}"));
+            Err((503, "the payment could not be stored; retry later".into()))
+        }
+    }
+}
+
+fn crypto_failure(e: CryptoError, answer: fn(u16, &str) -> Response) -> Response {
+    match e {
+        CryptoError::BadSignature => answer(401, "signature does not verify"),
+        CryptoError::StaleTimestamp => answer(401, "timestamp too far from now"),
+        CryptoError::SignatureProbe => answer(401, "signature probe refused"),
+        CryptoError::UnknownKey(serial) => {
+            log::log(Level::Warn, &format!("notify signed by an unknown key {serial}"));
+            answer(401, "unknown Wechatpay-Serial")
+        }
+        CryptoError::Malformed(what) => answer(400, &what),
+        CryptoError::WrongAppid => answer(400, "wrong appid"),
+        CryptoError::NotConfigured(what) => {
+            log::log(Level::Error, &format!("payment notify not configured: {what}"));
+            answer(503, "payment notify is not configured")
+        }
+    }
+}
+
+fn v3_fail(status: u16, message: &str) -> Response {
+    Response {
+        status,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: json!({ "code": "FAIL", "message": message }).to_string().into_bytes(),
+    }
+}
+
+fn v2_answer(code: &str, message: &str) -> Response {
+    let body = format!(
+        "<xml><return_code><![CDATA[{code}]]></return_code><return_msg><![CDATA[{}]]></return_msg></xml>",
+        message.replace("]]>", "]]]]><![CDATA[>")
+    );
+    Response { status: 200, headers: vec![("content-type".into(), "application/xml".into())], body: body.into_bytes() }
+}
+
+fn v2_fail(message: &str) -> Response {
+    v2_answer("FAIL", message)
+}
+
+fn header<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
+    req.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
