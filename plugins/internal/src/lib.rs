@@ -213,9 +213,15 @@ struct OrderPaid {
 /// it against the notify, and (only if not already paid) mark it paid and
 /// credit the user. However often WeChat retries, the credit happens once.
 fn update_order(p: OrderPaid) -> Answer {
-    let ok_id = |s: &str| (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-|*@".contains(&b));
+    let ok_id = |s: &str| {
+        (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-|*@".contains(&b))
+    };
     if !ok_id(&p.out_trade_no) || !ok_id(&p.transaction_id) {
-        return Err(failure(400, "invalid_body", "out_trade_no and transaction_id must be 1-64 plain characters"));
+        return Err(failure(
+            400,
+            "invalid_body",
+            "out_trade_no and transaction_id must be 1-64 plain characters",
+        ));
     }
     let tx = begin()?;
     let lock = match db::dialect() {
@@ -234,9 +240,25 @@ fn update_order(p: OrderPaid) -> Answer {
         return Err(failure(404, "unknown_order", "no order has this out_trade_no"));
     };
     let (id, openid, amount, credits, status, paid_with, appid, mchid) = match &row[..] {
-        [Value::Int(id), Value::Text(openid), Value::Int(amount), Value::Int(credits), Value::Text(status), paid_with, Value::Text(appid), Value::Text(mchid)] => {
-            (*id, openid.clone(), *amount, *credits, status.clone(), text_of(paid_with), appid.clone(), mchid.clone())
-        }
+        [
+            Value::Int(id),
+            Value::Text(openid),
+            Value::Int(amount),
+            Value::Int(credits),
+            Value::Text(status),
+            paid_with,
+            Value::Text(appid),
+            Value::Text(mchid),
+        ] => (
+            *id,
+            openid.clone(),
+            *amount,
+            *credits,
+            status.clone(),
+            text_of(paid_with),
+            appid.clone(),
+            mchid.clone(),
+        ),
         _ => return Err(failure(500, "internal_error", "unexpected order row")),
     };
     if amount != p.amount_fen {

@@ -105,26 +105,40 @@ fn apply(outcome: Outcome, request_id: &str) -> Result<(), (u16, String)> {
     let update = match outcome {
         Outcome::Paid(update) => update,
         Outcome::Ignore(what) => {
-            log::log(Level::Info, &format!("payment notify without a successful payment ({what}); acknowledged"));
+            log::log(
+                Level::Info,
+                &format!("payment notify without a successful payment ({what}); acknowledged"),
+            );
             return Ok(());
         }
     };
-    let answer = internal_call::call("PUT", "/api/v1/internal/payment/order/update", update.to_string().as_bytes());
+    let answer =
+        internal_call::call("PUT", "/api/v1/internal/payment/order/update", update.to_string().as_bytes());
     match answer {
         Ok(a) if (200..300).contains(&a.status) => Ok(()),
         Ok(a) if a.status < 500 => {
             let body = String::from_utf8_lossy(&a.body).into_owned();
-            log::log(Level::Warn, &format!("payment refused by the app role ({}): {body}, request {request_id}", a.status));
+            log::log(
+                Level::Warn,
+                &format!("payment refused by the app role ({}): {body}, request {request_id}", a.status),
+            );
             let code = serde_json::from_str::<Value>(&body).ok();
-            let code = code.as_ref().and_then(|v| v["error"]["code"].as_str()).unwrap_or("rejected").to_string();
+            let code =
+                code.as_ref().and_then(|v| v["error"]["code"].as_str()).unwrap_or("rejected").to_string();
             Err((a.status, code))
         }
         Ok(a) => {
-            log::log(Level::Error, &format!("the app role failed ({}) on a payment, request {request_id}", a.status));
+            log::log(
+                Level::Error,
+                &format!("the app role failed ({}) on a payment, request {request_id}", a.status),
+            );
             Err((500, "the payment could not be stored; retry later".into()))
         }
         Err(e) => {
-            log::log(Level::Error, &format!("the app role is unreachable for a payment: {e:?}, request {request_id}"));
+            log::log(
+                Level::Error,
+                &format!("the app role is unreachable for a payment: {e:?}, request {request_id}"),
+            );
             Err((503, "the payment could not be stored; retry later".into()))
         }
     }
@@ -161,7 +175,11 @@ fn v2_answer(code: &str, message: &str) -> Response {
         "<xml><return_code><![CDATA[{code}]]></return_code><return_msg><![CDATA[{}]]></return_msg></xml>",
         message.replace("]]>", "]]]]><![CDATA[>")
     );
-    Response { status: 200, headers: vec![("content-type".into(), "application/xml".into())], body: body.into_bytes() }
+    Response {
+        status: 200,
+        headers: vec![("content-type".into(), "application/xml".into())],
+        body: body.into_bytes(),
+    }
 }
 
 fn v2_fail(message: &str) -> Response {
