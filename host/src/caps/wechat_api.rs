@@ -99,7 +99,7 @@ impl WechatApi {
             Err(ApiError::Wechat(e)) if TOKEN_ERRCODES.contains(&i64::from(e.errcode)) => {
                 tracing::warn!(path, errcode = e.errcode, "access_token refused by WeChat; refreshing once");
                 self.invalidate(&token).await?;
-                let fresh = self.access_token(deadline).await?;
+                let fresh = self.token_other_than(Some(&token), deadline).await?;
                 self.send(method, path, query, Some(&fresh), body, deadline).await
             }
             other => other,
@@ -195,22 +195,27 @@ impl WechatApi {
 
     /// The shared access_token, refreshing it (one process at a time) when due.
     pub async fn access_token(&self, deadline: Instant) -> Result<String, ApiError> {
-        let now = unix_now();
+        self.token_other_than(None, deadline).await
+    }
+
+    /// The shared token, never `refused` (a token WeChat just refused): a
+    /// concurrent request may have put it back in a cache an instant ago.
+    async fn token_other_than(&self, refused: Option<&str>, deadline: Instant) -> Result<String, ApiError> {
+        let usable = |token: &str, refresh_by: i64| refresh_by > unix_now() && Some(token) != refused;
         if let Some((token, refresh_by)) = self.cached.lock().expect("token cache lock").clone()
-            && refresh_by > now
+            && usable(&token, refresh_by)
         {
             return Ok(token);
         }
         loop {
             if let Some((token, refresh_by)) = self.read_row().await?
-                && refresh_by > unix_now()
+                && usable(&token, refresh_by)
             {
                 *self.cached.lock().expect("token cache lock") = Some((token.clone(), refresh_by));
                 return Ok(token);
             }
             if let Some(lease) = self.take_lease().await? {
-                let fetched = self.fetch_and_store(&lease, deadline).await;
-                return fetched;
+                return self.fetch_and_store(&lease, refused, deadline).await;
             }
             // Another process is refreshing: wait for its token.
             if Instant::now() + ANSWER_MARGIN >= deadline {
@@ -222,12 +227,6 @@ impl WechatApi {
 
     /// Marks `failing` stale, unless another process has already replaced it.
     async fn invalidate(&self, failing: &str) -> Result<(), ApiError> {
-        {
-            let mut cached = self.cached.lock().expect("token cache lock");
-            if cached.as_ref().is_some_and(|(t, _)| t == failing) {
-                *cached = None;
-            }
-        }
         let sql = "UPDATE token_cache SET expires_at = 0 WHERE name = ? AND token = ?";
         on_pool!(&self.db.pool, |p| sqlx::query(sql)
             .bind(TOKEN_ROW)
@@ -236,6 +235,10 @@ impl WechatApi {
             .await
             .map(|_| ()))
         .map_err(db_error)?;
+        let mut cached = self.cached.lock().expect("token cache lock");
+        if cached.as_ref().is_some_and(|(t, _)| t == failing) {
+            *cached = None;
+        }
         Ok(())
     }
 
@@ -281,10 +284,16 @@ impl WechatApi {
     }
 
     /// With the lease held: fetch a token (unless another process just did) and share it.
-    async fn fetch_and_store(&self, lease: &str, deadline: Instant) -> Result<String, ApiError> {
+    async fn fetch_and_store(
+        &self,
+        lease: &str,
+        refused: Option<&str>,
+        deadline: Instant,
+    ) -> Result<String, ApiError> {
         let previous = self.read_row().await?;
         if let Some((token, refresh_by)) = &previous
             && *refresh_by > unix_now()
+            && Some(token.as_str()) != refused
         {
             self.release(lease).await?;
             return Ok(token.clone());
@@ -481,5 +490,50 @@ impl wit::Host for WechatApiView<'_> {
     async fn qrcode_image_url(&mut self, ticket: String) -> wasmtime::Result<String> {
         let base = self.ctx.map(|c| c.qrcode_image_url(&ticket));
         Ok(base.unwrap_or_else(|| format!("{DEFAULT_QRCODE_BASE}?ticket={ticket}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{Sim, SimConfig};
+
+    /// A request whose token WeChat refused must not get that token back for
+    /// its retry, even when a concurrent request has just put it back in the
+    /// process cache and the shared row (a race seen under load).
+    #[tokio::test]
+    async fn a_retry_never_reuses_the_refused_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+        let db = crate::database::connect(&url, &Default::default()).await.unwrap();
+        crate::database::migrate(&db).await.unwrap();
+        let sim = Sim::new(SimConfig {
+            appid: "wx1".into(),
+            secret: "s".into(),
+            token: "t".into(),
+            aes_key: None,
+            web_url: None,
+            token_ttl: Duration::from_secs(7200),
+        });
+        let (addr, _task) = sim
+            .serve("127.0.0.1:0".parse().unwrap(), tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap();
+        let api = WechatApi::new(
+            Some(&format!("http://{addr}")),
+            None,
+            "wx1".into(),
+            "s".to_string().into(),
+            TokenEndpoint::Stable,
+            db,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let refused = api.access_token(deadline).await.unwrap();
+        sim.invalidate_tokens();
+        // The refused token still looks valid to this process (cache and row).
+        let fresh = api.token_other_than(Some(&refused), deadline).await.unwrap();
+        assert_ne!(fresh, refused);
+        assert_eq!(sim.tokens_issued(), 2);
     }
 }
