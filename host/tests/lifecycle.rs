@@ -68,7 +68,8 @@ async fn sigterm_lets_a_request_in_flight_finish_then_exits_cleanly() {
     let config = probe_config();
     let (mut child, web, _) = serve(&config, &["--no-watch"]);
     let slow = tokio::spawn(reqwest::get(format!("{web}/probe/sleep")));
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Well inside the probe's 1 s sleep, even on a loaded machine.
+    tokio::time::sleep(Duration::from_millis(400)).await;
     signal(&child, "TERM");
     let response = slow.await.unwrap().expect("the in-flight request is answered");
     assert_eq!(response.status(), 200);

@@ -563,8 +563,8 @@ async fn a_slow_or_failing_app_role_means_the_push_is_not_acknowledged_in_time()
         let took = started.elapsed();
         assert_eq!(r.status(), 503, "{case}");
         assert!(r.text().await.unwrap().contains("app_unavailable"), "{case}");
-        // Within the web role's 2 s deadline, well inside WeChat's 5 s.
-        assert!(took < Duration::from_millis(2500), "{case}: answered after {took:?}");
+        // Bounded by the web role's 2 s deadline, well inside WeChat's 5 s.
+        assert!(took < Duration::from_millis(3000), "{case}: answered after {took:?}");
         web.shutdown();
         web.wait().await;
     }
