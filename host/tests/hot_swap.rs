@@ -11,15 +11,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use wxhost::config::Role;
 
-fn verify_config() -> TestConfig {
-    let toml = base_toml(2000, WEB_GRANTS, r#""log""#)
-        + r#"
-"# + VERIFY_PLUGIN
-        + r#"
-"#;
-    TestConfig::new(&toml, &[("verify.wasm", "verify.wasm")])
-}
-
 #[derive(Default, Debug)]
 struct Seen {
     old: usize,
@@ -62,7 +53,7 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_plugin_is_swapped_in_without_failing_a_request_and_a_corrupt_one_is_refused() {
-    let config = verify_config();
+    let config = verify_only_config();
     let server = start(&config, &[Role::Web], None, true).await;
     let base = url(&server, Role::Web, "");
     let version_before = plugin_version(&server).await;
@@ -108,7 +99,7 @@ async fn a_replaced_plugin_is_swapped_in_without_failing_a_request_and_a_corrupt
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_in_flight_finishes_on_the_version_it_started_with() {
-    let config = verify_config();
+    let config = verify_only_config();
     let server = start(&config, &[Role::Web], None, false).await;
     let before = server.host.runtime(Role::Web);
     config.replace("verify.wasm", &std::fs::read(dist("fixtures/verify-marked.wasm")).unwrap());

@@ -88,12 +88,7 @@ async fn sigterm_lets_a_request_in_flight_finish_then_exits_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_a_replaced_plugin() {
-    let toml = base_toml(2000, WEB_GRANTS, r#""log""#)
-        + r#"
-"# + VERIFY_PLUGIN
-        + r#"
-"#;
-    let config = TestConfig::new(&toml, &[("verify.wasm", "verify.wasm")]);
+    let config = verify_only_config();
     let (mut child, web, admin) = serve(&config, &["--no-watch"]);
     let version = || async {
         let v: serde_json::Value =

@@ -19,13 +19,8 @@ const APP_GRANTS: &str = r#""log", "config", "db""#;
 
 fn config() -> TestConfig {
     let toml = base_toml(2000, WEB_GRANTS, APP_GRANTS)
+        + VERIFY_PLUGIN
         + r#"
-[[plugins]]
-name = "verify"
-role = "web"
-wasm = "verify.wasm"
-routes = ["GET /api/v1/auth/wechat/verify", "POST /api/v1/auth/wechat/verify"]
-capabilities = ["log", "config", "callback-crypto", "internal-call"]
 [plugins.config]
 welcome = "欢迎关注 🎉"
 scan_reply = "扫码成功"

@@ -55,8 +55,7 @@ async fn web_host(config: &TestConfig) -> Arc<Host> {
 
 fn config() -> TestConfig {
     let toml = base_toml(1000, WEB_GRANTS, r#""log""#)
-        + r#"
-"# + VERIFY_PLUGIN
+        + VERIFY_PLUGIN
         + r#"
 
 [[plugins]]

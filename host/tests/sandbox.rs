@@ -22,9 +22,7 @@ wasm = "sandbox-probe.wasm"
 routes = ["GET /probe/ok", "GET /probe/loop", "GET /probe/trap", "GET /probe/oom", "GET /probe/print"]
 capabilities = ["log"]
 
-"# + VERIFY_PLUGIN
-        + r#"
-"#;
+"# + VERIFY_PLUGIN;
     TestConfig::new(
         &toml,
         &[("sandbox-probe.wasm", "fixtures/sandbox-probe.wasm"), ("verify.wasm", "verify.wasm")],

@@ -6,15 +6,6 @@ mod common;
 use common::*;
 use wxhost::config::Role;
 
-fn verify_config() -> TestConfig {
-    let toml = base_toml(2000, WEB_GRANTS, r#""log""#)
-        + r#"
-"# + VERIFY_PLUGIN
-        + r#"
-"#;
-    TestConfig::new(&toml, &[("verify.wasm", "verify.wasm")])
-}
-
 fn vector() -> serde_json::Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors/wechat.json");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -32,7 +23,7 @@ fn the_signature_rule_tests_sign_with_matches_the_sdk_vector() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_verification_echoes_echostr_only_for_a_valid_signature() {
-    let config = verify_config();
+    let config = verify_only_config();
     let server = start(&config, &[Role::Web], None, false).await;
     let client = reqwest::Client::new();
     let get = |q: String| client.get(url(&server, Role::Web, &q)).send();
@@ -84,7 +75,7 @@ async fn server_verification_echoes_echostr_only_for_a_valid_signature() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verification_without_a_configured_token_is_a_clear_503() {
-    let config = verify_config();
+    let config = verify_only_config();
     init_logging();
     let mut settings = settings(None);
     settings.wechat_token = None;

@@ -77,6 +77,12 @@ routes = ["GET /api/v1/auth/wechat/verify", "POST /api/v1/auth/wechat/verify"]
 capabilities = ["log", "config", "callback-crypto", "internal-call"]
 "#;
 
+/// A web role serving only the `verify` plugin.
+pub fn verify_only_config() -> TestConfig {
+    let toml = base_toml(2000, WEB_GRANTS, r#""log""#) + VERIFY_PLUGIN;
+    TestConfig::new(&toml, &[("verify.wasm", "verify.wasm")])
+}
+
 /// Sections every test configuration starts with: loopback, ephemeral ports.
 pub fn base_toml(web_deadline_ms: u64, grants_web: &str, grants_app: &str) -> String {
     format!(
