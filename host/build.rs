@@ -17,6 +17,7 @@ const PLUGINS: &[(&str, &str, &str)] = &[
     ("internal", "", "internal.wasm"),
     ("account", "", "account.wasm"),
     ("notify", "", "notify.wasm"),
+    ("payment", "", "payment.wasm"),
     ("sandbox-probe", "", "fixtures/sandbox-probe.wasm"),
     ("db-probe", "", "fixtures/db-probe.wasm"),
     // A build of `verify` whose answers carry a marker header: the hot-swap tests

@@ -314,3 +314,43 @@ async fn apiv2_notifies_answer_success_or_fail_xml() {
     assert_eq!(pay.state("WX_D1", "oOld").await, ("paid".to_string(), 10));
     pay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catalog_is_served_from_the_server_side_configuration() {
+    let good = r#"
+[[plugins]]
+name = "payment"
+role = "app"
+wasm = "payment.wasm"
+routes = ["GET /api/v1/payment/products"]
+capabilities = ["log", "config"]
+[[plugins.config.products]]
+id = "p10"
+name = "10 次"
+price_fen = 990
+credits = 10
+"#;
+    let db = sqlite_database().await;
+    let config = TestConfig::new(
+        &(base_toml(2000, WEB_GRANTS, r#""log", "config""#) + good),
+        &[("payment.wasm", "payment.wasm")],
+    );
+    let app = start(&config, &[Role::App], Some(&db.url), false).await;
+    let r = reqwest::get(url(&app, Role::App, "/api/v1/payment/products")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["products"], json!([{ "id": "p10", "name": "10 次", "price_fen": 990, "credits": 10 }]));
+
+    // A misconfigured catalog is a clear 500, not a guess at prices.
+    std::fs::write(
+        config.path(),
+        base_toml(2000, WEB_GRANTS, r#""log", "config""#) + &good.replace("990", "-1"),
+    )
+    .unwrap();
+    assert!(app.host.reload("test").await.ok);
+    let r = reqwest::get(url(&app, Role::App, "/api/v1/payment/products")).await.unwrap();
+    assert_eq!(r.status(), 500);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"]["code"], "catalog_invalid");
+    app.shutdown();
+    app.wait().await;
+}
