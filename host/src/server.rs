@@ -463,3 +463,30 @@ async fn watch_files(host: Arc<Host>, shutdown: CancellationToken) {
         host.reload("file change").await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plugin_cannot_set_framing_headers_or_an_impossible_status() {
+        let response = to_http(wit::Response {
+            status: 200,
+            headers: vec![
+                ("Content-Length".into(), "99999".into()),
+                ("transfer-encoding".into(), "chunked".into()),
+                ("x-kept".into(), "yes".into()),
+                ("bad header".into(), "dropped".into()),
+            ],
+            body: b"ok".to_vec(),
+        });
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers().get("x-kept").unwrap(), "yes");
+        assert!(response.headers().get("content-length").is_none());
+        assert!(response.headers().get("transfer-encoding").is_none());
+        assert_eq!(response.headers().len(), 1);
+
+        let impossible = to_http(wit::Response { status: 1000, headers: vec![], body: vec![] });
+        assert_eq!(impossible.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}
