@@ -8,6 +8,7 @@ wasmtime::component::bindgen!({
         "wxhost:plugin/db": async | trappable,
         "wxhost:plugin/internal-call": async | trappable,
         "wxhost:plugin/wechat-api": async | trappable,
+        "wxhost:plugin/wechat-pay": async | trappable,
         "wxhost:plugin/session": async | trappable,
         default: trappable,
     },

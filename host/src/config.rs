@@ -35,6 +35,8 @@ struct RawConfig {
     #[serde(default)]
     sessions: RawSessions,
     #[serde(default)]
+    frontend: RawFrontend,
+    #[serde(default)]
     roles: BTreeMap<String, RawRole>,
     #[serde(default)]
     plugins: Vec<RawPlugin>,
@@ -63,6 +65,13 @@ struct RawWechat {
 #[serde(deny_unknown_fields)]
 struct RawSessions {
     ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFrontend {
+    /// Folder of the member pages, served by the app role.
+    root: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,6 +161,8 @@ pub struct Config {
     pub token_endpoint: crate::caps::wechat_api::TokenEndpoint,
     /// Lifetime of login sessions.
     pub session_ttl_secs: u64,
+    /// The member pages' folder (app role), if configured.
+    pub frontend_root: Option<PathBuf>,
     pub roles: BTreeMap<Role, RoleConfig>,
     pub plugins: Vec<PluginSpec>,
 }
@@ -255,9 +266,6 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
                 )),
                 Some(cap) if !role.grantable().contains(&cap) => problems
                     .push(format!("[roles.{name}] grants `{g}`, which the {role} role can never have")),
-                Some(cap) if !cap.implemented() => problems.push(format!(
-                    "[roles.{name}] grants `{g}`, which this version of wxhost does not provide yet"
-                )),
                 Some(cap) => {
                     grants.insert(cap);
                 }
@@ -394,6 +402,13 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         problems.push(format!("[host] max_instances = {max_instances} must be between 1 and 10000"));
     }
 
+    let frontend_root = raw.frontend.root.map(|r| base.join(r));
+    if let Some(root) = &frontend_root
+        && !root.join("index.html").is_file()
+    {
+        problems.push(format!("[frontend] root {} has no index.html", root.display()));
+    }
+
     if !problems.is_empty() {
         return Err(ConfigErrors { path: path.to_path_buf(), problems });
     }
@@ -408,6 +423,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         },
         token_endpoint,
         session_ttl_secs,
+        frontend_root,
         roles,
         plugins,
     })

@@ -11,6 +11,7 @@ pub mod config;
 pub mod database;
 pub mod engine;
 pub mod error;
+pub mod frontend;
 pub mod host;
 pub mod internal_auth;
 pub mod pay_crypto;

@@ -74,6 +74,41 @@ enum SimCommand {
         /// Lifetime of issued access tokens, in seconds.
         #[arg(long, default_value_t = 7200)]
         token_ttl: u64,
+        /// Play WeChat Pay too: the merchant's public key (PEM). The merchant's
+        /// ids and keys come from the WECHATPAY_* settings.
+        #[arg(long, requires = "platform_private_key")]
+        merchant_public_key: Option<PathBuf>,
+        /// The platform private key WeChat Pay signs answers and notifies with
+        /// (its public key is the merchant's WECHATPAY_PLATFORM_PUBLIC_KEY).
+        #[arg(long, requires = "merchant_public_key")]
+        platform_private_key: Option<PathBuf>,
+        /// Scale of WeChat Pay's notify retry schedule (1 = real: 15 s, 15 s, 30 s, 3 min, …).
+        #[arg(long, default_value_t = 1.0)]
+        notify_retry_scale: f64,
+    },
+    /// WeChat Pay: the payer pays an order, and the simulator sends the signed notify.
+    Pay {
+        #[arg(long, default_value = "http://127.0.0.1:9300")]
+        sim_url: String,
+        #[arg(long)]
+        out_trade_no: String,
+        /// The test user who pays (must be the order's payer); default: the payer.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// WeChat Pay: send a paid order's notify again, N copies at once (duplicates).
+    Notify {
+        #[arg(long, default_value = "http://127.0.0.1:9300")]
+        sim_url: String,
+        #[arg(long)]
+        out_trade_no: String,
+        #[arg(long, default_value_t = 1)]
+        times: usize,
+    },
+    /// Make development key pairs (merchant_key.pem/_pub.pem, platform_key.pem/_pub.pem) in DIR.
+    Keys {
+        #[arg(long, default_value = "data/dev-keys")]
+        dir: PathBuf,
     },
     /// Scan a QR code as a test user: the simulator pushes the event to the web role.
     Scan {
@@ -202,6 +237,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 
 /// Where `wxhost dev` keeps the secrets it generates, so restarts keep sessions.
 const DEV_SECRETS: &str = "data/dev.env";
+/// Where `wxhost dev` keeps the merchant and platform key pairs it makes.
+const DEV_KEYS: &str = "data/dev-keys";
 
 async fn dev(config_path: PathBuf, sim_listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
     let config = config::load(&config_path)?;
@@ -217,6 +254,7 @@ async fn dev(config_path: PathBuf, sim_listen: std::net::SocketAddr) -> anyhow::
     pick(&mut settings.wechat_appsecret, "WECHAT_APPSECRET");
     pick(&mut settings.internal_secret, "INTERNAL_SECRET");
     pick(&mut settings.admin_token, "WXHOST_ADMIN_TOKEN");
+    pick(&mut settings.wechatpay_apiv3_key, "WECHATPAY_APIV3_KEY");
     settings.wechat_appid.get_or_insert_with(|| "wxdev00000000000a".into());
     let roles = [Role::Web, Role::App];
     let listen = |role: Role, over: Option<std::net::SocketAddr>| {
@@ -227,6 +265,23 @@ async fn dev(config_path: PathBuf, sim_listen: std::net::SocketAddr) -> anyhow::
     settings.app_internal_url.get_or_insert_with(|| format!("http://{app}"));
     settings.wechat_api_base.get_or_insert_with(|| format!("http://{sim_listen}"));
     settings.wechat_qrcode_base.get_or_insert_with(|| format!("http://{sim_listen}/cgi-bin/showqrcode"));
+    settings
+        .wechat_oauth_authorize_url
+        .get_or_insert_with(|| format!("http://{sim_listen}/connect/oauth2/authorize"));
+    settings.dev_simulator_url.get_or_insert_with(|| format!("http://{sim_listen}"));
+    // WeChat Pay against the simulator, with key pairs made once under data/dev-keys.
+    let keys = std::path::Path::new(DEV_KEYS);
+    let (merchant_key, merchant_pub) = wxhost::sim::pay::ensure_key_pair(keys, "merchant")?;
+    let (platform_key, platform_pub) = wxhost::sim::pay::ensure_key_pair(keys, "platform")?;
+    settings.wechatpay_mchid.get_or_insert_with(|| "1900000109".into());
+    settings.wechatpay_serial.get_or_insert_with(|| "5157F09EFDC096DE15EBE81A47057A72DE000001".into());
+    settings.wechatpay_private_key.get_or_insert(merchant_key);
+    settings.wechatpay_platform_public_key.get_or_insert(platform_pub);
+    settings
+        .wechatpay_public_key_id
+        .get_or_insert_with(|| "PUB_KEY_ID_0119000001092025112500000000000001".into());
+    settings.wechatpay_api_base.get_or_insert_with(|| format!("http://{sim_listen}"));
+    settings.wechatpay_notify_url.get_or_insert_with(|| format!("http://{web}/api/v1/payment/notify"));
 
     let sim_config = wxhost::sim::SimConfig {
         appid: settings.wechat_appid.clone().unwrap_or_default(),
@@ -236,8 +291,11 @@ async fn dev(config_path: PathBuf, sim_listen: std::net::SocketAddr) -> anyhow::
         web_url: Some(format!("http://{web}")),
         token_ttl: std::time::Duration::from_secs(7200),
     };
+    // Retries 10x faster than WeChat Pay's (15 s becomes 1.5 s).
+    let pay = wxhost::sim::SimPayConfig::from_settings(&settings, &merchant_pub, &platform_key, 0.1)?;
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let (sim_addr, sim_task) = wxhost::sim::Sim::new(sim_config).serve(sim_listen, shutdown.clone()).await?;
+    let (sim_addr, sim_task) =
+        wxhost::sim::Sim::new(sim_config).with_pay(pay).serve(sim_listen, shutdown.clone()).await?;
     let admin = settings.admin_token.as_ref().map(|s| s.expose_secret().to_string()).unwrap_or_default();
     let running = server::start(server::ServeOptions {
         config_path: config_path.clone(),
@@ -250,8 +308,10 @@ async fn dev(config_path: PathBuf, sim_listen: std::net::SocketAddr) -> anyhow::
     let exe = std::env::args().next().unwrap_or_else(|| "wxhost".into());
     println!(
         r#"
+Member pages: http://{app}/   (QR login, quota, buy with simulated WeChat Pay)
+
 wxhost dev: web role http://{web}, app role http://{app}, WeChat simulator http://{sim_addr}
-secrets: {DEV_SECRETS} (generated; delete it to make new ones)
+secrets: {DEV_SECRETS} and {DEV_KEYS}/ (generated; delete them to make new ones)
 
 QR-code login:
   curl -s -X POST http://{app}/api/v1/auth/wechat/qrcode            # -> scene, ticket, qrcode_url
@@ -262,6 +322,12 @@ QR-code login:
 Web authorization (OAuth):
   {exe} sim code --sim-url http://{sim_addr} --user bob                 # -> code
   curl -s "http://{app}/api/v1/auth/wechat?code=CODE"
+
+Buy (with the token from a login):
+  curl -s http://{app}/api/v1/payment/products
+  curl -s -X POST -H "Authorization: Bearer TOKEN" http://{app}/api/v1/payment/create-order -d '{{"product_id":"p10"}}'
+  {exe} sim pay --sim-url http://{sim_addr} --out-trade-no OUT_TRADE_NO    # WeChat Pay pays and notifies
+  curl -s -H "Authorization: Bearer TOKEN" http://{app}/api/v1/user/orders/OUT_TRADE_NO
 
 Menu (admin credential from {DEV_SECRETS}: {admin}):
   curl -s -X POST -H "Authorization: Bearer {admin}" http://{app}/api/v1/auth/wechat/create-menu        -d '{{"button":[{{"type":"click","name":"帮助","key":"MENU_HELP"}}]}}'
@@ -282,38 +348,53 @@ Edit a plugin and run `cargo build`: the server swaps it in. Ctrl-C stops everyt
     Ok(ExitCode::SUCCESS)
 }
 
-/// Reads data/dev.env, creating it with fresh random secrets the first time.
+/// Reads data/dev.env, creating it (or adding what an older one lacks) with
+/// fresh random secrets.
 fn dev_secrets(path: &std::path::Path) -> anyhow::Result<std::collections::HashMap<String, String>> {
     use base64::Engine as _;
-    if !path.exists() {
-        let random = |n: usize| {
-            let mut b = vec![0u8; n];
-            rand::fill(&mut b[..]);
-            b
-        };
-        let aes = base64::engine::general_purpose::STANDARD_NO_PAD.encode(random(32));
-        let text = format!(
-            "# Generated by `wxhost dev` for local development only.\n\
-             WECHAT_TOKEN={}\nWECHAT_AES_KEY={}\nWECHAT_APPSECRET={}\nINTERNAL_SECRET={}\nWXHOST_ADMIN_TOKEN={}\n",
-            hex::encode(random(16)),
-            &aes[..43],
-            hex::encode(random(16)),
-            hex::encode(random(32)),
-            hex::encode(random(16)),
-        );
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+    fn random(n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        rand::fill(&mut b[..]);
+        b
+    }
+    /// A setting's name and how to make a fresh value for it.
+    type Generator = (&'static str, fn() -> String);
+    let generators: [Generator; 6] = [
+        ("WECHAT_TOKEN", || hex::encode(random(16))),
+        ("WECHAT_AES_KEY", || {
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(random(32))[..43].to_string()
+        }),
+        ("WECHAT_APPSECRET", || hex::encode(random(16))),
+        ("INTERNAL_SECRET", || hex::encode(random(32))),
+        ("WXHOST_ADMIN_TOKEN", || hex::encode(random(16))),
+        // The APIv3 key is 32 characters.
+        ("WECHATPAY_APIV3_KEY", || hex::encode(random(16))),
+    ];
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut text = if path.exists() {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    } else {
+        "# Generated by `wxhost dev` for local development only.\n".to_string()
+    };
+    let parse = |text: &str| -> std::collections::HashMap<String, String> {
+        text.lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect()
+    };
+    let present = parse(&text);
+    let missing: Vec<_> = generators.iter().filter(|(k, _)| !present.contains_key(*k)).collect();
+    if !missing.is_empty() {
+        for (key, generate) in missing {
+            text.push_str(&format!("{key}={}\n", generate()));
         }
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(text
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect())
+    Ok(parse(&text))
 }
 
 async fn sim(command: SimCommand) -> anyhow::Result<ExitCode> {
@@ -327,18 +408,42 @@ async fn sim(command: SimCommand) -> anyhow::Result<ExitCode> {
         }
     };
     match command {
-        SimCommand::Serve { listen, web_url, token_ttl } => {
+        SimCommand::Serve {
+            listen,
+            web_url,
+            token_ttl,
+            merchant_public_key,
+            platform_private_key,
+            notify_retry_scale,
+        } => {
             let settings = Settings::from_env()?;
             let config = wxhost::sim::SimConfig {
-                appid: settings.wechat_appid.unwrap_or_else(|| "wx0000000000000000".into()),
-                secret: settings.wechat_appsecret.map(|s| s.expose_secret().to_string()).unwrap_or_default(),
-                token: settings.wechat_token.map(|s| s.expose_secret().to_string()).unwrap_or_default(),
-                aes_key: settings.wechat_aes_key.map(|s| s.expose_secret().to_string()),
+                appid: settings.wechat_appid.clone().unwrap_or_else(|| "wx0000000000000000".into()),
+                secret: settings
+                    .wechat_appsecret
+                    .as_ref()
+                    .map(|s| s.expose_secret().to_string())
+                    .unwrap_or_default(),
+                token: settings
+                    .wechat_token
+                    .as_ref()
+                    .map(|s| s.expose_secret().to_string())
+                    .unwrap_or_default(),
+                aes_key: settings.wechat_aes_key.as_ref().map(|s| s.expose_secret().to_string()),
                 web_url: Some(web_url.trim_end_matches('/').to_string()),
                 token_ttl: std::time::Duration::from_secs(token_ttl),
             };
+            let mut sim = wxhost::sim::Sim::new(config);
+            if let (Some(merchant), Some(platform)) = (merchant_public_key, platform_private_key) {
+                sim = sim.with_pay(wxhost::sim::SimPayConfig::from_settings(
+                    &settings,
+                    &merchant,
+                    &platform,
+                    notify_retry_scale,
+                )?);
+            }
             let shutdown = tokio_util::sync::CancellationToken::new();
-            let (addr, task) = wxhost::sim::Sim::new(config).serve(listen, shutdown.clone()).await?;
+            let (addr, task) = sim.serve(listen, shutdown.clone()).await?;
             println!("WeChat simulator on http://{addr} (set WECHAT_API_BASE=http://{addr})");
             let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
             tokio::select! {
@@ -355,6 +460,25 @@ async fn sim(command: SimCommand) -> anyhow::Result<ExitCode> {
         }
         SimCommand::Code { sim_url, user, scope } => {
             control(&sim_url, "/sim/oauth/code", serde_json::json!({ "name": user, "scope": scope })).await
+        }
+        SimCommand::Pay { sim_url, out_trade_no, user } => {
+            control(&sim_url, "/sim/pay", serde_json::json!({ "out_trade_no": out_trade_no, "user": user }))
+                .await
+        }
+        SimCommand::Notify { sim_url, out_trade_no, times } => {
+            control(
+                &sim_url,
+                "/sim/pay/notify",
+                serde_json::json!({ "out_trade_no": out_trade_no, "times": times }),
+            )
+            .await
+        }
+        SimCommand::Keys { dir } => {
+            for name in ["merchant", "platform"] {
+                let (private, public) = wxhost::sim::pay::ensure_key_pair(&dir, name)?;
+                println!("{}\n{}", private.display(), public.display());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         SimCommand::Invalidate { sim_url } => {
             control(&sim_url, "/sim/tokens/invalidate", serde_json::json!({})).await

@@ -104,7 +104,42 @@ pub fn v3_encrypt(
     Ok(BASE64.encode(sealed))
 }
 
-/// SHA256-RSA (PKCS#1 v1.5) signature, base64, as WeChat Pay writes them.
+/// SHA256-RSA (PKCS#1 v1.5) signatures with a private key: the merchant key
+/// (APIv3 requests, JSAPI `paySign`) and, in the simulator, the platform key.
+/// Signs with ring, whose RSA private-key operation is constant time.
+pub struct RsaSigner(ring::signature::RsaKeyPair);
+
+impl RsaSigner {
+    /// A PEM private key: PKCS#8 (`BEGIN PRIVATE KEY`, WeChat Pay's
+    /// `apiclient_key.pem`) or PKCS#1 (`BEGIN RSA PRIVATE KEY`).
+    pub fn from_pem(pem: &str) -> anyhow::Result<RsaSigner> {
+        let (label, der) = pem_rfc7468::decode_vec(pem.trim().as_bytes())
+            .map_err(|_| anyhow::anyhow!("not a PEM private key"))?;
+        let pair = match label {
+            "PRIVATE KEY" => ring::signature::RsaKeyPair::from_pkcs8(&der),
+            "RSA PRIVATE KEY" => ring::signature::RsaKeyPair::from_der(&der),
+            other => anyhow::bail!("a PEM `{other}` is not an RSA private key"),
+        }
+        .map_err(|e| anyhow::anyhow!("not a usable RSA private key ({e})"))?;
+        Ok(RsaSigner(pair))
+    }
+
+    /// Base64 SHA256-RSA signature of `message`.
+    pub fn sign(&self, message: &[u8]) -> String {
+        let mut signature = vec![0; self.0.public().modulus_len()];
+        self.0
+            .sign(
+                &ring::signature::RSA_PKCS1_SHA256,
+                &ring::rand::SystemRandom::new(),
+                message,
+                &mut signature,
+            )
+            .expect("the buffer is the modulus length");
+        BASE64.encode(signature)
+    }
+}
+
+/// SHA256-RSA signature with the `rsa` crate (tests only build messages with it).
 pub fn rsa_sign(key: &RsaPrivateKey, message: &[u8]) -> String {
     let signer = SigningKey::<Sha256>::new(key.clone());
     BASE64.encode(signer.sign(message).to_bytes())
@@ -125,8 +160,48 @@ pub fn public_key_from_pem(pem: &str) -> anyhow::Result<RsaPublicKey> {
         .map_err(|_| anyhow::anyhow!("not an RSA public key (PEM, SubjectPublicKeyInfo)"))
 }
 
+/// WeChat Pay refuses messages whose timestamp is 5 minutes or more away; so do we.
+pub const SKEW_SECS: u64 = 300;
+
+/// Why a WeChat Pay signature (`Wechatpay-*` headers) was not accepted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SignatureError {
+    /// WeChat Pay probes signature checking with deliberately wrong signatures.
+    #[error("a WECHATPAY/SIGNTEST/ probe")]
+    Probe,
+    #[error("the timestamp is 5 minutes or more away")]
+    Stale,
+    #[error("no platform key has the id `{0}`")]
+    UnknownKey(String),
+    #[error("the signature does not verify")]
+    Bad,
+    #[error("header {0} is missing or malformed")]
+    Malformed(&'static str),
+}
+
+/// The `Wechatpay-*` headers of a notify or an API answer.
+#[derive(Debug, Clone, Default)]
+pub struct SignatureHeaders {
+    pub timestamp: String,
+    pub nonce: String,
+    pub signature: String,
+    pub serial: String,
+}
+
+impl SignatureHeaders {
+    pub fn from_lookup<'a>(get: impl Fn(&str) -> Option<&'a str>) -> SignatureHeaders {
+        let field = |name: &str| get(name).unwrap_or_default().to_string();
+        SignatureHeaders {
+            timestamp: field("wechatpay-timestamp"),
+            nonce: field("wechatpay-nonce"),
+            signature: field("wechatpay-signature"),
+            serial: field("wechatpay-serial"),
+        }
+    }
+}
+
 /// WeChat Pay's verification keys by the id `Wechatpay-Serial` names: the
-/// public key's `PUB_KEY_ID_…`, or a platform certificate's serial.
+/// public key's `PUB_KEY_ID_…`, or a platform certificate's serial (hex, any case).
 #[derive(Default, Clone)]
 pub struct PlatformKeys {
     by_id: HashMap<String, RsaPublicKey>,
@@ -134,16 +209,106 @@ pub struct PlatformKeys {
 
 impl PlatformKeys {
     pub fn insert(&mut self, id: impl Into<String>, key: RsaPublicKey) {
-        self.by_id.insert(id.into(), key);
+        self.by_id.insert(id.into().to_ascii_uppercase(), key);
     }
 
     pub fn get(&self, id: &str) -> Option<&RsaPublicKey> {
-        self.by_id.get(id)
+        self.by_id.get(&id.to_ascii_uppercase())
     }
 
     pub fn is_empty(&self) -> bool {
         self.by_id.is_empty()
     }
+
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.by_id.keys().map(String::as_str)
+    }
+
+    /// Keys from a PEM file: every `CERTIFICATE` (platform certificate mode,
+    /// id = its serial; several allow a rotation) and at most one `PUBLIC KEY`
+    /// (public-key mode, id = `public_key_id`, the `PUB_KEY_ID_…`).
+    pub fn from_pem(text: &str, public_key_id: Option<&str>) -> anyhow::Result<PlatformKeys> {
+        use x509_cert::der::{Decode, Encode};
+        let mut keys = PlatformKeys::default();
+        let mut public_keys = 0;
+        for block in pem_blocks(text) {
+            let (label, der) = pem_rfc7468::decode_vec(block.as_bytes())
+                .map_err(|_| anyhow::anyhow!("a PEM block is broken"))?;
+            match label {
+                "CERTIFICATE" => {
+                    let cert = x509_cert::Certificate::from_der(&der)
+                        .map_err(|_| anyhow::anyhow!("a CERTIFICATE block is not an X.509 certificate"))?;
+                    let spki = cert.tbs_certificate.subject_public_key_info.to_der()?;
+                    let key = RsaPublicKey::from_public_key_der(&spki)
+                        .map_err(|_| anyhow::anyhow!("a platform certificate does not hold an RSA key"))?;
+                    keys.insert(serial_hex(cert.tbs_certificate.serial_number.as_bytes()), key);
+                }
+                "PUBLIC KEY" => {
+                    public_keys += 1;
+                    let id = public_key_id.ok_or_else(|| {
+                        anyhow::anyhow!("a PUBLIC KEY needs WECHATPAY_PUBLIC_KEY_ID (its PUB_KEY_ID_…)")
+                    })?;
+                    let key = RsaPublicKey::from_public_key_der(&der)
+                        .map_err(|_| anyhow::anyhow!("the PUBLIC KEY is not an RSA key"))?;
+                    keys.insert(id, key);
+                }
+                other => anyhow::bail!("a PEM `{other}` is neither a CERTIFICATE nor a PUBLIC KEY"),
+            }
+        }
+        anyhow::ensure!(public_keys <= 1, "only one PUBLIC KEY can go with WECHATPAY_PUBLIC_KEY_ID");
+        anyhow::ensure!(!keys.is_empty(), "no CERTIFICATE or PUBLIC KEY found");
+        Ok(keys)
+    }
+
+    /// Checks a notify's or an answer's signature over `timestamp\nnonce\nbody\n`:
+    /// probes, clock skew, the key the serial names, then the signature.
+    pub fn verify(&self, h: &SignatureHeaders, body: &[u8], now_unix: i64) -> Result<(), SignatureError> {
+        if h.signature.starts_with("WECHATPAY/SIGNTEST/") {
+            return Err(SignatureError::Probe);
+        }
+        if h.signature.is_empty() {
+            return Err(SignatureError::Malformed("Wechatpay-Signature"));
+        }
+        let ts: i64 = h.timestamp.parse().map_err(|_| SignatureError::Malformed("Wechatpay-Timestamp"))?;
+        if now_unix.abs_diff(ts) >= SKEW_SECS {
+            return Err(SignatureError::Stale);
+        }
+        let key = self.get(&h.serial).ok_or_else(|| SignatureError::UnknownKey(h.serial.clone()))?;
+        if rsa_verify(key, &signed_message(&h.timestamp, &h.nonce, body), &h.signature) {
+            Ok(())
+        } else {
+            Err(SignatureError::Bad)
+        }
+    }
+}
+
+/// What WeChat Pay signs in notifies and answers: `timestamp\nnonce\nbody\n`.
+pub fn signed_message(timestamp: &str, nonce: &str, body: &[u8]) -> Vec<u8> {
+    let mut message = format!("{timestamp}\n{nonce}\n").into_bytes();
+    message.extend_from_slice(body);
+    message.push(b'\n');
+    message
+}
+
+/// A certificate serial as WeChat Pay writes it: upper-case hex, no leading zero bytes.
+fn serial_hex(bytes: &[u8]) -> String {
+    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len().saturating_sub(1));
+    hex::encode_upper(&bytes[start..])
+}
+
+/// The `-----BEGIN …-----` … `-----END …-----` blocks of a PEM file.
+fn pem_blocks(text: &str) -> Vec<&str> {
+    let mut blocks = Vec::new();
+    let mut rest = text;
+    while let Some(begin) = rest.find("-----BEGIN ") {
+        let from_begin = &rest[begin..];
+        let Some(end) = from_begin.find("-----END ") else { break };
+        let Some(close) = from_begin[end + 9..].find("-----") else { break };
+        let len = end + 9 + close + 5;
+        blocks.push(&from_begin[..len]);
+        rest = &from_begin[len..];
+    }
+    blocks
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ use crate::caps::{Services, callback_crypto::CallbackCrypto, db::DbCtx};
 use crate::config::{self, Config, Role};
 use crate::database;
 use crate::error::ApiError;
+use crate::frontend::Frontend;
 use crate::host::{self, Host};
 use crate::internal_auth::{INTERNAL_PREFIX, InternalAuth, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use crate::runtime::{self, PluginFailure, RouteMatch};
@@ -94,7 +95,11 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<RunningServer> {
         let bound = listener.local_addr()?;
         tracing::info!(role = %role, addr = %bound, "listening");
         role_addrs.insert(role, bound);
-        let app = role_router(host.clone(), role, internal_auth.clone());
+        let frontend = match (&config.frontend_root, role) {
+            (Some(root), Role::App) => Some(Arc::new(Frontend::new(root.clone(), &options.settings)?)),
+            _ => None,
+        };
+        let app = role_router(host.clone(), role, internal_auth.clone(), frontend);
         tasks.spawn(serve(listener, app, shutdown.clone()));
     }
 
@@ -141,6 +146,15 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
         }
         _ => None,
     };
+    let wechat_pay = if options.roles.contains(&Role::App) {
+        let pay = crate::caps::wechat_pay::WechatPay::from_settings(&options.settings)?;
+        if pay.is_none() {
+            tracing::info!("WECHATPAY_MCHID is not set: WeChat Pay calls will answer not-configured");
+        }
+        pay
+    } else {
+        None
+    };
     let sessions = match &database {
         Some(db) => Some(
             Sessions::new(
@@ -185,7 +199,7 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
     } else {
         None
     };
-    Ok(Services { db, callback_crypto, internal_call, wechat_api, sessions })
+    Ok(Services { db, callback_crypto, internal_call, wechat_api, wechat_pay, sessions })
 }
 
 async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) {
@@ -203,14 +217,23 @@ struct RoleState {
     role: Role,
     /// Checks calls to the internal API (app role); `None`: INTERNAL_SECRET unset.
     internal_auth: Option<Arc<InternalAuth>>,
+    /// The member pages (app role, when `[frontend] root` is set).
+    frontend: Option<Arc<Frontend>>,
 }
 
-/// The router of one role: `/healthz` and the plugins' routes.
-pub fn role_router(host: Arc<Host>, role: Role, internal_auth: Option<Arc<InternalAuth>>) -> Router {
+/// The router of one role: `/healthz`, the plugins' routes, and (app role)
+/// the member pages for what no plugin routes.
+pub fn role_router(
+    host: Arc<Host>,
+    role: Role,
+    internal_auth: Option<Arc<InternalAuth>>,
+    frontend: Option<Arc<Frontend>>,
+) -> Router {
     Router::new().route("/healthz", get(healthz)).fallback(dispatch).with_state(RoleState {
         host,
         role,
         internal_auth,
+        frontend,
     })
 }
 
@@ -229,6 +252,11 @@ async fn dispatch(State(state): State<RoleState>, request: Request) -> Result<Re
     let (parts, body) = request.into_parts();
     let path = parts.uri.path();
     let routed = runtime.route(parts.method.as_str(), path);
+    if let (RouteMatch::NotFound, Some(frontend)) = (&routed, &state.frontend)
+        && Frontend::wants(&parts.method, path)
+    {
+        return Ok(frontend.serve(Request::from_parts(parts, body)).await);
+    }
     let internal =
         path.starts_with(INTERNAL_PREFIX) || matches!(routed, RouteMatch::Found { internal: true, .. });
     let limit = runtime.config.max_body_bytes;

@@ -15,6 +15,10 @@ pub struct Settings {
     pub wechat_appsecret: Option<SecretString>,
     pub wechat_api_base: Option<String>,
     pub wechat_qrcode_base: Option<String>,
+    /// WeChat's web-authorization page (the simulator's in development).
+    pub wechat_oauth_authorize_url: Option<String>,
+    /// The WeChat simulator, shown to the member pages in development only.
+    pub dev_simulator_url: Option<String>,
     pub internal_secret: Option<SecretString>,
     pub wechatpay_apiv3_key: Option<SecretString>,
     pub wechatpay_apiv2_key: Option<SecretString>,
@@ -22,6 +26,19 @@ pub struct Settings {
     pub wechatpay_platform_public_key: Option<std::path::PathBuf>,
     /// The id (`PUB_KEY_ID_…`) that key goes by in `Wechatpay-Serial`.
     pub wechatpay_public_key_id: Option<String>,
+    /// The merchant id (`mchid`), which selects the WeChat Pay capability.
+    pub wechatpay_mchid: Option<String>,
+    /// Path of the merchant's API private key (`apiclient_key.pem`).
+    pub wechatpay_private_key: Option<std::path::PathBuf>,
+    /// Serial of the merchant's API certificate (`serial_no` of APIv3 requests).
+    pub wechatpay_serial: Option<String>,
+    pub wechatpay_api_base: Option<String>,
+    /// Where WeChat Pay sends payment results: the web role's `/api/v1/payment/notify`.
+    pub wechatpay_notify_url: Option<String>,
+    /// `v3` (default) or `v2` for merchants still on APIv2.
+    pub wechatpay_api_version: Option<String>,
+    /// APIv2 signing: `HMAC-SHA256` (default) or `MD5`.
+    pub wechatpay_apiv2_sign_type: Option<String>,
     pub session_secret: Option<SecretString>,
     pub admin_token: Option<SecretString>,
     pub app_internal_url: Option<String>,
@@ -41,11 +58,20 @@ impl Settings {
             wechat_appsecret: secret("WECHAT_APPSECRET"),
             wechat_api_base: var("WECHAT_API_BASE"),
             wechat_qrcode_base: var("WECHAT_QRCODE_BASE"),
+            wechat_oauth_authorize_url: var("WECHAT_OAUTH_AUTHORIZE_URL"),
+            dev_simulator_url: var("WXHOST_DEV_SIMULATOR_URL"),
             internal_secret: secret("INTERNAL_SECRET"),
             wechatpay_apiv3_key: secret("WECHATPAY_APIV3_KEY"),
             wechatpay_apiv2_key: secret("WECHATPAY_APIV2_KEY"),
             wechatpay_platform_public_key: var("WECHATPAY_PLATFORM_PUBLIC_KEY").map(Into::into),
             wechatpay_public_key_id: var("WECHATPAY_PUBLIC_KEY_ID"),
+            wechatpay_mchid: var("WECHATPAY_MCHID"),
+            wechatpay_private_key: var("WECHATPAY_PRIVATE_KEY").map(Into::into),
+            wechatpay_serial: var("WECHATPAY_SERIAL"),
+            wechatpay_api_base: var("WECHATPAY_API_BASE"),
+            wechatpay_notify_url: var("WECHATPAY_NOTIFY_URL"),
+            wechatpay_api_version: var("WECHATPAY_API_VERSION"),
+            wechatpay_apiv2_sign_type: var("WECHATPAY_APIV2_SIGN_TYPE"),
             session_secret: secret("SESSION_SECRET"),
             admin_token: secret("WXHOST_ADMIN_TOKEN"),
             app_internal_url: var("APP_INTERNAL_URL"),
@@ -71,27 +97,42 @@ fn addr(name: &str) -> anyhow::Result<Option<SocketAddr>> {
 }
 
 impl Settings {
-    /// WeChat Pay notify verification keys, when the settings name them.
-    pub fn pay_notify_keys(&self) -> anyhow::Result<Option<crate::caps::callback_crypto::PayNotifyKeys>> {
+    /// WeChat Pay's verification keys (certificates and/or the public key) from
+    /// WECHATPAY_PLATFORM_PUBLIC_KEY, or `None` if it is not set.
+    pub fn platform_keys(&self) -> anyhow::Result<Option<crate::pay_crypto::PlatformKeys>> {
+        let Some(path) = &self.wechatpay_platform_public_key else { return Ok(None) };
+        let pem = std::fs::read_to_string(path)
+            .with_context(|| format!("reading WECHATPAY_PLATFORM_PUBLIC_KEY ({})", path.display()))?;
+        crate::pay_crypto::PlatformKeys::from_pem(&pem, self.wechatpay_public_key_id.as_deref())
+            .map(Some)
+            .with_context(|| format!("WECHATPAY_PLATFORM_PUBLIC_KEY ({})", path.display()))
+    }
+
+    /// The 32-byte APIv3 key, checked.
+    pub fn apiv3_key(&self) -> anyhow::Result<Option<secrecy::SecretBox<[u8; 32]>>> {
         use secrecy::ExposeSecret;
-        let (Some(apiv3), Some(path), Some(id)) =
-            (&self.wechatpay_apiv3_key, &self.wechatpay_platform_public_key, &self.wechatpay_public_key_id)
-        else {
-            return Ok(None);
-        };
-        let apiv3: [u8; 32] = apiv3
+        let Some(key) = &self.wechatpay_apiv3_key else { return Ok(None) };
+        let bytes: [u8; 32] = key
             .expose_secret()
             .as_bytes()
             .try_into()
             .map_err(|_| anyhow::anyhow!("WECHATPAY_APIV3_KEY must be the 32-character APIv3 key"))?;
-        let pem = std::fs::read_to_string(path)
-            .with_context(|| format!("reading WECHATPAY_PLATFORM_PUBLIC_KEY ({})", path.display()))?;
-        let key = crate::pay_crypto::public_key_from_pem(&pem).context("WECHATPAY_PLATFORM_PUBLIC_KEY")?;
-        let mut platform = crate::pay_crypto::PlatformKeys::default();
-        platform.insert(id.clone(), key);
+        Ok(Some(secrecy::SecretBox::new(Box::new(bytes))))
+    }
+
+    /// WeChat Pay notify verification keys (APIv3: APIv3 key + platform keys;
+    /// APIv2: the APIv2 key), when the settings name any.
+    pub fn pay_notify_keys(&self) -> anyhow::Result<Option<crate::caps::callback_crypto::PayNotifyKeys>> {
+        let (apiv3_key, platform) = (self.apiv3_key()?, self.platform_keys()?);
+        if apiv3_key.is_some() != platform.is_some() {
+            anyhow::bail!("APIv3 notifies need both WECHATPAY_APIV3_KEY and WECHATPAY_PLATFORM_PUBLIC_KEY");
+        }
+        if apiv3_key.is_none() && self.wechatpay_apiv2_key.is_none() {
+            return Ok(None);
+        }
         Ok(Some(crate::caps::callback_crypto::PayNotifyKeys {
-            apiv3_key: secrecy::SecretBox::new(Box::new(apiv3)),
-            platform,
+            apiv3_key,
+            platform: platform.unwrap_or_default(),
             apiv2_key: self.wechatpay_apiv2_key.clone(),
         }))
     }

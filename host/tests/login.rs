@@ -6,117 +6,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::stack::*;
 use common::*;
 use serde_json::{Value, json};
 use wxhost::config::Role;
 use wxhost::database;
-use wxhost::server::RunningServer;
 use wxhost::sim::{ScanRequest, Sim, SimConfig, openid_of};
-
-const APPSECRET: &str = "sim-app-secret";
-const ADMIN: &str = "admin-credential";
-
-fn config() -> TestConfig {
-    let toml = base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "wechat-api", "session""#)
-        + VERIFY_PLUGIN
-        + r#"
-[plugins.config]
-welcome = "欢迎"
-
-[[plugins]]
-name = "internal"
-role = "app"
-wasm = "internal.wasm"
-routes = ["POST /api/v1/internal/user/create-or-update", "POST /api/v1/internal/binding/create", "PUT /api/v1/internal/binding/update"]
-capabilities = ["log", "db"]
-
-[[plugins]]
-name = "account"
-role = "app"
-wasm = "account.wasm"
-routes = [
-  "GET /api/v1/auth/wechat", "POST /api/v1/auth/wechat/qrcode", "GET /api/v1/auth/wechat/qrcode/{scene}",
-  "GET /api/v1/auth/wechat/get-menu", "POST /api/v1/auth/wechat/create-menu", "POST /api/v1/auth/logout",
-  "GET /api/v1/user/me", "GET /api/v1/user/orders", "GET /api/v1/user/orders/{out_trade_no}",
-]
-capabilities = ["log", "config", "db", "wechat-api", "session"]
-wechat_api = ["cgi-bin/qrcode/create", "cgi-bin/menu/get", "cgi-bin/menu/create"]
-"#;
-    TestConfig::new(
-        &toml,
-        &[
-            ("verify.wasm", "verify.wasm"),
-            ("internal.wasm", "internal.wasm"),
-            ("account.wasm", "account.wasm"),
-        ],
-    )
-}
-
-/// The simulator, an app role and a web role, wired together over loopback.
-struct Stack {
-    _config: TestConfig,
-    sim: Sim,
-    app: RunningServer,
-    web: RunningServer,
-    client: reqwest::Client,
-}
-
-impl Stack {
-    async fn start(database_url: &str) -> Stack {
-        let sim = Sim::new(SimConfig {
-            appid: APPID.into(),
-            secret: APPSECRET.into(),
-            token: TOKEN.into(),
-            aes_key: Some(AES_KEY.into()),
-            web_url: None,
-            token_ttl: Duration::from_secs(7200),
-        });
-        let (sim_addr, _) = sim
-            .serve("127.0.0.1:0".parse().unwrap(), tokio_util::sync::CancellationToken::new())
-            .await
-            .unwrap();
-        let config = config();
-        let mut app_settings = settings(Some(database_url));
-        app_settings.wechat_appsecret = Some(APPSECRET.to_string().into());
-        app_settings.wechat_api_base = Some(format!("http://{sim_addr}"));
-        app_settings.wechat_qrcode_base = Some(format!("http://{sim_addr}/cgi-bin/showqrcode"));
-        app_settings.admin_token = Some(ADMIN.to_string().into());
-        let app = start_with(&config, &[Role::App], app_settings, false).await;
-        let mut web_settings = settings(None);
-        web_settings.app_internal_url = Some(format!("http://{}", app.role_addrs[&Role::App]));
-        let web = start_with(&config, &[Role::Web], web_settings, false).await;
-        sim.set_web_url(&format!("http://{}", web.role_addrs[&Role::Web]));
-        Stack { _config: config, sim, app, web, client: reqwest::Client::new() }
-    }
-
-    fn app_url(&self, path: &str) -> String {
-        url(&self.app, Role::App, path)
-    }
-
-    async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut request = self.client.get(self.app_url(path));
-        if let Some(t) = token {
-            request = request.bearer_auth(t);
-        }
-        let r = request.send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn post(&self, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
-        let mut request = self.client.post(self.app_url(path)).body(body.to_string());
-        if let Some(t) = token {
-            request = request.bearer_auth(t);
-        }
-        let r = request.send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn shutdown(self) {
-        self.web.shutdown();
-        self.app.shutdown();
-        self.app.wait().await;
-    }
-}
 
 fn error_code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or_default()
@@ -380,7 +275,7 @@ async fn two_app_processes_on_one_mariadb_share_one_token_per_lifetime() {
     });
     let (sim_addr, _) =
         sim.serve("127.0.0.1:0".parse().unwrap(), tokio_util::sync::CancellationToken::new()).await.unwrap();
-    let config = config();
+    let config = full_config();
     let mut apps = Vec::new();
     for _ in 0..2 {
         let mut s = settings(Some(&db.url));

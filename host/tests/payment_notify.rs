@@ -5,23 +5,15 @@
 
 mod common;
 
+use common::stack::{APIV2_KEY, APIV3_KEY, MCHID, PUB_KEY_ID as KEY_ID, fixture};
 use common::*;
 use serde_json::json;
 use wxhost::config::Role;
 use wxhost::pay_crypto::{V2SignType, private_key_from_pem, rsa_sign, v2_sign, v3_encrypt};
 use wxhost::server::RunningServer;
 
-const APIV3_KEY: &str = "a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb";
-const APIV2_KEY: &str = "192006250b4c09247ec02edce69f6a2d";
-const KEY_ID: &str = "PUB_KEY_ID_0114232134912410000000000000000000";
-const MCHID: &str = "1900000109";
-
-fn fixture(f: &str) -> String {
-    format!("{}/tests/fixtures/{f}", env!("CARGO_MANIFEST_DIR"))
-}
-
 fn config() -> TestConfig {
-    let toml = base_toml(2000, WEB_GRANTS, r#""log", "config", "db""#)
+    let toml = base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "session", "wechat-pay""#)
         + r#"
 [[plugins]]
 name = "notify"
@@ -31,13 +23,13 @@ routes = ["POST /api/v1/payment/notify"]
 capabilities = ["log", "callback-crypto", "internal-call"]
 
 [[plugins]]
-name = "internal"
+name = "payment"
 role = "app"
-wasm = "internal.wasm"
+wasm = "payment.wasm"
 routes = ["PUT /api/v1/internal/payment/order/update"]
-capabilities = ["log", "db"]
+capabilities = ["log", "config", "db", "session", "wechat-pay"]
 "#;
-    TestConfig::new(&toml, &[("notify.wasm", "notify.wasm"), ("internal.wasm", "internal.wasm")])
+    TestConfig::new(&toml, &[("notify.wasm", "notify.wasm"), ("payment.wasm", "payment.wasm")])
 }
 
 struct Pay {
@@ -58,7 +50,7 @@ impl Pay {
         s.app_internal_url = Some(format!("http://{app_addr}"));
         s.wechatpay_apiv3_key = Some(APIV3_KEY.to_string().into());
         s.wechatpay_apiv2_key = Some(APIV2_KEY.to_string().into());
-        s.wechatpay_platform_public_key = Some(fixture("wechatpay_platform_test_pub.pem").into());
+        s.wechatpay_platform_public_key = Some(fixture("wechatpay_platform_test_pub.pem"));
         s.wechatpay_public_key_id = Some(KEY_ID.into());
         let web = start_with(&config, &[Role::Web], s, false).await;
         Pay { config, db_url: db_url.into(), app: Some(app), app_addr, web, client: reqwest::Client::new() }
@@ -323,7 +315,7 @@ name = "payment"
 role = "app"
 wasm = "payment.wasm"
 routes = ["GET /api/v1/payment/products"]
-capabilities = ["log", "config"]
+capabilities = ["log", "config", "db", "session", "wechat-pay"]
 [[plugins.config.products]]
 id = "p10"
 name = "10 次"
@@ -332,7 +324,7 @@ credits = 10
 "#;
     let db = sqlite_database().await;
     let config = TestConfig::new(
-        &(base_toml(2000, WEB_GRANTS, r#""log", "config""#) + good),
+        &(base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "session", "wechat-pay""#) + good),
         &[("payment.wasm", "payment.wasm")],
     );
     let app = start(&config, &[Role::App], Some(&db.url), false).await;
@@ -344,7 +336,8 @@ credits = 10
     // A misconfigured catalog is a clear 500, not a guess at prices.
     std::fs::write(
         config.path(),
-        base_toml(2000, WEB_GRANTS, r#""log", "config""#) + &good.replace("990", "-1"),
+        base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "session", "wechat-pay""#)
+            + &good.replace("990", "-1"),
     )
     .unwrap();
     assert!(app.host.reload("test").await.ok);

@@ -86,7 +86,7 @@ async fn the_role_router_dispatches_to_plugins_and_answers_json_errors() {
     let _logs = captured_logs();
     let config = config();
     let host = web_host(&config).await;
-    let router = wxhost::server::role_router(host.clone(), Role::Web, None);
+    let router = wxhost::server::role_router(host.clone(), Role::Web, None, None);
 
     let (status, headers, body) = call(router.clone(), get(&verify_query("hi"))).await;
     assert_eq!(status, StatusCode::OK);
@@ -114,7 +114,7 @@ async fn plugin_stdout_and_stderr_reach_the_host_log_tagged_with_the_plugin() {
     let logs = captured_logs();
     let config = config();
     let host = web_host(&config).await;
-    let router = wxhost::server::role_router(host.clone(), Role::Web, None);
+    let router = wxhost::server::role_router(host.clone(), Role::Web, None, None);
     let (status, _, _) = call(router, get("/probe/print")).await;
     assert_eq!(status, StatusCode::OK);
     let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();

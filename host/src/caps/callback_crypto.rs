@@ -13,7 +13,7 @@ use wasmtime::component::{HasData, Linker};
 use crate::bindings::wxhost::plugin::callback_crypto::{
     self as wit, CryptoError, EncryptedReply, PayNotifyHeaders, PayNotifyV3,
 };
-use crate::pay_crypto::{self, PlatformKeys, V2SignType};
+use crate::pay_crypto::{self, PlatformKeys, SignatureError, V2SignType};
 
 type Aes256CbcEnc = cbc::Encryptor<aes::Aes256>;
 type Aes256CbcDec = cbc::Decryptor<aes::Aes256>;
@@ -41,13 +41,10 @@ pub struct CallbackCrypto {
 /// What checking WeChat Pay's notifies takes: the APIv3 key, the platform's
 /// public keys, and (for APIv2 merchants) the APIv2 key.
 pub struct PayNotifyKeys {
-    pub apiv3_key: SecretBox<[u8; 32]>,
+    pub apiv3_key: Option<SecretBox<[u8; 32]>>,
     pub platform: PlatformKeys,
     pub apiv2_key: Option<SecretString>,
 }
-
-/// WeChat Pay refuses notifies whose timestamp is 5 minutes or more away.
-const PAY_SKEW_SECS: u64 = 300;
 
 /// A bad EncodingAESKey setting (never includes the key).
 #[derive(Debug, thiserror::Error)]
@@ -98,21 +95,22 @@ impl CallbackCrypto {
         body: &[u8],
     ) -> Result<PayNotifyV3, CryptoError> {
         let pay = self.pay()?;
-        if h.signature.starts_with("WECHATPAY/SIGNTEST/") {
-            return Err(CryptoError::SignatureProbe);
-        }
-        let ts: i64 =
-            h.timestamp.parse().map_err(|_| CryptoError::Malformed("Wechatpay-Timestamp".into()))?;
-        if now_unix().abs_diff(ts) >= PAY_SKEW_SECS {
-            return Err(CryptoError::StaleTimestamp);
-        }
-        let key = pay.platform.get(&h.serial).ok_or_else(|| CryptoError::UnknownKey(h.serial.clone()))?;
-        let mut message = format!("{}\n{}\n", h.timestamp, h.nonce).into_bytes();
-        message.extend_from_slice(body);
-        message.push(b'\n');
-        if !pay_crypto::rsa_verify(key, &message, &h.signature) {
-            return Err(CryptoError::BadSignature);
-        }
+        let apiv3_key = pay.apiv3_key.as_ref().ok_or_else(|| {
+            CryptoError::NotConfigured("WECHATPAY_APIV3_KEY and the platform public key are not set".into())
+        })?;
+        let headers = pay_crypto::SignatureHeaders {
+            timestamp: h.timestamp.clone(),
+            nonce: h.nonce.clone(),
+            signature: h.signature.clone(),
+            serial: h.serial.clone(),
+        };
+        pay.platform.verify(&headers, body, now_unix()).map_err(|e| match e {
+            SignatureError::Probe => CryptoError::SignatureProbe,
+            SignatureError::Stale => CryptoError::StaleTimestamp,
+            SignatureError::UnknownKey(id) => CryptoError::UnknownKey(id),
+            SignatureError::Bad => CryptoError::BadSignature,
+            SignatureError::Malformed(what) => CryptoError::Malformed(what.into()),
+        })?;
         let malformed = |what: &str| CryptoError::Malformed(what.to_string());
         let notify: serde_json::Value =
             serde_json::from_slice(body).map_err(|_| malformed("the body is not JSON"))?;
@@ -123,7 +121,7 @@ impl CallbackCrypto {
         let field =
             |name: &str| resource[name].as_str().ok_or_else(|| malformed(&format!("resource.{name}")));
         let plaintext = pay_crypto::v3_decrypt(
-            pay.apiv3_key.expose_secret(),
+            apiv3_key.expose_secret(),
             field("nonce")?,
             resource["associated_data"].as_str().unwrap_or_default(),
             field("ciphertext")?,
@@ -547,7 +545,7 @@ mod tests {
             platform
                 .insert(KEY_ID, public_key_from_pem(&fixture("wechatpay_platform_test_pub.pem")).unwrap());
             CallbackCrypto::new(None, None, None, None).unwrap().with_pay(PayNotifyKeys {
-                apiv3_key: SecretBox::new(Box::new(*APIV3_KEY)),
+                apiv3_key: Some(SecretBox::new(Box::new(*APIV3_KEY))),
                 platform,
                 apiv2_key: Some("192006250b4c09247ec02edce69f6a2d".to_string().into()),
             })

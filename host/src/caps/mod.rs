@@ -11,6 +11,7 @@ pub mod log;
 pub mod session;
 pub mod wasi;
 pub mod wechat_api;
+pub mod wechat_pay;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -70,11 +71,6 @@ impl Capability {
         Capability::ALL.map(Capability::name).join(", ")
     }
 
-    /// Whether this host version implements the capability's interface yet.
-    pub fn implemented(self) -> bool {
-        !matches!(self, Capability::WechatPay)
-    }
-
     /// The capability a component import (`wxhost:plugin/db@0.1.0`) asks for.
     pub fn of_import(import: &str) -> Option<Capability> {
         let rest = import.strip_prefix(WIT_PACKAGE)?.strip_prefix('/')?;
@@ -103,6 +99,7 @@ pub struct Services {
     pub callback_crypto: Option<callback_crypto::CallbackCrypto>,
     pub internal_call: Option<internal_call::InternalClient>,
     pub wechat_api: Option<wechat_api::WechatApi>,
+    pub wechat_pay: Option<wechat_pay::WechatPay>,
     pub sessions: Option<session::Sessions>,
 }
 
@@ -201,11 +198,8 @@ pub fn linker(engine: &Engine, capabilities: &BTreeSet<Capability>) -> wasmtime:
             Capability::CallbackCrypto => callback_crypto::add_to_linker(&mut linker, callback_crypto_view)?,
             Capability::InternalCall => internal_call::add_to_linker(&mut linker, internal_call_view)?,
             Capability::WechatApi => wechat_api::add_to_linker(&mut linker, wechat_api_view)?,
+            Capability::WechatPay => wechat_pay::add_to_linker(&mut linker, wechat_pay_view)?,
             Capability::Session => session::add_to_linker(&mut linker, session_view)?,
-            // Config validation refuses unimplemented capabilities before any linking.
-            Capability::WechatPay => {
-                wasmtime::bail!("capability `{cap}` is not implemented by this host version")
-            }
         }
     }
     Ok(linker)
@@ -241,6 +235,10 @@ fn wechat_api_view(s: &mut PluginState) -> wechat_api::WechatApiView<'_> {
         allowed_paths: &s.plugin.wechat_api,
         deadline_at: s.deadline_at,
     }
+}
+
+fn wechat_pay_view(s: &mut PluginState) -> wechat_pay::WechatPayView<'_> {
+    wechat_pay::WechatPayView { ctx: s.services.wechat_pay.as_ref(), deadline_at: s.deadline_at }
 }
 
 fn session_view(s: &mut PluginState) -> session::SessionView<'_> {

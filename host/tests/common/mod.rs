@@ -3,6 +3,8 @@
 //! MariaDB database per test).
 #![allow(dead_code)]
 
+pub mod stack;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Once;

@@ -33,7 +33,6 @@ impl Guest for Account {
             ("POST", "/api/v1/auth/logout") => logout(&req),
             ("GET", "/api/v1/user/me") => me(&req),
             ("GET", "/api/v1/user/orders") => orders(&req),
-            ("GET", p) if p.starts_with("/api/v1/user/orders/") => order(&req, param("out_trade_no")),
             _ => Err(failure(404, "not_found", "no such route")),
         };
         result.unwrap_or_else(|e| e)
@@ -239,18 +238,6 @@ fn orders(req: &Request) -> Answer {
     .map_err(db_failure)?;
     let orders: Vec<Json> = rows.rows.iter().map(|r| order_json(&rows.columns, r)).collect();
     Ok(reply(200, json!({ "orders": orders })))
-}
-
-fn order(req: &Request, out_trade_no: &str) -> Answer {
-    let openid = signed_in(req)?;
-    // Another user's order is indistinguishable from no order.
-    let rows = db::query(
-        &format!("SELECT {ORDER_COLUMNS} FROM orders WHERE out_trade_no = ? AND openid = ?"),
-        &[Value::Text(out_trade_no.into()), Value::Text(openid)],
-    )
-    .map_err(db_failure)?;
-    let row = rows.rows.first().ok_or_else(|| failure(404, "not_found", "no such order"))?;
-    Ok(reply(200, order_json(&rows.columns, row)))
 }
 
 fn order_json(columns: &[String], row: &[Value]) -> Json {

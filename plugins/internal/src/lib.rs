@@ -23,7 +23,6 @@ impl Guest for Internal {
             }
             ("POST", "/api/v1/internal/binding/create") => parse(&req.body).and_then(create_binding),
             ("PUT", "/api/v1/internal/binding/update") => parse(&req.body).and_then(update_binding),
-            ("PUT", "/api/v1/internal/payment/order/update") => parse(&req.body).and_then(update_order),
             _ => Err(failure(404, "not_found", "no such internal endpoint")),
         };
         result.unwrap_or_else(|e| e)
@@ -194,104 +193,6 @@ fn update_binding(b: BindingUpdate) -> Answer {
     .map_err(db_failure)?;
     tx.commit().map_err(db_failure)?;
     Ok(reply(200, json!({ "applied": true, "status": "scanned", "scene": b.scene })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct OrderPaid {
-    out_trade_no: String,
-    transaction_id: String,
-    /// What WeChat Pay says was paid, in fen.
-    amount_fen: i64,
-    appid: String,
-    mchid: String,
-    /// Unix seconds; now if absent.
-    paid_at: Option<i64>,
-}
-
-/// WeChat Pay says an order is paid: in one transaction, lock the order, check
-/// it against the notify, and (only if not already paid) mark it paid and
-/// credit the user. However often WeChat retries, the credit happens once.
-fn update_order(p: OrderPaid) -> Answer {
-    let ok_id = |s: &str| {
-        (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-|*@".contains(&b))
-    };
-    if !ok_id(&p.out_trade_no) || !ok_id(&p.transaction_id) {
-        return Err(failure(
-            400,
-            "invalid_body",
-            "out_trade_no and transaction_id must be 1-64 plain characters",
-        ));
-    }
-    let tx = begin()?;
-    let lock = match db::dialect() {
-        SqlDialect::Mysql => " FOR UPDATE",
-        SqlDialect::Sqlite => "",
-    };
-    let rows = tx
-        .query(
-            &format!(
-                "SELECT id, openid, amount_fen, credits, status, transaction_id, appid, mchid FROM orders WHERE out_trade_no = ?{lock}"
-            ),
-            &[Value::Text(p.out_trade_no.clone())],
-        )
-        .map_err(db_failure)?;
-    let Some(row) = rows.rows.first() else {
-        return Err(failure(404, "unknown_order", "no order has this out_trade_no"));
-    };
-    let (id, openid, amount, credits, status, paid_with, appid, mchid) = match &row[..] {
-        [
-            Value::Int(id),
-            Value::Text(openid),
-            Value::Int(amount),
-            Value::Int(credits),
-            Value::Text(status),
-            paid_with,
-            Value::Text(appid),
-            Value::Text(mchid),
-        ] => (
-            *id,
-            openid.clone(),
-            *amount,
-            *credits,
-            status.clone(),
-            text_of(paid_with),
-            appid.clone(),
-            mchid.clone(),
-        ),
-        _ => return Err(failure(500, "internal_error", "unexpected order row")),
-    };
-    if amount != p.amount_fen {
-        return Err(failure(409, "amount_mismatch", "the paid amount is not the order's amount"));
-    }
-    if appid != p.appid || mchid != p.mchid {
-        return Err(failure(409, "merchant_mismatch", "the notify is for another appid or mchid"));
-    }
-    if status == "paid" {
-        drop(tx);
-        let same = paid_with.as_deref() == Some(p.transaction_id.as_str());
-        return Ok(reply(200, json!({ "applied": false, "status": "paid", "same_transaction": same })));
-    }
-    let now = now();
-    tx.execute(
-        "UPDATE orders SET status = 'paid', transaction_id = ?, paid_at = ?, updated_at = ? WHERE id = ? AND status <> 'paid'",
-        &[Value::Text(p.transaction_id.clone()), Value::Int(p.paid_at.unwrap_or(now)), Value::Int(now), Value::Int(id)],
-    )
-    .map_err(|e| match e {
-        db::Error::Constraint(_) => failure(409, "transaction_reused", "this transaction_id paid another order"),
-        other => db_failure(other),
-    })?;
-    let credited = tx
-        .execute(
-            "UPDATE users SET quota = quota + ?, updated_at = ? WHERE openid = ?",
-            &[Value::Int(credits), Value::Int(now), Value::Text(openid.clone())],
-        )
-        .map_err(db_failure)?;
-    if credited.rows_affected != 1 {
-        return Err(failure(409, "unknown_user", "the order's user does not exist"));
-    }
-    tx.commit().map_err(db_failure)?;
-    Ok(reply(200, json!({ "applied": true, "status": "paid", "credited": credits })))
 }
 
 /// How long an applied event is remembered. WeChat retries within seconds;

@@ -2,9 +2,14 @@
 //! machine with no WeChat account. It plays api.weixin.qq.com (access tokens,
 //! web authorization, QR codes, menus) with WeChat's JSON shapes and error
 //! codes, and the platform side: it scans a QR scene as a test user and
-//! pushes the signed subscribe/SCAN event at the web role.
+//! pushes the signed subscribe/SCAN event at the web role. With a merchant
+//! ([`Sim::with_pay`]) it also plays WeChat Pay (see [`pay`]).
 //!
 //! Control endpoints under `/sim/` drive it from tests and the command line.
+
+pub mod pay;
+
+pub use pay::{PayOutcome, PayRequest, SimPayConfig};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -66,12 +71,26 @@ struct SimData {
 pub struct Sim {
     config: Arc<SimConfig>,
     data: Arc<Mutex<SimData>>,
+    pay_config: Option<Arc<SimPayConfig>>,
+    pay: pay::SharedPay,
     http: reqwest::Client,
 }
 
 impl Sim {
     pub fn new(config: SimConfig) -> Sim {
-        Sim { config: Arc::new(config), data: Arc::default(), http: reqwest::Client::new() }
+        Sim {
+            config: Arc::new(config),
+            data: Arc::default(),
+            pay_config: None,
+            pay: Arc::default(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Adds the WeChat Pay side (api.mch.weixin.qq.com) for one merchant.
+    pub fn with_pay(mut self, config: SimPayConfig) -> Sim {
+        self.pay_config = Some(Arc::new(config));
+        self
     }
 
     pub fn router(&self) -> Router {
@@ -92,7 +111,11 @@ impl Sim {
             .route("/sim/latency", post(set_latency))
             .route("/sim/down", post(set_down))
             .route("/sim/scan", post(scan))
+            .route("/connect/oauth2/authorize", get(oauth_authorize))
+            .merge(pay::routes())
             .with_state(self.clone())
+            // A development tool on loopback: the member page calls /sim/pay from its own origin.
+            .layer(tower_http::cors::CorsLayer::permissive())
     }
 
     /// Serves on `addr` until `shutdown` resolves; returns the bound address.
@@ -325,6 +348,40 @@ async fn oauth_access_token(State(sim): State<Sim>, Query(q): Query<OauthQuery>)
 struct UserinfoQuery {
     access_token: Option<String>,
     openid: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct AuthorizeQuery {
+    appid: String,
+    redirect_uri: String,
+    scope: String,
+    state: Option<String>,
+    /// The test user who consents (default `dev-user`).
+    user: Option<String>,
+}
+
+/// open.weixin.qq.com's authorize page: the test user consents at once and is
+/// sent back to `redirect_uri` with a code, as WeChat's browser does.
+async fn oauth_authorize(
+    State(sim): State<Sim>,
+    Query(q): Query<AuthorizeQuery>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if q.appid != sim.config.appid {
+        return (axum::http::StatusCode::BAD_REQUEST, "appid 参数错误 (wrong appid)").into_response();
+    }
+    if !["snsapi_base", "snsapi_userinfo"].contains(&q.scope.as_str()) {
+        return (axum::http::StatusCode::BAD_REQUEST, "scope 参数错误 (wrong scope)").into_response();
+    }
+    let Ok(mut target) = url::Url::parse(&q.redirect_uri) else {
+        return (axum::http::StatusCode::BAD_REQUEST, "redirect_uri 参数错误").into_response();
+    };
+    let code = sim.oauth_code(q.user.as_deref().unwrap_or("dev-user"), &q.scope);
+    target
+        .query_pairs_mut()
+        .append_pair("code", &code)
+        .append_pair("state", q.state.as_deref().unwrap_or(""));
+    axum::response::Redirect::to(target.as_str()).into_response()
 }
 
 async fn userinfo(State(sim): State<Sim>, Query(q): Query<UserinfoQuery>) -> Json<Value> {

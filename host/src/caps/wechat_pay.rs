@@ -1,0 +1,586 @@
+//! `wxhost:plugin/wechat-pay`: WeChat Pay for the app role. The host alone
+//! holds the merchant private key and the API keys; plugins ask it to place,
+//! query and close orders and to sign the frontend's pay parameters.
+//!
+//! APIv3 (default): JSON requests signed `WECHATPAY2-SHA256-RSA2048` with the
+//! merchant key; every successful answer's `Wechatpay-Signature` is verified
+//! against the platform key its `Wechatpay-Serial` names (a platform
+//! certificate's serial or a `PUB_KEY_ID_…`). APIv2
+//! (`WECHATPAY_API_VERSION=v2`): XML signed with the APIv2 key (HMAC-SHA256 or
+//! MD5), and the answers' `sign` checked the same way.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use wasmtime::component::{HasData, Linker};
+
+use crate::bindings::wxhost::plugin::wechat_pay::{self as wit, JsapiOrder, OrderState, PayError, PayParams};
+use crate::caps::callback_crypto::flat_xml;
+use crate::pay_crypto::{PlatformKeys, RsaSigner, SignatureHeaders, V2SignType, v2_sign};
+use crate::settings::Settings;
+
+/// The production API; WECHATPAY_API_BASE overrides it (the simulator, a proxy).
+pub const DEFAULT_BASE: &str = "https://api.mch.weixin.qq.com";
+/// Longest single call to WeChat Pay.
+const MAX_CALL: Duration = Duration::from_secs(10);
+/// Time kept back from the plugin's deadline so it can still answer its caller.
+const ANSWER_MARGIN: Duration = Duration::from_millis(250);
+/// China Standard Time, in which WeChat Pay writes times.
+const CST: time::UtcOffset = time::macros::offset!(+8);
+
+/// How requests are signed and answers checked.
+pub enum PayApi {
+    V3 {
+        merchant_key: Box<RsaSigner>,
+        /// The merchant API certificate's serial (`serial_no`).
+        serial: String,
+        platform: PlatformKeys,
+    },
+    V2 {
+        key: SecretString,
+        sign_type: V2SignType,
+    },
+}
+
+/// The owned context: merchant identity, keys and HTTP client.
+pub struct WechatPay {
+    base: String,
+    appid: String,
+    mchid: String,
+    notify_url: String,
+    api: PayApi,
+    http: reqwest::Client,
+}
+
+impl WechatPay {
+    pub fn new(
+        base: Option<&str>,
+        appid: String,
+        mchid: String,
+        notify_url: String,
+        api: PayApi,
+    ) -> anyhow::Result<WechatPay> {
+        let base = base.unwrap_or(DEFAULT_BASE).trim_end_matches('/').to_string();
+        anyhow::ensure!(
+            base.starts_with("https://") || base.starts_with("http://"),
+            "WECHATPAY_API_BASE must be an http(s) URL"
+        );
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .user_agent(concat!("wxhost/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(WechatPay { base, appid, mchid, notify_url, api, http })
+    }
+
+    /// From the settings, or `None` when WECHATPAY_MCHID is not set. Every
+    /// missing or broken setting is reported at once, by name, never by value.
+    pub fn from_settings(s: &Settings) -> anyhow::Result<Option<WechatPay>> {
+        let Some(mchid) = s.wechatpay_mchid.clone() else { return Ok(None) };
+        let mut problems = Vec::new();
+        let mut need = |value: Option<String>, name: &str| {
+            if value.is_none() {
+                problems.push(format!("{name} is not set"));
+            }
+            value.unwrap_or_default()
+        };
+        let appid = need(s.wechat_appid.clone(), "WECHAT_APPID");
+        let notify_url = need(s.wechatpay_notify_url.clone(), "WECHATPAY_NOTIFY_URL");
+        let version = s.wechatpay_api_version.as_deref().unwrap_or("v3");
+        let api = match version {
+            "v3" => {
+                let serial = need(s.wechatpay_serial.clone(), "WECHATPAY_SERIAL");
+                let key_path = need(
+                    s.wechatpay_private_key.as_ref().map(|p| p.display().to_string()),
+                    "WECHATPAY_PRIVATE_KEY",
+                );
+                let merchant_key = if key_path.is_empty() {
+                    None
+                } else {
+                    match std::fs::read_to_string(&key_path)
+                        .context("cannot be read")
+                        .and_then(|pem| RsaSigner::from_pem(&pem))
+                    {
+                        Ok(k) => Some(k),
+                        Err(e) => {
+                            problems.push(format!("WECHATPAY_PRIVATE_KEY ({key_path}): {e:#}"));
+                            None
+                        }
+                    }
+                };
+                let platform = match s.platform_keys() {
+                    Ok(Some(keys)) => Some(keys),
+                    Ok(None) => {
+                        problems.push(
+                            "WECHATPAY_PLATFORM_PUBLIC_KEY is not set (needed to verify WeChat Pay's answers)"
+                                .into(),
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        problems.push(format!("{e:#}"));
+                        None
+                    }
+                };
+                if s.wechatpay_apiv3_key.is_none() {
+                    problems.push("WECHATPAY_APIV3_KEY is not set".into());
+                }
+                match (merchant_key, platform) {
+                    (Some(merchant_key), Some(platform)) => {
+                        Some(PayApi::V3 { merchant_key: Box::new(merchant_key), serial, platform })
+                    }
+                    _ => None,
+                }
+            }
+            "v2" => {
+                let sign_type = match s.wechatpay_apiv2_sign_type.as_deref() {
+                    None | Some("HMAC-SHA256") => Some(V2SignType::HmacSha256),
+                    Some("MD5") => Some(V2SignType::Md5),
+                    Some(_) => {
+                        problems.push("WECHATPAY_APIV2_SIGN_TYPE must be HMAC-SHA256 or MD5".into());
+                        None
+                    }
+                };
+                match (&s.wechatpay_apiv2_key, sign_type) {
+                    (Some(key), Some(sign_type)) => Some(PayApi::V2 { key: key.clone(), sign_type }),
+                    (None, _) => {
+                        problems.push("WECHATPAY_APIV2_KEY is not set".into());
+                        None
+                    }
+                    _ => None,
+                }
+            }
+            _ => {
+                problems.push("WECHATPAY_API_VERSION must be v3 or v2".into());
+                None
+            }
+        };
+        match api {
+            Some(api) if problems.is_empty() => {
+                Ok(Some(WechatPay::new(s.wechatpay_api_base.as_deref(), appid, mchid, notify_url, api)?))
+            }
+            _ => anyhow::bail!(
+                "WeChat Pay (WECHATPAY_MCHID is set) is misconfigured:\n  {}",
+                problems.join("\n  ")
+            ),
+        }
+    }
+
+    pub fn merchant(&self) -> (String, String) {
+        (self.appid.clone(), self.mchid.clone())
+    }
+
+    /// Places a JSAPI order; returns its prepay_id.
+    pub async fn jsapi_prepay(&self, order: &JsapiOrder, deadline: Instant) -> Result<String, PayError> {
+        check_order(order)?;
+        let expire = time::OffsetDateTime::from_unix_timestamp(order.time_expire)
+            .map_err(|_| PayError::Invalid("time_expire is out of range".into()))?
+            .to_offset(CST);
+        match &self.api {
+            PayApi::V3 { .. } => {
+                let mut body = json!({
+                    "appid": self.appid,
+                    "mchid": self.mchid,
+                    "description": order.description,
+                    "out_trade_no": order.out_trade_no,
+                    "time_expire": expire.format(&time::format_description::well_known::Rfc3339).map_err(|_| PayError::Invalid("time_expire".into()))?,
+                    "notify_url": self.notify_url,
+                    "amount": { "total": order.amount_fen, "currency": "CNY" },
+                    "payer": { "openid": order.payer_openid },
+                });
+                if let Some(attach) = &order.attach {
+                    body["attach"] = json!(attach);
+                }
+                let answer = self
+                    .v3(reqwest::Method::POST, "/v3/pay/transactions/jsapi", Some(body), deadline)
+                    .await?;
+                answer["prepay_id"]
+                    .as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| PayError::Unavailable("WeChat Pay's answer has no prepay_id".into()))
+            }
+            PayApi::V2 { .. } => {
+                let expire = expire
+                    .format(time::macros::format_description!("[year][month][day][hour][minute][second]"))
+                    .map_err(|_| PayError::Invalid("time_expire".into()))?;
+                let mut fields = vec![
+                    ("body", order.description.clone()),
+                    ("out_trade_no", order.out_trade_no.clone()),
+                    ("total_fee", order.amount_fen.to_string()),
+                    ("spbill_create_ip", order.payer_client_ip.clone().unwrap_or_else(|| "127.0.0.1".into())),
+                    ("time_expire", expire),
+                    ("notify_url", self.notify_url.clone()),
+                    ("trade_type", "JSAPI".into()),
+                    ("openid", order.payer_openid.clone()),
+                ];
+                if let Some(attach) = &order.attach {
+                    fields.push(("attach", attach.clone()));
+                }
+                let answer = self.v2("/pay/unifiedorder", fields, deadline).await?;
+                field(&answer, "prepay_id")
+                    .ok_or_else(|| PayError::Unavailable("WeChat Pay's answer has no prepay_id".into()))
+            }
+        }
+    }
+
+    /// The frontend's `getBrandWCPayRequest` parameters for a prepay_id.
+    pub fn jsapi_pay_params(&self, prepay_id: &str) -> Result<PayParams, PayError> {
+        if prepay_id.is_empty() || prepay_id.len() > 128 || !prepay_id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(PayError::Invalid("prepay_id must be 1-128 visible ASCII characters".into()));
+        }
+        let time_stamp = unix_now().to_string();
+        let nonce_str = random_token(32);
+        let package = format!("prepay_id={prepay_id}");
+        let (sign_type, pay_sign) = match &self.api {
+            PayApi::V3 { merchant_key, .. } => (
+                "RSA".to_string(),
+                merchant_key
+                    .sign(format!("{}\n{time_stamp}\n{nonce_str}\n{package}\n", self.appid).as_bytes()),
+            ),
+            PayApi::V2 { key, sign_type } => {
+                let name = v2_sign_type_name(*sign_type);
+                let fields = [
+                    ("appId", self.appid.as_str()),
+                    ("timeStamp", time_stamp.as_str()),
+                    ("nonceStr", nonce_str.as_str()),
+                    ("package", package.as_str()),
+                    ("signType", name),
+                ]
+                .map(|(k, v)| (k.to_string(), v.to_string()));
+                (name.to_string(), v2_sign(&fields, key.expose_secret(), *sign_type))
+            }
+        };
+        Ok(PayParams { app_id: self.appid.clone(), time_stamp, nonce_str, package, sign_type, pay_sign })
+    }
+
+    /// The order's state at WeChat Pay.
+    pub async fn query_order(&self, out_trade_no: &str, deadline: Instant) -> Result<OrderState, PayError> {
+        check_out_trade_no(out_trade_no)?;
+        match &self.api {
+            PayApi::V3 { .. } => {
+                let path = format!("/v3/pay/transactions/out-trade-no/{out_trade_no}?mchid={}", self.mchid);
+                let a = self.v3(reqwest::Method::GET, &path, None, deadline).await?;
+                let text = |k: &str| a[k].as_str().map(str::to_string);
+                Ok(OrderState {
+                    out_trade_no: text("out_trade_no").unwrap_or_else(|| out_trade_no.to_string()),
+                    trade_state: text("trade_state").ok_or_else(|| {
+                        PayError::Unavailable("WeChat Pay's answer has no trade_state".into())
+                    })?,
+                    transaction_id: text("transaction_id"),
+                    amount_fen: a["amount"]["total"].as_i64(),
+                    appid: text("appid").unwrap_or_default(),
+                    mchid: text("mchid").unwrap_or_default(),
+                    success_time: a["success_time"].as_str().and_then(|t| {
+                        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                            .ok()
+                            .map(|t| t.unix_timestamp())
+                    }),
+                })
+            }
+            PayApi::V2 { .. } => {
+                let a = self
+                    .v2("/pay/orderquery", vec![("out_trade_no", out_trade_no.to_string())], deadline)
+                    .await?;
+                Ok(OrderState {
+                    out_trade_no: field(&a, "out_trade_no").unwrap_or_else(|| out_trade_no.to_string()),
+                    trade_state: field(&a, "trade_state").ok_or_else(|| {
+                        PayError::Unavailable("WeChat Pay's answer has no trade_state".into())
+                    })?,
+                    transaction_id: field(&a, "transaction_id"),
+                    amount_fen: field(&a, "total_fee").and_then(|f| f.parse().ok()),
+                    appid: field(&a, "appid").unwrap_or_default(),
+                    mchid: field(&a, "mch_id").unwrap_or_default(),
+                    success_time: field(&a, "time_end").and_then(|t| parse_v2_time(&t)),
+                })
+            }
+        }
+    }
+
+    /// Closes an unpaid order.
+    pub async fn close_order(&self, out_trade_no: &str, deadline: Instant) -> Result<(), PayError> {
+        check_out_trade_no(out_trade_no)?;
+        match &self.api {
+            PayApi::V3 { .. } => {
+                let path = format!("/v3/pay/transactions/out-trade-no/{out_trade_no}/close");
+                self.v3(reqwest::Method::POST, &path, Some(json!({ "mchid": self.mchid })), deadline).await?;
+            }
+            PayApi::V2 { .. } => {
+                self.v2("/pay/closeorder", vec![("out_trade_no", out_trade_no.to_string())], deadline)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One signed APIv3 call; a successful answer's signature is verified
+    /// before its body is trusted (as WeChat Pay's own SDKs do, refusals are
+    /// reported without it: they change nothing).
+    async fn v3(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<Value>,
+        deadline: Instant,
+    ) -> Result<Value, PayError> {
+        let PayApi::V3 { merchant_key, serial, platform } = &self.api else {
+            return Err(PayError::NotConfigured("not an APIv3 merchant".into()));
+        };
+        let timeout = time_left(deadline)?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let timestamp = unix_now().to_string();
+        let nonce = random_token(32);
+        let signature = merchant_key
+            .sign(format!("{method}\n{path_and_query}\n{timestamp}\n{nonce}\n{body}\n").as_bytes());
+        let authorization = format!(
+            "WECHATPAY2-SHA256-RSA2048 mchid=\"{}\",nonce_str=\"{nonce}\",signature=\"{signature}\",timestamp=\"{timestamp}\",serial_no=\"{serial}\"",
+            self.mchid
+        );
+        let mut request = self
+            .http
+            .request(method, format!("{}{path_and_query}", self.base))
+            .header(reqwest::header::AUTHORIZATION, authorization)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .timeout(timeout);
+        if !body.is_empty() {
+            request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
+        }
+        let response = request.send().await.map_err(classify)?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.map_err(classify)?;
+        if status.is_server_error() {
+            return Err(PayError::Unavailable(format!("WeChat Pay answered {}", status.as_u16())));
+        }
+        if !status.is_success() {
+            let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let code = answer["code"].as_str().unwrap_or("UNKNOWN").to_string();
+            let message = answer["message"].as_str().unwrap_or("WeChat Pay refused the request").to_string();
+            return Err(PayError::Refused((code, message)));
+        }
+        let signed = SignatureHeaders::from_lookup(|name| headers.get(name).and_then(|v| v.to_str().ok()));
+        if let Err(why) = platform.verify(&signed, &bytes, unix_now()) {
+            tracing::warn!(path = path_and_query.split('?').next(), %why, "WeChat Pay answer refused");
+            return Err(PayError::BadSignature);
+        }
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|_| PayError::Unavailable("WeChat Pay's answer is not JSON".into()))
+    }
+
+    /// One signed APIv2 call; the answer's `sign` is checked, then
+    /// `return_code` and `result_code`.
+    async fn v2(
+        &self,
+        path: &str,
+        fields: Vec<(&str, String)>,
+        deadline: Instant,
+    ) -> Result<Vec<(String, String)>, PayError> {
+        let PayApi::V2 { key, sign_type } = &self.api else {
+            return Err(PayError::NotConfigured("not an APIv2 merchant".into()));
+        };
+        let timeout = time_left(deadline)?;
+        let mut all: Vec<(String, String)> = vec![
+            ("appid".into(), self.appid.clone()),
+            ("mch_id".into(), self.mchid.clone()),
+            ("nonce_str".into(), random_token(32)),
+            ("sign_type".into(), v2_sign_type_name(*sign_type).into()),
+        ];
+        all.extend(fields.into_iter().map(|(k, v)| (k.to_string(), v)));
+        let sign = v2_sign(&all, key.expose_secret(), *sign_type);
+        all.push(("sign".into(), sign));
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header(reqwest::header::CONTENT_TYPE, "text/xml; charset=utf-8")
+            .body(to_xml(&all))
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(classify)?;
+        if !response.status().is_success() {
+            return Err(PayError::Unavailable(format!("WeChat Pay answered {}", response.status().as_u16())));
+        }
+        let text = response.text().await.map_err(classify)?;
+        let answer = flat_xml(&text)
+            .map_err(|_| PayError::Unavailable("WeChat Pay's answer is not its XML".into()))?;
+        if field(&answer, "return_code").as_deref() != Some("SUCCESS") {
+            let message =
+                field(&answer, "return_msg").unwrap_or_else(|| "WeChat Pay refused the request".into());
+            return Err(PayError::Refused(("FAIL".into(), message)));
+        }
+        let given = field(&answer, "sign").unwrap_or_default().to_ascii_uppercase();
+        // Answers are signed the way the request was, unless they say otherwise.
+        let answer_type =
+            field(&answer, "sign_type").and_then(|t| V2SignType::parse(Some(&t))).unwrap_or(*sign_type);
+        let expected = v2_sign(&answer, key.expose_secret(), answer_type);
+        if !bool::from(expected.as_bytes().ct_eq(given.as_bytes())) {
+            tracing::warn!(path, "WeChat Pay APIv2 answer refused: bad sign");
+            return Err(PayError::BadSignature);
+        }
+        if field(&answer, "result_code").as_deref() != Some("SUCCESS") {
+            let code = field(&answer, "err_code").unwrap_or_else(|| "FAIL".into());
+            let message = field(&answer, "err_code_des").unwrap_or_else(|| code.clone());
+            return Err(PayError::Refused((v3_code_of(&code), message)));
+        }
+        Ok(answer)
+    }
+}
+
+/// APIv2 error codes under their APIv3 names, so plugins handle one vocabulary.
+fn v3_code_of(v2_code: &str) -> String {
+    match v2_code {
+        "ORDERNOTEXIST" => "ORDER_NOT_EXIST",
+        "ORDERPAID" => "ORDERPAID",
+        "ORDERCLOSED" => "ORDER_CLOSED",
+        "OUT_TRADE_NO_USED" => "OUT_TRADE_NO_USED",
+        "SYSTEMERROR" => "SYSTEM_ERROR",
+        other => other,
+    }
+    .to_string()
+}
+
+fn v2_sign_type_name(t: V2SignType) -> &'static str {
+    match t {
+        V2SignType::Md5 => "MD5",
+        V2SignType::HmacSha256 => "HMAC-SHA256",
+    }
+}
+
+fn field(fields: &[(String, String)], name: &str) -> Option<String> {
+    fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+}
+
+/// APIv2's `yyyyMMddHHmmss`, China Standard Time.
+fn parse_v2_time(t: &str) -> Option<i64> {
+    let format = time::macros::format_description!("[year][month][day][hour][minute][second]");
+    time::PrimitiveDateTime::parse(t, format).ok().map(|t| t.assume_offset(CST).unix_timestamp())
+}
+
+/// The APIv2 request body: `<xml><field>value</field>…</xml>`, values escaped.
+pub fn to_xml(fields: &[(String, String)]) -> String {
+    let mut xml = String::from("<xml>");
+    for (k, v) in fields {
+        xml.push_str(&format!("<{k}>{}</{k}>", quick_xml::escape::escape(v.as_str())));
+    }
+    xml.push_str("</xml>");
+    xml
+}
+
+fn check_out_trade_no(no: &str) -> Result<(), PayError> {
+    let ok =
+        (6..=32).contains(&no.len()) && no.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-|*".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(PayError::Invalid("out_trade_no must be 6-32 letters, digits or _-|*".into()))
+    }
+}
+
+fn check_order(o: &JsapiOrder) -> Result<(), PayError> {
+    check_out_trade_no(&o.out_trade_no)?;
+    let invalid = |why: &str| Err(PayError::Invalid(why.into()));
+    if o.description.is_empty() || o.description.chars().count() > 127 {
+        return invalid("description must be 1-127 characters");
+    }
+    if o.amount_fen <= 0 {
+        return invalid("amount_fen must be positive");
+    }
+    if o.payer_openid.is_empty() || o.payer_openid.len() > 128 {
+        return invalid("payer_openid must be 1-128 characters");
+    }
+    if o.time_expire <= unix_now() {
+        return invalid("time_expire must be in the future");
+    }
+    if o.attach.as_ref().is_some_and(|a| a.len() > 128) {
+        return invalid("attach must be at most 128 bytes");
+    }
+    Ok(())
+}
+
+fn time_left(deadline: Instant) -> Result<Duration, PayError> {
+    let left = deadline.saturating_duration_since(Instant::now()).saturating_sub(ANSWER_MARGIN);
+    if left.is_zero() { Err(PayError::Timeout) } else { Ok(left.min(MAX_CALL)) }
+}
+
+fn classify(e: reqwest::Error) -> PayError {
+    if e.is_timeout() {
+        PayError::Timeout
+    } else if e.is_connect() {
+        PayError::Unavailable("WeChat Pay could not be reached".into())
+    } else {
+        PayError::Unavailable("WeChat Pay did not answer".into())
+    }
+}
+
+fn unix_now() -> i64 {
+    crate::internal_auth::unix_now() as i64
+}
+
+/// Random letters and digits (nonces).
+pub fn random_token(len: usize) -> String {
+    use rand::Rng as _;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::rng();
+    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+}
+
+/// The borrowed view: the context and the plugin's deadline.
+pub struct WechatPayView<'a> {
+    pub ctx: Option<&'a WechatPay>,
+    pub deadline_at: Instant,
+}
+
+struct HasWechatPay;
+
+impl HasData for HasWechatPay {
+    type Data<'a> = WechatPayView<'a>;
+}
+
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    get: fn(&mut T) -> WechatPayView<'_>,
+) -> wasmtime::Result<()> {
+    wit::add_to_linker::<T, HasWechatPay>(linker, get)
+}
+
+impl WechatPayView<'_> {
+    fn ctx(&self) -> Result<&WechatPay, PayError> {
+        self.ctx
+            .ok_or_else(|| PayError::NotConfigured("WeChat Pay is not configured (WECHATPAY_MCHID)".into()))
+    }
+}
+
+impl wit::Host for WechatPayView<'_> {
+    async fn jsapi_prepay(&mut self, order: JsapiOrder) -> wasmtime::Result<Result<String, PayError>> {
+        Ok(match self.ctx() {
+            Ok(pay) => pay.jsapi_prepay(&order, self.deadline_at).await,
+            Err(e) => Err(e),
+        })
+    }
+
+    async fn jsapi_pay_params(&mut self, prepay_id: String) -> wasmtime::Result<Result<PayParams, PayError>> {
+        Ok(self.ctx().and_then(|pay| pay.jsapi_pay_params(&prepay_id)))
+    }
+
+    async fn query_order(&mut self, out_trade_no: String) -> wasmtime::Result<Result<OrderState, PayError>> {
+        Ok(match self.ctx() {
+            Ok(pay) => pay.query_order(&out_trade_no, self.deadline_at).await,
+            Err(e) => Err(e),
+        })
+    }
+
+    async fn close_order(&mut self, out_trade_no: String) -> wasmtime::Result<Result<(), PayError>> {
+        Ok(match self.ctx() {
+            Ok(pay) => pay.close_order(&out_trade_no, self.deadline_at).await,
+            Err(e) => Err(e),
+        })
+    }
+
+    async fn merchant(&mut self) -> wasmtime::Result<Result<(String, String), PayError>> {
+        Ok(self.ctx().map(WechatPay::merchant))
+    }
+}

@@ -1,0 +1,251 @@
+//! The whole product on loopback: the WeChat simulator (official account and
+//! WeChat Pay), an app role and a web role with every shipped plugin, wired
+//! as in production (the web role reaches the app role over HTTP; WeChat Pay
+//! notifies the web role).
+
+use std::time::Duration;
+
+use serde_json::Value;
+use wxhost::config::Role;
+use wxhost::server::RunningServer;
+use wxhost::settings::Settings;
+use wxhost::sim::{Sim, SimConfig, SimPayConfig};
+
+use super::*;
+
+pub const APPSECRET: &str = "sim-app-secret";
+pub const ADMIN: &str = "admin-credential";
+pub const MCHID: &str = "1900000109";
+/// The APIv3 key of WeChat Pay's own SDK tests.
+pub const APIV3_KEY: &str = "a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb";
+pub const APIV2_KEY: &str = "192006250b4c09247ec02edce69f6a2d";
+pub const PUB_KEY_ID: &str = "PUB_KEY_ID_0114232134912410000000000000000000";
+pub const MERCHANT_SERIAL: &str = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1";
+
+pub fn fixture(f: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(f)
+}
+
+/// Every shipped plugin with the routes of plugins.toml, and a two-product catalog.
+pub fn full_config() -> TestConfig {
+    let toml = base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "wechat-api", "wechat-pay", "session""#)
+        + VERIFY_PLUGIN
+        + r#"
+[plugins.config]
+welcome = "欢迎"
+
+[[plugins]]
+name = "notify"
+role = "web"
+wasm = "notify.wasm"
+routes = ["POST /api/v1/payment/notify"]
+capabilities = ["log", "callback-crypto", "internal-call"]
+
+[[plugins]]
+name = "internal"
+role = "app"
+wasm = "internal.wasm"
+routes = ["POST /api/v1/internal/user/create-or-update", "POST /api/v1/internal/binding/create", "PUT /api/v1/internal/binding/update"]
+capabilities = ["log", "db"]
+
+[[plugins]]
+name = "account"
+role = "app"
+wasm = "account.wasm"
+routes = [
+  "GET /api/v1/auth/wechat", "POST /api/v1/auth/wechat/qrcode", "GET /api/v1/auth/wechat/qrcode/{scene}",
+  "GET /api/v1/auth/wechat/get-menu", "POST /api/v1/auth/wechat/create-menu", "POST /api/v1/auth/logout",
+  "GET /api/v1/user/me", "GET /api/v1/user/orders",
+]
+capabilities = ["log", "config", "db", "wechat-api", "session"]
+wechat_api = ["cgi-bin/qrcode/create", "cgi-bin/menu/get", "cgi-bin/menu/create"]
+
+[[plugins]]
+name = "payment"
+role = "app"
+wasm = "payment.wasm"
+routes = [
+  "GET /api/v1/payment/products", "POST /api/v1/payment/create-order",
+  "GET /api/v1/user/orders/{out_trade_no}", "PUT /api/v1/internal/payment/order/update",
+]
+capabilities = ["log", "config", "db", "session", "wechat-pay"]
+
+[plugins.config]
+order_ttl_secs = 600
+
+[[plugins.config.products]]
+id = "p10"
+name = "10 次识别"
+price_fen = 990
+credits = 10
+
+[[plugins.config.products]]
+id = "p50"
+name = "50 次识别"
+price_fen = 3990
+credits = 50
+"#;
+    TestConfig::new(
+        &toml,
+        &[
+            ("verify.wasm", "verify.wasm"),
+            ("notify.wasm", "notify.wasm"),
+            ("internal.wasm", "internal.wasm"),
+            ("account.wasm", "account.wasm"),
+            ("payment.wasm", "payment.wasm"),
+        ],
+    )
+}
+
+/// Which WeChat Pay API the merchant uses.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum PayApi {
+    V3,
+    V2,
+}
+
+pub struct Stack {
+    pub config: TestConfig,
+    pub sim: Sim,
+    pub sim_addr: std::net::SocketAddr,
+    pub app: Option<RunningServer>,
+    pub app_addr: std::net::SocketAddr,
+    pub app_settings: Settings,
+    pub web: RunningServer,
+    pub db_url: String,
+    pub client: reqwest::Client,
+}
+
+impl Stack {
+    pub async fn start(database_url: &str) -> Stack {
+        Stack::start_with(database_url, full_config(), PayApi::V3).await
+    }
+
+    pub async fn start_with(database_url: &str, config: TestConfig, api: PayApi) -> Stack {
+        let mut merchant = settings(Some(database_url));
+        merchant.wechatpay_mchid = Some(MCHID.into());
+        merchant.wechatpay_serial = Some(MERCHANT_SERIAL.into());
+        merchant.wechatpay_private_key = Some(fixture("merchant_test_key.pem"));
+        merchant.wechatpay_platform_public_key = Some(fixture("wechatpay_platform_test_pub.pem"));
+        merchant.wechatpay_public_key_id = Some(PUB_KEY_ID.into());
+        merchant.wechatpay_apiv3_key = Some(APIV3_KEY.to_string().into());
+        merchant.wechatpay_apiv2_key = Some(APIV2_KEY.to_string().into());
+        if api == PayApi::V2 {
+            merchant.wechatpay_api_version = Some("v2".into());
+        }
+        // WeChat Pay's retry schedule, 1000 times faster (15 s → 15 ms).
+        let pay = SimPayConfig::from_settings(
+            &merchant,
+            &fixture("merchant_test_pub.pem"),
+            &fixture("wechatpay_platform_test_key.pem"),
+            0.001,
+        )
+        .unwrap();
+        let sim = Sim::new(SimConfig {
+            appid: APPID.into(),
+            secret: APPSECRET.into(),
+            token: TOKEN.into(),
+            aes_key: Some(AES_KEY.into()),
+            web_url: None,
+            token_ttl: Duration::from_secs(7200),
+        })
+        .with_pay(pay);
+        let (sim_addr, _) = sim
+            .serve("127.0.0.1:0".parse().unwrap(), tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap();
+
+        // The web role first: WeChat Pay must know where to send notifies.
+        let mut web_settings = settings(None);
+        web_settings.wechatpay_apiv3_key = merchant.wechatpay_apiv3_key.clone();
+        web_settings.wechatpay_apiv2_key = merchant.wechatpay_apiv2_key.clone();
+        web_settings.wechatpay_platform_public_key = merchant.wechatpay_platform_public_key.clone();
+        web_settings.wechatpay_public_key_id = merchant.wechatpay_public_key_id.clone();
+        // The app role is not up yet: reserve its port.
+        let app_addr = free_addr();
+        web_settings.app_internal_url = Some(format!("http://{app_addr}"));
+        let web = start_with(&config, &[Role::Web], web_settings, false).await;
+        let web_url = format!("http://{}", web.role_addrs[&Role::Web]);
+        sim.set_web_url(&web_url);
+
+        let mut app_settings = merchant;
+        app_settings.wechat_appsecret = Some(APPSECRET.to_string().into());
+        app_settings.wechat_api_base = Some(format!("http://{sim_addr}"));
+        app_settings.wechat_qrcode_base = Some(format!("http://{sim_addr}/cgi-bin/showqrcode"));
+        app_settings.admin_token = Some(ADMIN.to_string().into());
+        app_settings.wechatpay_api_base = Some(format!("http://{sim_addr}"));
+        app_settings.wechatpay_notify_url = Some(format!("{web_url}/api/v1/payment/notify"));
+        app_settings.app_listen = Some(app_addr);
+        app_settings.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        let app = start_with(&config, &[Role::App], app_settings.clone(), false).await;
+        Stack {
+            config,
+            sim,
+            sim_addr,
+            app: Some(app),
+            app_addr,
+            app_settings,
+            web,
+            db_url: database_url.to_string(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub fn app_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.app_addr)
+    }
+
+    pub fn sim_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.sim_addr)
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut request = self.client.get(self.app_url(path));
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        let r = request.send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+        let mut request = self.client.post(self.app_url(path)).body(body.to_string());
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        let r = request.send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Signs `user` in through web authorization; returns the session token.
+    pub async fn login(&self, user: &str) -> String {
+        let code = self.sim.oauth_code(user, "snsapi_userinfo");
+        let (status, body) = self.get(&format!("/api/v1/auth/wechat?code={code}"), None).await;
+        assert_eq!(status, 200, "login of {user}: {body}");
+        body["token"].as_str().unwrap().to_string()
+    }
+
+    /// Stops the app role (it drains first).
+    pub async fn stop_app(&mut self) {
+        if let Some(app) = self.app.take() {
+            app.shutdown();
+            app.wait().await;
+        }
+    }
+
+    /// Starts the app role again on the same address.
+    pub async fn restart_app(&mut self) {
+        self.stop_app().await;
+        self.app = Some(start_with(&self.config, &[Role::App], self.app_settings.clone(), false).await);
+    }
+
+    pub async fn shutdown(mut self) {
+        self.web.shutdown();
+        self.stop_app().await;
+    }
+}
+
+/// A loopback address nothing listens on (yet).
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}

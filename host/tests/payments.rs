@@ -1,0 +1,298 @@
+//! End to end on SQLite and MariaDB, with the simulator playing WeChat Pay:
+//! create-order (server-priced, JSAPI order at WeChat Pay, signed pay
+//! parameters) → the payer pays → WeChat Pay's notify → web role → app role →
+//! order paid and quota credited exactly once; lost notifies caught by the
+//! order query; expired orders closed; APIv2 merchants; another user's order
+//! neither readable nor payable; WeChat Pay down → the order failed, not half-made.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::stack::*;
+use common::*;
+use serde_json::{Value, json};
+use wxhost::pay_crypto::{V2SignType, public_key_from_pem, rsa_verify, v2_sign};
+use wxhost::sim::{PayRequest, openid_of};
+
+fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or_default()
+}
+
+async fn create_order(stack: &Stack, token: &str, body: Value) -> (u16, Value) {
+    stack.post("/api/v1/payment/create-order", Some(token), &body.to_string()).await
+}
+
+async fn quota(stack: &Stack, token: &str) -> i64 {
+    let (status, me) = stack.get("/api/v1/user/me", Some(token)).await;
+    assert_eq!(status, 200, "{me}");
+    me["quota"].as_i64().unwrap()
+}
+
+async fn order_status(stack: &Stack, no: &str) -> String {
+    db_text(&stack.db_url, &format!("SELECT status FROM orders WHERE out_trade_no = '{no}'")).await
+}
+
+async fn db_text(url: &str, sql: &str) -> String {
+    let db = wxhost::database::connect(url, &Default::default()).await.unwrap();
+    wxhost::on_pool!(&db.pool, |p| sqlx::query_scalar(sql).fetch_one(p).await).unwrap()
+}
+
+fn pay(no: &str) -> PayRequest {
+    PayRequest { out_trade_no: Some(no.into()), ..Default::default() }
+}
+
+/// Waits until WeChat Pay has had a notify acknowledged for the order.
+async fn until_acknowledged(stack: &Stack, no: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let order = stack.sim.pay_order(no).unwrap();
+        if order["acknowledged"] == true {
+            return order;
+        }
+        assert!(started.elapsed() < Duration::from_secs(45), "never acknowledged: {order}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_is_paid_and_credited_exactly_once_end_to_end_on_both_databases() {
+    let merchant_public =
+        public_key_from_pem(&std::fs::read_to_string(fixture("merchant_test_pub.pem")).unwrap()).unwrap();
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start(&db.url).await;
+        let alice = stack.login("alice").await;
+
+        // The client's price is ignored: the catalog's is charged.
+        let (status, order) =
+            create_order(&stack, &alice, json!({ "product_id": "p10", "price_fen": 1, "amount_fen": 1 }))
+                .await;
+        assert_eq!(status, 200, "{which}: {order}");
+        assert_eq!(
+            (order["amount_fen"].as_i64(), order["credits"].as_i64()),
+            (Some(990), Some(10)),
+            "{which}"
+        );
+        let no = order["out_trade_no"].as_str().unwrap().to_string();
+        let at_wechat = stack.sim.pay_order(&no).unwrap();
+        assert_eq!(at_wechat["amount"]["total"], 990, "{which}: WeChat Pay was asked for the catalog price");
+        assert_eq!(at_wechat["payer"]["openid"], openid_of("alice").as_str(), "{which}");
+
+        // The pay parameters verify with the merchant's public key, as WeChat's client checks them.
+        let p = &order["pay_params"];
+        assert_eq!(p["appId"], APPID, "{which}");
+        assert_eq!(
+            p["package"],
+            format!("prepay_id={}", at_wechat["prepay_id"].as_str().unwrap()),
+            "{which}"
+        );
+        assert_eq!(p["signType"], "RSA", "{which}");
+        let message = format!(
+            "{}\n{}\n{}\n{}\n",
+            p["appId"].as_str().unwrap(),
+            p["timeStamp"].as_str().unwrap(),
+            p["nonceStr"].as_str().unwrap(),
+            p["package"].as_str().unwrap()
+        );
+        assert!(rsa_verify(&merchant_public, message.as_bytes(), p["paySign"].as_str().unwrap()), "{which}");
+        assert!(!rsa_verify(&merchant_public, b"tampered", p["paySign"].as_str().unwrap()), "{which}");
+        assert_eq!(order_status(&stack, &no).await, "pending", "{which}");
+        assert_eq!(quota(&stack, &alice).await, 0, "{which}");
+
+        // The payer pays; WeChat Pay notifies the web role; the order is paid.
+        let paid = stack.sim.pay(&pay(&no)).await.unwrap();
+        assert_eq!((paid.notify_status, paid.acknowledged), (204, true), "{which}: {paid:?}");
+        let (status, seen) = stack.get(&format!("/api/v1/user/orders/{no}"), Some(&alice)).await;
+        assert_eq!((status, seen["status"].as_str()), (200, Some("paid")), "{which}: {seen}");
+        assert_eq!(seen["transaction_id"], paid.transaction_id.as_str(), "{which}");
+        assert_eq!(quota(&stack, &alice).await, 10, "{which}: /user/me shows the credit");
+
+        // WeChat Pay delivers the same notify 10 times at once: all answered success, credited once.
+        let r = stack
+            .client
+            .post(stack.sim_url("/sim/pay/notify"))
+            .json(&json!({ "out_trade_no": no, "times": 10 }))
+            .send()
+            .await
+            .unwrap();
+        let statuses: Value = r.json().await.unwrap();
+        assert_eq!(statuses["statuses"], json!(vec![204; 10]), "{which}: {statuses}");
+        assert_eq!(quota(&stack, &alice).await, 10, "{which}: credited once");
+        let (_, list) = stack.get("/api/v1/user/orders", Some(&alice)).await;
+        assert_eq!(list["orders"][0]["status"], "paid", "{which}: {list}");
+        stack.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_users_order_can_be_neither_read_nor_paid_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start(&db.url).await;
+        let alice = stack.login("alice").await;
+        let mallory = stack.login("mallory").await;
+        let (_, order) = create_order(&stack, &alice, json!({ "product_id": "p50" })).await;
+        let no = order["out_trade_no"].as_str().unwrap();
+
+        let (status, body) = stack.get(&format!("/api/v1/user/orders/{no}"), Some(&mallory)).await;
+        assert_eq!((status, error_code(&body)), (404, "not_found"), "{which}: {body}");
+        let (status, _) = stack.get(&format!("/api/v1/user/orders/{no}"), None).await;
+        assert_eq!(status, 401, "{which}: no session, no order");
+        // At WeChat Pay the order is bound to its payer's openid.
+        let refused = stack
+            .sim
+            .pay(&PayRequest {
+                out_trade_no: Some(no.into()),
+                user: Some("mallory".into()),
+                ..Default::default()
+            })
+            .await;
+        assert!(refused.is_err(), "{which}: {refused:?}");
+        assert_eq!(order_status(&stack, no).await, "pending", "{which}");
+        assert_eq!((quota(&stack, &alice).await, quota(&stack, &mallory).await), (0, 0), "{which}");
+
+        // Unknown products and missing sessions are refused before anything is made.
+        let (status, body) = create_order(&stack, &alice, json!({ "product_id": "p999" })).await;
+        assert_eq!((status, error_code(&body)), (400, "unknown_product"), "{which}");
+        let (status, _) = stack.post("/api/v1/payment/create-order", None, r#"{"product_id":"p10"}"#).await;
+        assert_eq!(status, 401, "{which}");
+        let orders = db_count(&db.url, "SELECT COUNT(*) FROM orders").await;
+        assert_eq!(orders, 1, "{which}: only alice's order exists");
+        stack.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wechat_pay_down_leaves_the_order_failed_never_half_made_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start(&db.url).await;
+        let alice = stack.login("alice").await;
+        stack.sim.set_down(true);
+        let (status, body) = create_order(&stack, &alice, json!({ "product_id": "p10" })).await;
+        assert_eq!((status, error_code(&body)), (502, "payment_unavailable"), "{which}: {body}");
+        let failed =
+            db_count(&db.url, "SELECT COUNT(*) FROM orders WHERE status = 'failed' AND prepay_id IS NULL")
+                .await;
+        assert_eq!(failed, 1, "{which}: the order is marked failed");
+        stack.sim.set_down(false);
+        let (status, body) = create_order(&stack, &alice, json!({ "product_id": "p10" })).await;
+        assert_eq!(status, 200, "{which}: {body}");
+        stack.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_app_role_down_the_notify_fails_and_a_retry_credits_once_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let mut stack = Stack::start(&db.url).await;
+        let alice = stack.login("alice").await;
+        let (_, order) = create_order(&stack, &alice, json!({ "product_id": "p10" })).await;
+        let no = order["out_trade_no"].as_str().unwrap().to_string();
+
+        stack.stop_app().await;
+        let paid = stack.sim.pay(&pay(&no)).await.unwrap();
+        assert!(!paid.acknowledged && paid.notify_status >= 500, "{which}: a failure answer: {paid:?}");
+        // WeChat Pay keeps retrying on its (compressed) schedule; nothing is applied meanwhile.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(stack.sim.pay_order(&no).unwrap()["acknowledged"] == false, "{which}");
+        stack.restart_app().await;
+        let seen = until_acknowledged(&stack, &no).await;
+        let deliveries = seen["deliveries"].as_array().unwrap();
+        assert!(deliveries.len() >= 3, "{which}: retried: {deliveries:?}");
+        assert_eq!(deliveries.last().unwrap(), 204, "{which}");
+        assert_eq!(order_status(&stack, &no).await, "paid", "{which}");
+        assert_eq!(quota(&stack, &alice).await, 10, "{which}: credited once");
+        stack.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_whose_notify_never_arrives_is_found_by_the_order_query_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start(&db.url).await;
+        let alice = stack.login("alice").await;
+        let (_, order) = create_order(&stack, &alice, json!({ "product_id": "p50" })).await;
+        let no = order["out_trade_no"].as_str().unwrap().to_string();
+        // No notify can arrive: the web role is gone.
+        stack.web.shutdown();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let paid = stack.sim.pay(&pay(&no)).await.unwrap();
+        assert!(!paid.acknowledged, "{which}: {paid:?}");
+        // The order was touched just now: the page's next poll after the recheck interval asks WeChat Pay.
+        db_exec(&db.url, "UPDATE orders SET updated_at = 0 WHERE out_trade_no = ?", &[&no]).await;
+        let (status, seen) = stack.get(&format!("/api/v1/user/orders/{no}"), Some(&alice)).await;
+        assert_eq!((status, seen["status"].as_str()), (200, Some("paid")), "{which}: {seen}");
+        assert_eq!(seen["transaction_id"], paid.transaction_id.as_str(), "{which}");
+        assert_eq!(quota(&stack, &alice).await, 50, "{which}");
+        let (_, again) = stack.get(&format!("/api/v1/user/orders/{no}"), Some(&alice)).await;
+        assert_eq!(again["status"], "paid", "{which}");
+        assert_eq!(quota(&stack, &alice).await, 50, "{which}: credited once");
+        stack.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpaid_order_past_its_expiry_is_closed_here_and_at_wechat_pay() {
+    let db = sqlite_database().await;
+    let stack = Stack::start(&db.url).await;
+    let alice = stack.login("alice").await;
+    let (_, order) = create_order(&stack, &alice, json!({ "product_id": "p10" })).await;
+    let no = order["out_trade_no"].as_str().unwrap().to_string();
+    // Still payable: a poll leaves it pending.
+    db_exec(&db.url, "UPDATE orders SET updated_at = 0 WHERE out_trade_no = ?", &[&no]).await;
+    let (_, seen) = stack.get(&format!("/api/v1/user/orders/{no}"), Some(&alice)).await;
+    assert_eq!(seen["status"], "pending", "{seen}");
+    // Its time runs out.
+    db_exec(&db.url, "UPDATE orders SET time_expire = 1, updated_at = 0 WHERE out_trade_no = ?", &[&no])
+        .await;
+    let (_, seen) = stack.get(&format!("/api/v1/user/orders/{no}"), Some(&alice)).await;
+    assert_eq!(seen["status"], "closed", "{seen}");
+    assert_eq!(stack.sim.pay_order(&no).unwrap()["trade_state"], "CLOSED");
+    assert!(stack.sim.pay(&pay(&no)).await.is_err(), "a closed order cannot be paid");
+    assert_eq!(quota(&stack, &alice).await, 0);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiv2_merchants_pay_and_are_credited_once_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start_with(&db.url, full_config(), PayApi::V2).await;
+        let alice = stack.login("alice").await;
+        let (status, order) = create_order(&stack, &alice, json!({ "product_id": "p10" })).await;
+        assert_eq!(status, 200, "{which}: {order}");
+        let p = &order["pay_params"];
+        assert_eq!(p["signType"], "HMAC-SHA256", "{which}");
+        let fields: Vec<(String, String)> = ["appId", "timeStamp", "nonceStr", "package", "signType"]
+            .iter()
+            .map(|k| (k.to_string(), p[*k].as_str().unwrap().to_string()))
+            .collect();
+        assert_eq!(p["paySign"], v2_sign(&fields, APIV2_KEY, V2SignType::HmacSha256), "{which}");
+
+        let no = order["out_trade_no"].as_str().unwrap().to_string();
+        let paid = stack.sim.pay(&pay(&no)).await.unwrap();
+        assert!(paid.acknowledged, "{which}: the XML notify was answered SUCCESS: {paid:?}");
+        for _ in 0..3 {
+            stack.sim.deliver(&no).await;
+        }
+        assert_eq!(order_status(&stack, &no).await, "paid", "{which}");
+        assert_eq!(quota(&stack, &alice).await, 10, "{which}: credited once");
+
+        // The order query speaks APIv2 too.
+        let (_, second) = create_order(&stack, &alice, json!({ "product_id": "p10" })).await;
+        let second = second["out_trade_no"].as_str().unwrap().to_string();
+        db_exec(
+            &db.url,
+            "UPDATE orders SET time_expire = 1, updated_at = 0 WHERE out_trade_no = ?",
+            &[&second],
+        )
+        .await;
+        let (_, seen) = stack.get(&format!("/api/v1/user/orders/{second}"), Some(&alice)).await;
+        assert_eq!(seen["status"], "closed", "{which}: {seen}");
+        stack.shutdown().await;
+    }
+}
