@@ -2,7 +2,7 @@
 // Browser test of the member pages against a running wxhost (app role serving
 // pages and API) and its WeChat simulator:
 //
-//   APP_URL=http://127.0.0.1:8082 SIM_URL=http://127.0.0.1:9300 node frontend/tests/e2e.mjs
+//   APP_URL=http://127.0.0.1:8082 SIM_URL=http://127.0.0.1:9300 node host/tests/browser/e2e.mjs
 //
 // Drives the system Chromium (no browser download) through QR login, buying
 // with the simulated payment, the mobile layout, sign-out and lost sessions,

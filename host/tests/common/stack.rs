@@ -28,7 +28,9 @@ pub fn fixture(f: &str) -> PathBuf {
 
 /// Every shipped plugin with the routes of plugins.toml, and a two-product catalog.
 pub fn full_config() -> TestConfig {
+    let frontend = Path::new(env!("CARGO_MANIFEST_DIR")).join("../frontend");
     let toml = base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "wechat-api", "wechat-pay", "session""#)
+        + &format!("[frontend]\nroot = {:?}\n", frontend.display().to_string())
         + VERIFY_PLUGIN
         + r#"
 [plugins.config]
@@ -172,6 +174,8 @@ impl Stack {
         app_settings.wechat_appsecret = Some(APPSECRET.to_string().into());
         app_settings.wechat_api_base = Some(format!("http://{sim_addr}"));
         app_settings.wechat_qrcode_base = Some(format!("http://{sim_addr}/cgi-bin/showqrcode"));
+        app_settings.wechat_oauth_authorize_url = Some(format!("http://{sim_addr}/connect/oauth2/authorize"));
+        app_settings.dev_simulator_url = Some(format!("http://{sim_addr}"));
         app_settings.admin_token = Some(ADMIN.to_string().into());
         app_settings.wechatpay_api_base = Some(format!("http://{sim_addr}"));
         app_settings.wechatpay_notify_url = Some(format!("{web_url}/api/v1/payment/notify"));
