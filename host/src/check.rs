@@ -41,6 +41,9 @@ pub fn run(config: &Config, out: &mut impl Write) -> anyhow::Result<bool> {
             }
         }
     }
+    for role in config.roles.keys() {
+        writeln!(out, "role {role} reads: {}", crate::settings::secrets_read_by(*role).join(", "))?;
+    }
     writeln!(out, "{}", if all_ok { "all plugins accepted" } else { "some plugins were refused" })?;
     Ok(all_ok)
 }

@@ -383,4 +383,66 @@ mod tests {
         assert!(!rsa_verify(&platform_pub, message, "not base64"));
         assert!(!rsa_verify(&platform_pub, message, ""));
     }
+
+    #[test]
+    fn platform_certificates_go_by_their_serial_and_public_keys_by_their_id() {
+        let fixture = |f: &str| {
+            std::fs::read_to_string(format!("{}/tests/fixtures/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+        };
+        let cert = fixture("wechatpay_platform_test_cert.pem");
+        let public = fixture("wechatpay_platform_test_pub.pem");
+        let signer = RsaSigner::from_pem(&fixture("wechatpay_platform_test_key.pem")).unwrap();
+        let body = br#"{"prepay_id":"wx1"}"#;
+        let headers = |serial: &str, timestamp: i64| SignatureHeaders {
+            timestamp: timestamp.to_string(),
+            nonce: "N0NCE".into(),
+            signature: signer.sign(&signed_message(&timestamp.to_string(), "N0NCE", body)),
+            serial: serial.into(),
+        };
+        let now = 1_700_000_000;
+
+        // Certificate mode: the serial, in either case.
+        let keys = PlatformKeys::from_pem(&cert, None).unwrap();
+        let serial = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1";
+        assert_eq!(keys.verify(&headers(serial, now), body, now), Ok(()));
+        assert_eq!(keys.verify(&headers(&serial.to_lowercase(), now), body, now), Ok(()));
+        assert_eq!(keys.verify(&headers(serial, now), b"tampered", now), Err(SignatureError::Bad));
+        assert_eq!(keys.verify(&headers(serial, now - 300), body, now), Err(SignatureError::Stale));
+        let mut probe = headers(serial, now);
+        probe.signature = format!("WECHATPAY/SIGNTEST/{}", probe.signature);
+        assert_eq!(keys.verify(&probe, body, now), Err(SignatureError::Probe));
+
+        // A rotation file: the certificate and the public key together.
+        let both = PlatformKeys::from_pem(&format!("{cert}\n{public}"), Some("PUB_KEY_ID_01")).unwrap();
+        assert_eq!(both.verify(&headers("PUB_KEY_ID_01", now), body, now), Ok(()));
+        assert_eq!(both.verify(&headers(serial, now), body, now), Ok(()));
+        assert_eq!(
+            both.verify(&headers("PUB_KEY_ID_02", now), body, now),
+            Err(SignatureError::UnknownKey("PUB_KEY_ID_02".into()))
+        );
+
+        // Mistakes are named.
+        let no_id = PlatformKeys::from_pem(&public, None).err().unwrap().to_string();
+        assert!(no_id.contains("WECHATPAY_PUBLIC_KEY_ID"), "{no_id}");
+        let private =
+            PlatformKeys::from_pem(&fixture("merchant_test_key.pem"), None).err().unwrap().to_string();
+        assert!(private.contains("PRIVATE KEY") && !private.contains("MII"), "no key bytes: {private}");
+        assert!(PlatformKeys::from_pem("nothing here", None).is_err());
+    }
+
+    #[test]
+    fn the_merchant_signer_matches_the_rsa_reference_and_refuses_other_pems() {
+        let fixture = |f: &str| {
+            std::fs::read_to_string(format!("{}/tests/fixtures/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+        };
+        let signer = RsaSigner::from_pem(&fixture("merchant_test_key.pem")).unwrap();
+        let reference = private_key_from_pem(&fixture("merchant_test_key.pem")).unwrap();
+        let message = b"wxb11529c136998cb6\n1414561699\n5K8264ILTKCH16CQ2502SI8ZNMTM67VS\nprepay_id=wx201410272009395522657a690389285100\n";
+        // PKCS#1 v1.5 is deterministic: ring and the reference agree byte for byte.
+        assert_eq!(signer.sign(message), rsa_sign(&reference, message));
+        let public = public_key_from_pem(&fixture("merchant_test_pub.pem")).unwrap();
+        assert!(rsa_verify(&public, message, &signer.sign(message)));
+        assert!(RsaSigner::from_pem(&fixture("merchant_test_pub.pem")).is_err());
+        assert!(RsaSigner::from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----").is_err());
+    }
 }

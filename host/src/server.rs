@@ -69,7 +69,16 @@ impl RunningServer {
 /// Starts the served roles: loads the config, connects and migrates the database
 /// for the app role, loads every plugin (refusing the start if any is refused),
 /// then binds the listeners.
-pub async fn start(options: ServeOptions) -> anyhow::Result<RunningServer> {
+pub async fn start(mut options: ServeOptions) -> anyhow::Result<RunningServer> {
+    let unneeded = options.settings.retain_for(&options.roles);
+    if !unneeded.is_empty() {
+        let roles: Vec<&str> = options.roles.iter().map(|r| r.name()).collect();
+        tracing::warn!(
+            "set but not read by the {} role ({}): dropped at start; keep them off this host",
+            roles.join("+"),
+            unneeded.join(", ")
+        );
+    }
     let config = config::load(&options.config_path)?;
     let engine = crate::engine::new(config.max_instances)?;
     let services = Arc::new(services(&config, &options).await?);

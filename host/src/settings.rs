@@ -137,3 +137,125 @@ impl Settings {
         }))
     }
 }
+
+/// The settings each role reads. A web process holds only what checking
+/// WeChat's callbacks and reaching the app role takes: no database, no
+/// AppSecret, no merchant key. What a process's roles do not read is dropped
+/// at start (with a warning if it was set), so it never sits in its memory.
+pub fn secrets_read_by(role: crate::config::Role) -> &'static [&'static str] {
+    match role {
+        crate::config::Role::Web => &[
+            "WECHAT_TOKEN",
+            "WECHAT_AES_KEY",
+            "WECHAT_APPID",
+            "WECHATPAY_PLATFORM_PUBLIC_KEY",
+            "WECHATPAY_PUBLIC_KEY_ID",
+            "WECHATPAY_APIV3_KEY",
+            "WECHATPAY_APIV2_KEY",
+            "INTERNAL_SECRET",
+            "APP_INTERNAL_URL",
+        ],
+        crate::config::Role::App => &[
+            "DATABASE_URL",
+            "WECHAT_APPID",
+            "WECHAT_APPSECRET",
+            "WECHATPAY_MCHID",
+            "WECHATPAY_PRIVATE_KEY",
+            "WECHATPAY_SERIAL",
+            "WECHATPAY_PLATFORM_PUBLIC_KEY",
+            "WECHATPAY_PUBLIC_KEY_ID",
+            "WECHATPAY_APIV3_KEY",
+            "WECHATPAY_APIV2_KEY",
+            "INTERNAL_SECRET",
+            "SESSION_SECRET",
+            "WXHOST_ADMIN_TOKEN",
+        ],
+    }
+}
+
+impl Settings {
+    /// Drops the secrets none of `roles` reads; returns the names that were set
+    /// but not needed (to warn about: they belong on another host).
+    pub fn retain_for(&mut self, roles: &[crate::config::Role]) -> Vec<&'static str> {
+        let needed = |name: &str| roles.iter().any(|r| secrets_read_by(*r).contains(&name));
+        let mut dropped = Vec::new();
+        macro_rules! keep_if_needed {
+            ($($field:ident => $name:literal),* $(,)?) => {$(
+                if !needed($name) && self.$field.take().is_some() {
+                    dropped.push($name);
+                }
+            )*};
+        }
+        keep_if_needed!(
+            database_url => "DATABASE_URL",
+            wechat_token => "WECHAT_TOKEN",
+            wechat_aes_key => "WECHAT_AES_KEY",
+            wechat_appsecret => "WECHAT_APPSECRET",
+            internal_secret => "INTERNAL_SECRET",
+            wechatpay_apiv3_key => "WECHATPAY_APIV3_KEY",
+            wechatpay_apiv2_key => "WECHATPAY_APIV2_KEY",
+            wechatpay_mchid => "WECHATPAY_MCHID",
+            wechatpay_private_key => "WECHATPAY_PRIVATE_KEY",
+            wechatpay_serial => "WECHATPAY_SERIAL",
+            session_secret => "SESSION_SECRET",
+            admin_token => "WXHOST_ADMIN_TOKEN",
+            app_internal_url => "APP_INTERNAL_URL",
+        );
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Role;
+
+    fn everything() -> Settings {
+        let s = |v: &str| Some(SecretString::from(v.to_string()));
+        Settings {
+            database_url: s("mysql://u:p@db/x"),
+            wechat_appid: Some("wx1".into()),
+            wechat_token: s("t"),
+            wechat_aes_key: s("k"),
+            wechat_appsecret: s("secret"),
+            internal_secret: s("i"),
+            wechatpay_apiv3_key: s("v3"),
+            wechatpay_private_key: Some("/k.pem".into()),
+            wechatpay_mchid: Some("1900".into()),
+            session_secret: s("sess"),
+            admin_token: s("adm"),
+            app_internal_url: Some("http://app".into()),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn a_web_process_keeps_no_database_appsecret_or_merchant_key() {
+        let mut web = everything();
+        let dropped = web.retain_for(&[Role::Web]);
+        assert_eq!(
+            dropped,
+            [
+                "DATABASE_URL",
+                "WECHAT_APPSECRET",
+                "WECHATPAY_MCHID",
+                "WECHATPAY_PRIVATE_KEY",
+                "SESSION_SECRET",
+                "WXHOST_ADMIN_TOKEN"
+            ]
+        );
+        assert!(web.database_url.is_none() && web.wechat_appsecret.is_none());
+        assert!(web.wechatpay_private_key.is_none() && web.session_secret.is_none());
+        assert!(
+            web.wechat_token.is_some() && web.internal_secret.is_some() && web.wechatpay_apiv3_key.is_some()
+        );
+    }
+
+    #[test]
+    fn an_app_process_keeps_no_callback_secrets_and_both_roles_keep_everything() {
+        let mut app = everything();
+        assert_eq!(app.retain_for(&[Role::App]), ["WECHAT_TOKEN", "WECHAT_AES_KEY", "APP_INTERNAL_URL"]);
+        let mut both = everything();
+        assert!(both.retain_for(&[Role::Web, Role::App]).is_empty());
+    }
+}

@@ -584,3 +584,199 @@ impl wit::Host for WechatPayView<'_> {
         Ok(self.ctx().map(WechatPay::merchant))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{Sim, SimConfig, SimPayConfig};
+
+    const MCHID: &str = "1900000109";
+    const SERIAL: &str = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1";
+    const KEY_ID: &str = "PUB_KEY_ID_0114232134912410000000000000000000";
+    const APIV3: &str = "a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb";
+
+    fn fixture(f: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(f)
+    }
+
+    fn merchant_settings() -> Settings {
+        Settings {
+            wechat_appid: Some("wxb11529c136998cb6".into()),
+            wechatpay_mchid: Some(MCHID.into()),
+            wechatpay_serial: Some(SERIAL.into()),
+            wechatpay_private_key: Some(fixture("merchant_test_key.pem")),
+            wechatpay_platform_public_key: Some(fixture("wechatpay_platform_test_pub.pem")),
+            wechatpay_public_key_id: Some(KEY_ID.into()),
+            wechatpay_apiv3_key: Some(APIV3.to_string().into()),
+            wechatpay_notify_url: Some("http://127.0.0.1:9/api/v1/payment/notify".into()),
+            ..Settings::default()
+        }
+    }
+
+    /// The simulator playing WeChat Pay for the merchant; returns its base URL.
+    async fn wechat_pay_sim() -> (Sim, String) {
+        let sim = Sim::new(SimConfig {
+            appid: "wxb11529c136998cb6".into(),
+            secret: "s".into(),
+            token: "t".into(),
+            aes_key: None,
+            web_url: None,
+            token_ttl: Duration::from_secs(7200),
+        })
+        .with_pay(
+            SimPayConfig::from_settings(
+                &merchant_settings(),
+                &fixture("merchant_test_pub.pem"),
+                &fixture("wechatpay_platform_test_key.pem"),
+                1.0,
+            )
+            .unwrap(),
+        );
+        let (addr, _) = sim
+            .serve("127.0.0.1:0".parse().unwrap(), tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap();
+        (sim, format!("http://{addr}"))
+    }
+
+    fn order(no: &str) -> JsapiOrder {
+        JsapiOrder {
+            out_trade_no: no.into(),
+            description: "10 次识别".into(),
+            amount_fen: 990,
+            payer_openid: "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o".into(),
+            time_expire: unix_now() + 600,
+            attach: None,
+            payer_client_ip: None,
+        }
+    }
+
+    fn deadline() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    #[tokio::test]
+    async fn orders_are_placed_queried_and_closed_with_signed_requests_and_verified_answers() {
+        let (sim, base) = wechat_pay_sim().await;
+        let mut s = merchant_settings();
+        s.wechatpay_api_base = Some(base);
+        let pay = WechatPay::from_settings(&s).unwrap().unwrap();
+        let prepay_id = pay.jsapi_prepay(&order("WX_CAP_0001"), deadline()).await.unwrap();
+        assert_eq!(sim.pay_order("WX_CAP_0001").unwrap()["prepay_id"], prepay_id.as_str());
+        let state = pay.query_order("WX_CAP_0001", deadline()).await.unwrap();
+        assert_eq!((state.trade_state.as_str(), state.amount_fen), ("NOTPAY", Some(990)));
+        assert_eq!((state.appid.as_str(), state.mchid.as_str()), ("wxb11529c136998cb6", MCHID));
+        pay.close_order("WX_CAP_0001", deadline()).await.unwrap();
+        assert_eq!(pay.query_order("WX_CAP_0001", deadline()).await.unwrap().trade_state, "CLOSED");
+        match pay.query_order("WX_CAP_NONE", deadline()).await {
+            Err(PayError::Refused((code, _))) => assert_eq!(code, "ORDER_NOT_EXIST"),
+            other => panic!("{other:?}"),
+        }
+        // Bad input never leaves the host.
+        let mut bad = order("x");
+        assert!(matches!(pay.jsapi_prepay(&bad, deadline()).await, Err(PayError::Invalid(_))));
+        bad = order("WX_CAP_0002");
+        bad.amount_fen = 0;
+        assert!(matches!(pay.jsapi_prepay(&bad, deadline()).await, Err(PayError::Invalid(_))));
+        assert!(sim.pay_order("WX_CAP_0002").is_none());
+    }
+
+    #[tokio::test]
+    async fn answers_not_signed_by_the_platform_key_are_not_trusted() {
+        let (_sim, base) = wechat_pay_sim().await;
+        // The platform key configured here is not the one WeChat Pay signs with.
+        let mut s = merchant_settings();
+        s.wechatpay_api_base = Some(base.clone());
+        s.wechatpay_platform_public_key = Some(fixture("merchant_test_pub.pem"));
+        let pay = WechatPay::from_settings(&s).unwrap().unwrap();
+        assert!(matches!(
+            pay.jsapi_prepay(&order("WX_CAP_0003"), deadline()).await,
+            Err(PayError::BadSignature)
+        ));
+        // Or it goes by another id than the one the answer names.
+        let mut s = merchant_settings();
+        s.wechatpay_api_base = Some(base);
+        s.wechatpay_public_key_id = Some("PUB_KEY_ID_OTHER".into());
+        let pay = WechatPay::from_settings(&s).unwrap().unwrap();
+        assert!(matches!(pay.query_order("WX_CAP_0003", deadline()).await, Err(PayError::BadSignature)));
+    }
+
+    #[tokio::test]
+    async fn requests_signed_with_another_key_are_refused_by_wechat_pay() {
+        let (sim, base) = wechat_pay_sim().await;
+        let mut s = merchant_settings();
+        s.wechatpay_api_base = Some(base);
+        s.wechatpay_private_key = Some(fixture("wechatpay_platform_test_key.pem"));
+        let pay = WechatPay::from_settings(&s).unwrap().unwrap();
+        match pay.jsapi_prepay(&order("WX_CAP_0004"), deadline()).await {
+            Err(PayError::Refused((code, _))) => assert_eq!(code, "SIGN_ERROR"),
+            other => panic!("{other:?}"),
+        }
+        assert!(sim.pay_order("WX_CAP_0004").is_none());
+    }
+
+    #[tokio::test]
+    async fn wechat_pay_down_or_too_slow_is_a_clean_error() {
+        let (sim, base) = wechat_pay_sim().await;
+        let mut s = merchant_settings();
+        s.wechatpay_api_base = Some(base);
+        let pay = WechatPay::from_settings(&s).unwrap().unwrap();
+        sim.set_down(true);
+        assert!(matches!(
+            pay.jsapi_prepay(&order("WX_CAP_0005"), deadline()).await,
+            Err(PayError::Unavailable(_))
+        ));
+        sim.set_down(false);
+        sim.set_latency(Duration::from_millis(800));
+        let soon = Instant::now() + Duration::from_millis(500);
+        assert!(matches!(pay.jsapi_prepay(&order("WX_CAP_0006"), soon).await, Err(PayError::Timeout)));
+    }
+
+    #[test]
+    fn the_jsapi_pay_sign_verifies_with_the_merchant_public_key() {
+        let pay = WechatPay::from_settings(&merchant_settings()).unwrap().unwrap();
+        let p = pay.jsapi_pay_params("wx201410272009395522657a690389285100").unwrap();
+        assert_eq!((p.app_id.as_str(), p.sign_type.as_str()), ("wxb11529c136998cb6", "RSA"));
+        assert_eq!(p.package, "prepay_id=wx201410272009395522657a690389285100");
+        let message = format!("{}\n{}\n{}\n{}\n", p.app_id, p.time_stamp, p.nonce_str, p.package);
+        let public = crate::pay_crypto::public_key_from_pem(
+            &std::fs::read_to_string(fixture("merchant_test_pub.pem")).unwrap(),
+        )
+        .unwrap();
+        assert!(crate::pay_crypto::rsa_verify(&public, message.as_bytes(), &p.pay_sign));
+        assert!(matches!(pay.jsapi_pay_params("bad id"), Err(PayError::Invalid(_))));
+    }
+
+    #[test]
+    fn every_missing_setting_is_named_at_once_and_no_value_is_shown() {
+        let s = Settings {
+            wechatpay_mchid: Some(MCHID.into()),
+            wechatpay_apiv2_key: Some("v2-secret-value".to_string().into()),
+            wechatpay_private_key: Some("/nonexistent/apiclient_key.pem".into()),
+            ..Settings::default()
+        };
+        let e = WechatPay::from_settings(&s).err().unwrap().to_string();
+        for name in [
+            "WECHAT_APPID",
+            "WECHATPAY_NOTIFY_URL",
+            "WECHATPAY_SERIAL",
+            "WECHATPAY_PRIVATE_KEY",
+            "WECHATPAY_PLATFORM_PUBLIC_KEY",
+            "WECHATPAY_APIV3_KEY",
+        ] {
+            assert!(e.contains(name), "{name} missing from: {e}");
+        }
+        assert!(!e.contains("v2-secret-value"), "{e}");
+        // No merchant id: no WeChat Pay, and no error.
+        assert!(WechatPay::from_settings(&Settings::default()).unwrap().is_none());
+        // An APIv2 merchant needs its key.
+        let v2 = Settings {
+            wechatpay_mchid: Some(MCHID.into()),
+            wechat_appid: Some("wx1".into()),
+            wechatpay_notify_url: Some("https://example.com/n".into()),
+            wechatpay_api_version: Some("v2".into()),
+            ..Settings::default()
+        };
+        assert!(WechatPay::from_settings(&v2).err().unwrap().to_string().contains("WECHATPAY_APIV2_KEY"));
+    }
+}
