@@ -46,6 +46,11 @@ macro_rules! on_pool {
 pub use on_pool;
 
 impl Database {
+    /// Connections open and, of those, idle (for the pool metrics).
+    pub fn pool_usage(&self) -> (u32, usize) {
+        on_pool!(&self.pool, |p| (p.size(), p.num_idle()))
+    }
+
     pub fn dialect(&self) -> Dialect {
         match self.pool {
             Pool::Sqlite(_) => Dialect::Sqlite,

@@ -74,6 +74,16 @@ impl Frontend {
             }
         };
         let h = response.headers_mut();
+        // The pages are UTF-8 (Chinese first): say so rather than let browsers guess.
+        let textual = h
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .filter(|t| (t.starts_with("text/") || t.contains("javascript")) && !t.contains("charset"));
+        if let Some(with_charset) =
+            textual.and_then(|t| HeaderValue::from_str(&format!("{t}; charset=utf-8")).ok())
+        {
+            h.insert(header::CONTENT_TYPE, with_charset);
+        }
         h.insert(header::CONTENT_SECURITY_POLICY, self.csp.clone());
         h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
         h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));

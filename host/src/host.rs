@@ -61,6 +61,9 @@ impl Host {
         let loaded = host.load(config, roles).await.map_err(|errors| {
             anyhow::anyhow!("plugins could not be loaded:\n  - {}", errors.join("\n  - "))
         })?;
+        for (role, rt) in &loaded {
+            mark_loaded(*role, rt, 1.0);
+        }
         let runtimes = loaded.into_iter().map(|(role, rt)| (role, ArcSwap::from_pointee(rt))).collect();
         Ok(Host { runtimes, ..host })
     }
@@ -99,7 +102,10 @@ impl Host {
         let status = match result {
             Ok(loaded) => {
                 for (role, runtime) in loaded {
+                    mark_loaded(role, &runtime, 1.0);
                     let old = self.runtimes[&role].swap(Arc::new(runtime));
+                    mark_loaded(role, &old, 0.0);
+                    mark_loaded(role, &self.runtime(role), 1.0);
                     if old.config.listen != self.runtime(role).config.listen {
                         tracing::warn!(role = %role, "a changed listen address takes effect at the next restart");
                     }
@@ -118,6 +124,8 @@ impl Host {
                 ReloadStatus { at_unix: unix_now(), trigger: trigger.into(), ok: false, errors }
             }
         };
+        metrics::counter!("wxhost_plugin_reloads_total", "outcome" => if status.ok { "ok" } else { "refused" })
+            .increment(1);
         *self.status.lock().expect("status lock") = status.clone();
         status
     }
@@ -200,4 +208,13 @@ pub fn is_watched(changed: &Path, watched: &[PathBuf]) -> bool {
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+}
+
+/// `wxhost_plugin_loaded{role,plugin,version}`: 1 for the versions serving, 0 for replaced ones.
+fn mark_loaded(role: Role, runtime: &RoleRuntime, value: f64) {
+    for p in &runtime.plugins {
+        metrics::gauge!("wxhost_plugin_loaded", "role" => role.name(), "plugin" => p.identity.name.clone(),
+            "version" => p.identity.version.clone())
+        .set(value);
+    }
 }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod frontend;
 pub mod host;
 pub mod internal_auth;
+pub mod metrics;
 pub mod pay_crypto;
 pub mod plugin;
 pub mod runtime;

@@ -21,13 +21,15 @@ pub struct RoleRuntime {
     pub role: Role,
     pub config: RoleConfig,
     pub plugins: Vec<Arc<LoadedPlugin>>,
-    /// Per method: path pattern → (plugin index, whether the route is internal API).
-    routes: HashMap<String, matchit::Router<(usize, bool)>>,
+    /// Per method: path pattern → (plugin index, whether the route is internal API, the pattern).
+    routes: HashMap<String, matchit::Router<(usize, bool, Arc<str>)>>,
 }
 
 pub enum RouteMatch<'a> {
     Found {
         plugin: &'a Arc<LoadedPlugin>,
+        /// The route's pattern as configured (`/api/v1/user/orders/{out_trade_no}`).
+        route: Arc<str>,
         params: Vec<(String, String)>,
         /// The route is under /api/v1/internal/: callers must be authenticated.
         internal: bool,
@@ -39,13 +41,16 @@ pub enum RouteMatch<'a> {
 impl RoleRuntime {
     /// Builds the route table; plugins.toml validation has already refused conflicts.
     pub fn new(role: Role, config: RoleConfig, plugins: Vec<Arc<LoadedPlugin>>) -> anyhow::Result<Self> {
-        let mut routes: HashMap<String, matchit::Router<(usize, bool)>> = HashMap::new();
+        let mut routes: HashMap<String, matchit::Router<(usize, bool, Arc<str>)>> = HashMap::new();
         for (index, plugin) in plugins.iter().enumerate() {
             for route in &plugin.routes {
                 routes
                     .entry(route.method.clone())
                     .or_default()
-                    .insert(route.path.clone(), (index, route.path.starts_with(INTERNAL_PREFIX)))
+                    .insert(
+                        route.path.clone(),
+                        (index, route.path.starts_with(INTERNAL_PREFIX), Arc::from(route.path.as_str())),
+                    )
                     .map_err(|e| anyhow::anyhow!("route {route}: {e}"))?;
             }
         }
@@ -55,8 +60,13 @@ impl RoleRuntime {
     pub fn route(&self, method: &str, path: &str) -> RouteMatch<'_> {
         if let Some(m) = self.routes.get(method).and_then(|r| r.at(path).ok()) {
             let params = m.params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-            let (index, internal) = *m.value;
-            return RouteMatch::Found { plugin: &self.plugins[index], params, internal };
+            let (index, internal, route) = m.value;
+            return RouteMatch::Found {
+                plugin: &self.plugins[*index],
+                route: route.clone(),
+                params,
+                internal: *internal,
+            };
         }
         if self.routes.values().any(|r| r.at(path).is_ok()) {
             RouteMatch::MethodNotAllowed
@@ -106,7 +116,10 @@ pub async fn invoke(
     });
 
     let run = async {
+        let started = Instant::now();
         let instance = plugin.pre.instantiate_async(&mut store).await?;
+        metrics::histogram!("wxhost_plugin_instantiate_seconds", "plugin" => plugin.identity.name.clone())
+            .record(started.elapsed().as_secs_f64());
         instance.wxhost_plugin_handler().call_handle(&mut store, &request).await
     };
     let outcome = tokio::time::timeout(plugin.deadline + AWAIT_GRACE, run).await;

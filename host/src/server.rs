@@ -11,7 +11,7 @@ use anyhow::Context;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use notify::Watcher;
@@ -30,6 +30,7 @@ use crate::error::ApiError;
 use crate::frontend::Frontend;
 use crate::host::{self, Host};
 use crate::internal_auth::{INTERNAL_PREFIX, InternalAuth, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use crate::metrics::OUTCOME_HEADER;
 use crate::runtime::{self, PluginFailure, RouteMatch};
 use crate::settings::Settings;
 
@@ -88,6 +89,8 @@ pub async fn start(mut options: ServeOptions) -> anyhow::Result<RunningServer> {
         tracing::warn!("INTERNAL_SECRET is not set: the app role's internal API answers 503");
     }
     let shutdown = CancellationToken::new();
+    crate::metrics::handle();
+    crate::metrics::spawn_upkeep(shutdown.clone());
     let mut tasks = JoinSet::new();
 
     let mut role_addrs = BTreeMap::new();
@@ -256,7 +259,55 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const HOP_BY_HOP: &[&str] =
     &["content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "trailer"];
 
-async fn dispatch(State(state): State<RoleState>, request: Request) -> Result<Response, ApiError> {
+/// What a request's metrics are labelled with.
+struct Served {
+    plugin: String,
+    route: Arc<str>,
+}
+
+/// Every request of a role: routed to a plugin (or the member pages), counted,
+/// timed, and answered with its request id, errors included.
+async fn dispatch(State(state): State<RoleState>, request: Request) -> Response {
+    let started = std::time::Instant::now();
+    let request_id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+    let mut served = Served { plugin: String::new(), route: Arc::from("unmatched") };
+    let mut response = match route_and_run(&state, request, &request_id, &mut served).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    let status = response.status().as_u16().to_string();
+    let role = state.role.name();
+    metrics::counter!("wxhost_http_requests_total", "role" => role, "plugin" => served.plugin.clone(),
+        "route" => served.route.to_string(), "status" => status)
+    .increment(1);
+    metrics::histogram!("wxhost_http_request_duration_seconds", "role" => role, "plugin" => served.plugin,
+        "route" => served.route.to_string())
+    .record(started.elapsed().as_secs_f64());
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID, v);
+    }
+    // A 503 is temporary (database pool exhausted or down, app role unreachable):
+    // tell clients and proxies when to come back.
+    if response.status() == StatusCode::SERVICE_UNAVAILABLE
+        && !response.headers().contains_key(header::RETRY_AFTER)
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+async fn route_and_run(
+    state: &RoleState,
+    request: Request,
+    request_id: &str,
+    served: &mut Served,
+) -> Result<Response, ApiError> {
     let runtime = state.host.runtime(state.role);
     let (parts, body) = request.into_parts();
     let path = parts.uri.path();
@@ -264,6 +315,7 @@ async fn dispatch(State(state): State<RoleState>, request: Request) -> Result<Re
     if let (RouteMatch::NotFound, Some(frontend)) = (&routed, &state.frontend)
         && Frontend::wants(&parts.method, path)
     {
+        served.route = Arc::from("frontend");
         return Ok(frontend.serve(Request::from_parts(parts, body)).await);
     }
     let internal =
@@ -272,20 +324,17 @@ async fn dispatch(State(state): State<RoleState>, request: Request) -> Result<Re
     let body: Bytes =
         axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::payload_too_large(limit))?;
     if internal {
-        authenticate_internal(&state, &parts, &body)?;
+        authenticate_internal(state, &parts, &body)?;
     }
     let (plugin, params) = match routed {
-        RouteMatch::Found { plugin, params, .. } => (plugin.clone(), params),
+        RouteMatch::Found { plugin, params, route, .. } => {
+            served.plugin = plugin.identity.name.clone();
+            served.route = route;
+            (plugin.clone(), params)
+        }
         RouteMatch::MethodNotAllowed => return Err(ApiError::method_not_allowed()),
         RouteMatch::NotFound => return Err(ApiError::not_found()),
     };
-    let request_id = parts
-        .headers
-        .get(&REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
     let headers = parts
         .headers
         .iter()
@@ -298,13 +347,20 @@ async fn dispatch(State(state): State<RoleState>, request: Request) -> Result<Re
         params,
         headers,
         body: body.to_vec(),
-        request_id: request_id.clone(),
+        request_id: request_id.to_string(),
     };
     let started = std::time::Instant::now();
     let outcome = runtime::invoke(&state.host.engine, &state.host.services, &plugin, wit_request).await;
     let identity = &plugin.identity;
-    let mut response = match outcome {
-        Ok(r) => {
+    Ok(match outcome {
+        Ok(mut r) => {
+            // What the plugin says it did (applied, duplicate, …): counted, not passed on.
+            if let Some(i) = r.headers.iter().position(|(k, _)| k.eq_ignore_ascii_case(OUTCOME_HEADER)) {
+                let (_, outcome) = r.headers.remove(i);
+                metrics::counter!("wxhost_plugin_outcomes_total", "plugin" => identity.name.clone(),
+                    "route" => served.route.to_string(), "outcome" => outcome)
+                .increment(1);
+            }
             let response = to_http(r);
             // Refusals are worth a line (never the query or body: they may carry user data).
             if response.status().is_client_error() || response.status().is_server_error() {
@@ -317,17 +373,20 @@ async fn dispatch(State(state): State<RoleState>, request: Request) -> Result<Re
             response
         }
         Err(failure) => {
+            let kind = match failure {
+                PluginFailure::Timeout(_) => "timeout",
+                PluginFailure::OutOfMemory => "out_of_memory",
+                PluginFailure::Trap(_) => "trap",
+            };
+            metrics::counter!("wxhost_plugin_failures_total", "plugin" => identity.name.clone(), "kind" => kind)
+                .increment(1);
             tracing::error!(
                 plugin = %identity.name, version = %identity.version, request_id, role = %state.role,
                 elapsed_ms = started.elapsed().as_millis() as u64, "{failure}"
             );
             failure_response(&failure)
         }
-    };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert(REQUEST_ID, v);
-    }
-    Ok(response)
+    })
 }
 
 /// The internal API answers only calls signed with INTERNAL_SECRET, checked
@@ -410,8 +469,15 @@ pub fn admin_router(host: Arc<Host>) -> Router {
         .route("/healthz", get(healthz))
         .route("/admin/plugins", get(admin_plugins))
         .route("/admin/reload", post(admin_reload))
+        .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::not_found() })
         .with_state(host)
+}
+
+/// Prometheus exposition of this process's metrics.
+async fn metrics_text(State(host): State<Arc<Host>>) -> impl IntoResponse {
+    let db = host.services.db.as_ref().map(|d| &d.db);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], crate::metrics::render(db))
 }
 
 async fn admin_plugins(State(host): State<Arc<Host>>) -> impl IntoResponse {

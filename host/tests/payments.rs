@@ -296,3 +296,65 @@ async fn apiv2_merchants_pay_and_are_credited_once_on_both_databases() {
         stack.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_requests_notifies_applied_vs_duplicate_and_wechat_pay_calls() {
+    let db = sqlite_database().await;
+    let stack = Stack::start(&db.url).await;
+    let alice = stack.login("alice").await;
+    let (_, order) = create_order(&stack, &alice, json!({ "product_id": "p10" })).await;
+    let no = order["out_trade_no"].as_str().unwrap().to_string();
+    stack.sim.pay(&pay(&no)).await.unwrap();
+    for _ in 0..3 {
+        stack.sim.deliver(&no).await;
+    }
+    let scrape = |addr: std::net::SocketAddr| async move {
+        let r = reqwest::get(format!("http://{addr}/metrics")).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+        r.text().await.unwrap()
+    };
+    let app = scrape(stack.app.as_ref().unwrap().admin_addr).await;
+    let line = |text: &str, parts: &[&str]| -> Option<f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && parts.iter().all(|p| l.contains(p)))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .reduce(f64::max)
+    };
+    let applied = line(&app, &["wxhost_plugin_outcomes_total{", "plugin=\"payment\"", "outcome=\"applied\""]);
+    let duplicates =
+        line(&app, &["wxhost_plugin_outcomes_total{", "plugin=\"payment\"", "outcome=\"duplicate\""]);
+    assert!(applied >= Some(1.0), "{app}");
+    assert!(duplicates >= Some(3.0), "{app}");
+    assert!(
+        line(
+            &app,
+            &[
+                "wxhost_outbound_calls_total{",
+                "service=\"wechatpay\"",
+                "call=\"jsapi_prepay\"",
+                "outcome=\"ok\""
+            ]
+        ) >= Some(1.0),
+        "{app}"
+    );
+    assert!(
+        line(
+            &app,
+            &["wxhost_http_requests_total{", "route=\"/api/v1/payment/create-order\"", "status=\"200\""]
+        ) >= Some(1.0),
+        "{app}"
+    );
+    assert!(
+        line(&app, &["wxhost_http_request_duration_seconds_bucket{", "plugin=\"payment\""]).is_some(),
+        "{app}"
+    );
+    assert!(line(&app, &["wxhost_plugin_loaded{", "plugin=\"payment\""]) == Some(1.0), "{app}");
+    assert!(line(&app, &["wxhost_db_pool_connections{", "state=\"idle\""]).is_some(), "{app}");
+    assert!(
+        line(&app, &["wxhost_plugin_instantiate_seconds_count{", "plugin=\"payment\""]).is_some(),
+        "{app}"
+    );
+    assert!(!app.contains(APIV3_KEY) && !app.contains(&alice), "no secret or token in metrics");
+    stack.shutdown().await;
+}

@@ -7,7 +7,7 @@ use common::*;
 use wxhost::config::Role;
 
 fn vector() -> serde_json::Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors/wechat.json");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/wechat_vectors.json");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     v["server_signature"][0].clone()
 }

@@ -263,7 +263,10 @@ impl wit::Host for DbView<'_> {
             Err(e) => return Ok(Err(e)),
         };
         let tx = match &pool {
-            Pool::Sqlite(p) => p.begin().await.map(OpenTransaction::Sqlite),
+            // IMMEDIATE takes SQLite's write lock up front (waiting under the busy
+            // timeout); a deferred transaction that reads, then writes, fails at
+            // once with "database is locked" when another writer got in between.
+            Pool::Sqlite(p) => p.begin_with("BEGIN IMMEDIATE").await.map(OpenTransaction::Sqlite),
             Pool::Mysql(p) => p.begin().await.map(OpenTransaction::Mysql),
         };
         match tx {

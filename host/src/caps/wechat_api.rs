@@ -157,6 +157,27 @@ impl WechatApi {
         body: Option<&str>,
         deadline: Instant,
     ) -> Result<Value, ApiError> {
+        let started = Instant::now();
+        let result = self.send_once(method, path, query, access_token, body, deadline).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(ApiError::Wechat(_)) => "refused",
+            Err(ApiError::Timeout) => "timeout",
+            Err(_) => "unavailable",
+        };
+        crate::metrics::outbound("wechat", path, outcome, started.elapsed());
+        result
+    }
+
+    async fn send_once(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(String, String)],
+        access_token: Option<&str>,
+        body: Option<&str>,
+        deadline: Instant,
+    ) -> Result<Value, ApiError> {
         let left =
             deadline.saturating_duration_since(Instant::now()).saturating_sub(ANSWER_MARGIN).min(MAX_CALL);
         if left.is_zero() {
@@ -299,6 +320,9 @@ impl WechatApi {
             return Ok(token.clone());
         }
         let fetched = self.fetch(previous.as_ref().map(|(t, _)| t.as_str()), deadline).await;
+        if fetched.is_ok() {
+            metrics::counter!("wxhost_access_token_refreshes_total").increment(1);
+        }
         let (token, expires_in) = match fetched {
             Ok(t) => t,
             Err(e) => {

@@ -324,6 +324,19 @@ impl WechatPay {
         body: Option<Value>,
         deadline: Instant,
     ) -> Result<Value, PayError> {
+        let started = Instant::now();
+        let result = self.v3_once(method, path_and_query, body, deadline).await;
+        crate::metrics::outbound("wechatpay", call_name(path_and_query), outcome(&result), started.elapsed());
+        result
+    }
+
+    async fn v3_once(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<Value>,
+        deadline: Instant,
+    ) -> Result<Value, PayError> {
         let PayApi::V3 { merchant_key, serial, platform } = &self.api else {
             return Err(PayError::NotConfigured("not an APIv3 merchant".into()));
         };
@@ -379,6 +392,18 @@ impl WechatPay {
         fields: Vec<(&str, String)>,
         deadline: Instant,
     ) -> Result<Vec<(String, String)>, PayError> {
+        let started = Instant::now();
+        let result = self.v2_once(path, fields, deadline).await;
+        crate::metrics::outbound("wechatpay", call_name(path), outcome(&result), started.elapsed());
+        result
+    }
+
+    async fn v2_once(
+        &self,
+        path: &str,
+        fields: Vec<(&str, String)>,
+        deadline: Instant,
+    ) -> Result<Vec<(String, String)>, PayError> {
         let PayApi::V2 { key, sign_type } = &self.api else {
             return Err(PayError::NotConfigured("not an APIv2 merchant".into()));
         };
@@ -427,6 +452,31 @@ impl WechatPay {
             return Err(PayError::Refused((v3_code_of(&code), message)));
         }
         Ok(answer)
+    }
+}
+
+/// A call's name for metrics: its operation, never the order number in its path.
+fn call_name(path: &str) -> &'static str {
+    let path = path.split('?').next().unwrap_or_default();
+    if path.ends_with("/jsapi") || path.ends_with("/unifiedorder") {
+        "jsapi_prepay"
+    } else if path.ends_with("/close") || path.ends_with("/closeorder") {
+        "close_order"
+    } else if path.contains("/out-trade-no/") || path.ends_with("/orderquery") {
+        "query_order"
+    } else {
+        "other"
+    }
+}
+
+fn outcome<T>(result: &Result<T, PayError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(PayError::Refused(_)) => "refused",
+        Err(PayError::BadSignature) => "bad_signature",
+        Err(PayError::Timeout) => "timeout",
+        Err(PayError::Invalid(_)) => "invalid",
+        Err(PayError::Unavailable(_) | PayError::NotConfigured(_)) => "unavailable",
     }
 }
 

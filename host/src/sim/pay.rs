@@ -90,6 +90,7 @@ pub(super) fn routes() -> axum::Router<Sim> {
         .route("/pay/closeorder", post(v2_closeorder))
         .route("/sim/pay", post(pay))
         .route("/sim/pay/notify", post(redeliver))
+        .route("/sim/pay/notify-request", post(notify_request))
         .route("/sim/pay/orders/{no}", get(inspect))
 }
 
@@ -787,6 +788,30 @@ async fn redeliver(State(sim): State<Sim>, Json(r): Json<Redeliver>) -> Response
     }
     let statuses: Vec<u16> = deliveries.join_all().await;
     Json(json!({ "statuses": statuses })).into_response()
+}
+
+#[derive(Deserialize)]
+struct NotifyRequestFor {
+    out_trade_no: String,
+}
+
+/// A paid order's notify, signed now, as data (`{url, headers, body}`): load
+/// generators replay it (within WeChat Pay's 5-minute window) without RSA of their own.
+async fn notify_request(State(sim): State<Sim>, Json(r): Json<NotifyRequestFor>) -> Response {
+    let Some(config) = pay_config(&sim) else {
+        return (StatusCode::NOT_FOUND, Json(json!({ "error": "no WeChat Pay merchant" }))).into_response();
+    };
+    let pay = sim.pay.lock().expect("sim pay lock");
+    match pay.orders.get(&r.out_trade_no) {
+        Some(o) if o.state == "SUCCESS" => {
+            let (headers, body) = build_notify(config, &r.out_trade_no, o);
+            let headers: serde_json::Map<String, Value> =
+                headers.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+            Json(json!({ "url": o.notify_url, "headers": headers, "body": body })).into_response()
+        }
+        _ => (StatusCode::BAD_REQUEST, Json(json!({ "error": "no paid order has this out_trade_no" })))
+            .into_response(),
+    }
 }
 
 async fn inspect(State(sim): State<Sim>, Path(no): Path<String>) -> Response {

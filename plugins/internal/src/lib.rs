@@ -283,11 +283,14 @@ fn failure(status: u16, code: &str, message: &str) -> Response {
 }
 
 fn reply(status: u16, body: serde_json::Value) -> Response {
-    Response {
-        status,
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: body.to_string().into_bytes(),
+    let mut headers = vec![("content-type".into(), "application/json".into())];
+    // What the call did, for the host's metrics (applied vs duplicate).
+    match (body["applied"].as_bool(), body["duplicate"].as_bool()) {
+        (Some(true), _) => headers.push(("x-wxhost-outcome".into(), "applied".into())),
+        (Some(false), Some(true)) => headers.push(("x-wxhost-outcome".into(), "duplicate".into())),
+        _ => {}
     }
+    Response { status, headers, body: body.to_string().into_bytes() }
 }
 
 fn now() -> i64 {

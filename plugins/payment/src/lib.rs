@@ -36,7 +36,11 @@ impl Guest for Payment {
             ("POST", "/api/v1/payment/create-order") => create_order(&req),
             ("PUT", "/api/v1/internal/payment/order/update") => parse(&req.body).and_then(|p| {
                 let outcome = apply_paid(&p)?;
-                Ok(reply(200, outcome))
+                // Applied vs duplicate, for the host's metrics.
+                let what = if outcome["applied"] == true { "applied" } else { "duplicate" };
+                let mut response = reply(200, outcome);
+                response.headers.push(("x-wxhost-outcome".into(), what.into()));
+                Ok(response)
             }),
             ("GET", p) if p.starts_with("/api/v1/user/orders/") => {
                 let no = req.params.iter().find(|(k, _)| k == "out_trade_no").map(|(_, v)| v.as_str());

@@ -160,4 +160,28 @@ mod tests {
         assert_eq!(f.get("Content"), Some("x]]>y <b>"));
         assert_eq!(f.get("CreateTime"), Some("7"));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(512),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// Whatever WeChat (or anyone) posts: fields or a clean error, never a panic.
+        #[test]
+        fn any_text_parses_or_is_refused_cleanly(text in "(<xml>|</xml>|<[A-Za-z]{1,6}>|</[A-Za-z]{1,6}>|<!\\[CDATA\\[|\\]\\]>|&[a-z#0-9]{0,6};|<!DOCTYPE|[^<&]{0,10}){0,30}") {
+            let _ = parse(&text);
+        }
+
+        /// Any reply text survives building and parsing unchanged.
+        #[test]
+        fn any_reply_text_round_trips(content in "\\PC{0,200}", time in proptest::prelude::any::<i64>()) {
+            let xml = build(&[("Content", Value::Text(&content)), ("CreateTime", Value::Number(time))]);
+            let f = parse(&xml).unwrap();
+            let time_text = time.to_string();
+            proptest::prop_assert_eq!(f.get("Content"), Some(content.as_str()));
+            proptest::prop_assert_eq!(f.get("CreateTime"), Some(time_text.as_str()));
+        }
+    }
 }
