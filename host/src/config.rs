@@ -35,6 +35,8 @@ struct RawConfig {
     #[serde(default)]
     sessions: RawSessions,
     #[serde(default)]
+    database: RawDatabase,
+    #[serde(default)]
     frontend: RawFrontend,
     #[serde(default)]
     roles: BTreeMap<String, RawRole>,
@@ -65,6 +67,15 @@ struct RawWechat {
 #[serde(deny_unknown_fields)]
 struct RawSessions {
     ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    /// Connections per app process.
+    max_connections: Option<u32>,
+    /// How long a request waits for a free connection before it is answered 503.
+    acquire_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -161,6 +172,8 @@ pub struct Config {
     pub token_endpoint: crate::caps::wechat_api::TokenEndpoint,
     /// Lifetime of login sessions.
     pub session_ttl_secs: u64,
+    /// The database pool of an app process (`[database]`).
+    pub pool: crate::database::PoolSettings,
     /// The member pages' folder (app role), if configured.
     pub frontend_root: Option<PathBuf>,
     pub roles: BTreeMap<Role, RoleConfig>,
@@ -402,6 +415,23 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         problems.push(format!("[host] max_instances = {max_instances} must be between 1 and 10000"));
     }
 
+    let defaults = crate::database::PoolSettings::default();
+    let max_connections = raw.database.max_connections.unwrap_or(defaults.max_connections);
+    if !(1..=1000).contains(&max_connections) {
+        problems.push(format!("[database] max_connections = {max_connections} must be between 1 and 1000"));
+    }
+    let acquire_timeout_ms =
+        raw.database.acquire_timeout_ms.unwrap_or(defaults.acquire_timeout.as_millis() as u64);
+    if !(1..=60_000).contains(&acquire_timeout_ms) {
+        problems.push(format!(
+            "[database] acquire_timeout_ms = {acquire_timeout_ms} must be between 1 and 60000"
+        ));
+    }
+    let pool = crate::database::PoolSettings {
+        max_connections,
+        acquire_timeout: std::time::Duration::from_millis(acquire_timeout_ms),
+    };
+
     let frontend_root = raw.frontend.root.map(|r| base.join(r));
     if let Some(root) = &frontend_root
         && !root.join("index.html").is_file()
@@ -423,6 +453,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         },
         token_endpoint,
         session_ttl_secs,
+        pool,
         frontend_root,
         roles,
         plugins,

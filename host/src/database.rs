@@ -70,7 +70,7 @@ impl Dialect {
 }
 
 /// Settings of the connection pool.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolSettings {
     pub max_connections: u32,
     pub acquire_timeout: Duration,

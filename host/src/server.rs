@@ -137,7 +137,7 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
     let database = if options.roles.contains(&Role::App) {
         let url = options.settings.database_url.as_ref().map(|u| u.expose_secret().to_string());
         let url = url.as_deref().unwrap_or(database::DEFAULT_URL);
-        let db = database::connect(url, &database::PoolSettings::default()).await?;
+        let db = database::connect(url, &config.pool).await?;
         database::migrate(&db).await?;
         Some(db)
     } else {

@@ -1,0 +1,201 @@
+//! Faults the host must ride out with a clear answer and no hang: the
+//! database pool exhausted, and MariaDB itself gone and back mid-load.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use wxhost::config::Role;
+
+fn one_connection_config() -> TestConfig {
+    let toml = base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "wechat-api", "session""#)
+        + r#"
+[database]
+max_connections = 1
+acquire_timeout_ms = 300
+
+[[plugins]]
+name = "account"
+role = "app"
+wasm = "account.wasm"
+routes = ["GET /api/v1/auth/wechat/qrcode/{scene}"]
+capabilities = ["log", "config", "db", "wechat-api", "session"]
+"#;
+    TestConfig::new(&toml, &[("account.wasm", "account.wasm")])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_database_pool_is_a_quick_503_with_retry_after_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let config = one_connection_config();
+        let app = start(&config, &[Role::App], Some(&db.url), false).await;
+        let poll = url(&app, Role::App, "/api/v1/auth/wechat/qrcode/login_nobody");
+        // An unknown scene: the database was asked and said no.
+        assert_eq!(reqwest::get(&poll).await.unwrap().status(), 404, "{which}: a free pool answers");
+
+        // Something else holds the only connection.
+        let pool = &app.host.services.db.as_ref().unwrap().db.pool;
+        let held =
+            wxhost::on_pool!(pool, |p| p.acquire().await.map(|c| Box::new(c) as Box<dyn Send>)).unwrap();
+        let started = Instant::now();
+        let r = reqwest::get(&poll).await.unwrap();
+        let waited = started.elapsed();
+        assert_eq!(r.status(), 503, "{which}");
+        assert_eq!(r.headers()["retry-after"], "1", "{which}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "database_unavailable", "{which}: {body}");
+        assert!(waited < Duration::from_millis(1500), "{which}: answered in {waited:?}, not a hang");
+
+        drop(held);
+        assert_eq!(reqwest::get(&poll).await.unwrap().status(), 404, "{which}: recovered by itself");
+        app.shutdown();
+        app.wait().await;
+    }
+}
+
+/// A MariaDB server of the test's own (its own data folder and port), so it can
+/// be stopped and started without disturbing the machine's.
+struct PrivateMariadb {
+    dir: tempfile::TempDir,
+    port: u16,
+    server: Option<std::process::Child>,
+}
+
+impl PrivateMariadb {
+    fn install() -> Option<PrivateMariadb> {
+        let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        let dir = tempfile::tempdir().unwrap();
+        let installed = std::process::Command::new("mariadb-install-db")
+            .args(["--no-defaults", "--auth-root-authentication-method=normal", "--skip-test-db"])
+            .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .arg(format!("--user={}", whoami()))
+            .output();
+        match installed {
+            Ok(o) if o.status.success() => {}
+            other => {
+                assert!(!in_ci, "CI=true: mariadb-install-db failed: {other:?}");
+                eprintln!("skipping: no mariadb-install-db ({other:?})");
+                return None;
+            }
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut db = PrivateMariadb { dir, port, server: None };
+        db.start();
+        let created = std::process::Command::new("mariadb")
+            .args(["-h127.0.0.1", "-uroot", &format!("-P{port}"), "-e"])
+            .arg("CREATE DATABASE wxhost CHARACTER SET utf8mb4")
+            .status()
+            .expect("the mariadb client runs");
+        assert!(created.success(), "creating the test database");
+        Some(db)
+    }
+
+    fn url(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}/wxhost", self.port)
+    }
+
+    fn start(&mut self) {
+        let data = self.dir.path().join("data");
+        let child = std::process::Command::new("/usr/sbin/mariadbd")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", self.dir.path().join("sock").display()))
+            .arg(format!("--pid-file={}", self.dir.path().join("pid").display()))
+            .args(["--bind-address=127.0.0.1", "--skip-name-resolve", "--innodb-buffer-pool-size=16M"])
+            .arg(format!("--port={}", self.port))
+            .arg(format!("--user={}", whoami()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mariadbd starts");
+        self.server = Some(child);
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "the private MariaDB did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops it the way an operator or a crash would: the process is gone.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.server.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateMariadb {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn whoami() -> String {
+    std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| {
+        let out = std::process::Command::new("id").arg("-un").output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_stopped_and_started_mid_load_is_a_clear_503_then_recovers_without_a_restart() {
+    let Some(mut mariadb) = PrivateMariadb::install() else { return };
+    let config = one_connection_config();
+    std::fs::write(
+        config.path(),
+        std::fs::read_to_string(config.path()).unwrap().replace("max_connections = 1", "max_connections = 4"),
+    )
+    .unwrap();
+    let app = start(&config, &[Role::App], Some(&mariadb.url()), false).await;
+    let poll = url(&app, Role::App, "/api/v1/auth/wechat/qrcode/login_nobody");
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+
+    // A steady stream of requests that each need the database.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = {
+        let (client, poll, stop) = (client.clone(), poll.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut seen: Vec<(Instant, u16, bool, Duration)> = Vec::new();
+            while !stop.is_cancelled() {
+                let started = Instant::now();
+                let r = client.get(&poll).send().await.unwrap();
+                let retry_after = r.headers().contains_key("retry-after");
+                seen.push((started, r.status().as_u16(), retry_after, started.elapsed()));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seen
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let down_at = Instant::now();
+    mariadb.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let up_at = Instant::now();
+    mariadb.start();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    let seen = load.await.unwrap();
+
+    let before: Vec<_> = seen.iter().filter(|s| s.0 < down_at).collect();
+    let while_down: Vec<_> =
+        seen.iter().filter(|s| s.0 > down_at + Duration::from_millis(300) && s.0 < up_at).collect();
+    let recovered = seen.iter().filter(|s| s.0 > up_at + Duration::from_secs(2)).collect::<Vec<_>>();
+    assert!(before.iter().all(|s| s.1 == 404), "all answered before: {before:?}");
+    assert!(
+        !while_down.is_empty() && while_down.iter().all(|s| s.1 == 503 && s.2),
+        "503 + Retry-After while down: {while_down:?}"
+    );
+    assert!(
+        while_down.iter().all(|s| s.3 < Duration::from_secs(4)),
+        "never a hang while down: {while_down:?}"
+    );
+    assert!(
+        !recovered.is_empty() && recovered.iter().all(|s| s.1 == 404),
+        "recovered without a restart: {recovered:?}"
+    );
+    app.shutdown();
+    app.wait().await;
+}
