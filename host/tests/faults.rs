@@ -199,3 +199,89 @@ async fn mariadb_stopped_and_started_mid_load_is_a_clear_503_then_recovers_witho
     app.shutdown();
     app.wait().await;
 }
+
+/// A subscribe event of a user of its own, as WeChat pushes it.
+fn subscribe(i: usize, create_time: i64) -> String {
+    format!(
+        "<xml><ToUserName><![CDATA[gh_sim]]></ToUserName><FromUserName><![CDATA[o_fault_{i:04}]]></FromUserName>\
+         <CreateTime>{create_time}</CreateTime><MsgType><![CDATA[event]]></MsgType><Event><![CDATA[subscribe]]></Event></xml>"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_role_killed_mid_stream_loses_no_push_or_payment_and_applies_each_once_on_both_databases() {
+    use common::stack::Stack;
+    for db in all_databases().await {
+        let which = db.name;
+        let mut stack = Stack::start(&db.url).await;
+        let alice = stack.login("alice").await;
+        let mut orders = Vec::new();
+        for _ in 0..4 {
+            let (status, o) =
+                stack.post("/api/v1/payment/create-order", Some(&alice), r#"{"product_id":"p10"}"#).await;
+            assert_eq!(status, 200, "{which}: {o}");
+            orders.push(o["out_trade_no"].as_str().unwrap().to_string());
+        }
+        let create_time = unix_now();
+        const EVENTS: usize = 60;
+
+        // WeChat pushes a stream of events and WeChat Pay pays the orders while the app role dies and returns.
+        let sim = stack.sim.clone();
+        let pushes = tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for i in 0..EVENTS {
+                answers.push(sim.push(&subscribe(i, create_time), false).await.map(|a| a.0).unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            answers
+        });
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        stack.stop_app().await;
+        for no in &orders {
+            let paid = stack
+                .sim
+                .pay(&wxhost::sim::PayRequest { out_trade_no: Some(no.clone()), ..Default::default() })
+                .await;
+            assert!(!paid.unwrap().acknowledged, "{which}: the app role is down");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stack.restart_app().await;
+        let answers = pushes.await.unwrap();
+        assert!(answers.iter().any(|s| *s != 200), "{which}: some pushes met the app role down: {answers:?}");
+        assert!(answers.iter().all(|s| *s == 200 || *s == 503), "{which}: a clear answer each: {answers:?}");
+
+        // What WeChat was not told "success" about, it sends again.
+        for (i, status) in answers.iter().enumerate() {
+            if *status != 200 {
+                let (again, _) = stack.sim.push(&subscribe(i, create_time), false).await.unwrap();
+                assert_eq!(again, 200, "{which}: retry of event {i}");
+            }
+        }
+        // Pushes acknowledged before the kill are retried too, as WeChat may: still applied once.
+        for i in [0, 1, 2] {
+            assert_eq!(stack.sim.push(&subscribe(i, create_time), false).await.unwrap().0, 200, "{which}");
+        }
+        let users =
+            db_count(&db.url, "SELECT COUNT(*) FROM users WHERE openid LIKE 'o_fault_%' AND subscribed = 1")
+                .await;
+        assert_eq!(users, EVENTS as i64, "{which}: every event applied");
+        let claims = db_count(
+            &db.url,
+            &format!("SELECT COUNT(*) FROM processed_events WHERE event_key LIKE '%o_fault_%{create_time}%'"),
+        )
+        .await;
+        assert_eq!(claims, EVENTS as i64, "{which}: each exactly once");
+
+        // WeChat Pay's own retries deliver every payment, each credited once.
+        let started = Instant::now();
+        for no in &orders {
+            while stack.sim.pay_order(no).unwrap()["acknowledged"] != true {
+                assert!(started.elapsed() < Duration::from_secs(45), "{which}: {no} never acknowledged");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let (_, me) = stack.get("/api/v1/user/me", Some(&alice)).await;
+        assert_eq!(me["quota"], 40, "{which}: 4 orders of 10 credits, each once");
+        stack.shutdown().await;
+    }
+}
