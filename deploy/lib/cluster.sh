@@ -158,7 +158,9 @@ choose_ports() {
         return 0
     fi
     for _ in $(seq 1 50); do
-        base=$((20000 + (RANDOM % 1000) * 30))
+        # Below Linux's ephemeral range (32768+), so that no outgoing or
+        # port-0 socket of another program can take a port between check and bind.
+        base=$((20000 + (RANDOM % 400) * 30))
         layout_ports "$base"
         busy=
         for p in "${PORTS[@]}"; do
