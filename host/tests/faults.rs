@@ -80,7 +80,7 @@ impl PrivateMariadb {
                 return None;
             }
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = common::stack::free_addr().port();
         let mut db = PrivateMariadb { dir, port, server: None };
         db.start();
         let created = std::process::Command::new("mariadb")

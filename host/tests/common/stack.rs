@@ -249,7 +249,15 @@ impl Stack {
     }
 }
 
-/// A loopback address nothing listens on (yet).
+/// A loopback address nothing listens on (yet), for a server started a little
+/// later. Chosen below Linux's ephemeral range (32768+) and the local cluster's
+/// ports (20000+), so that no port-0 socket of a parallel test can take it in between.
 pub fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    use rand::Rng as _;
+    loop {
+        let port = rand::rng().random_range(10_000..20_000);
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().unwrap();
+        }
+    }
 }
