@@ -49,7 +49,8 @@ ENV_KEEP_PREFIXES=(WECHAT_ WECHATPAY_ WXHOST_)
 # ...except these, which describe the cluster itself.
 ENV_SKIP_NAMES=(WXHOST_BIN WXHOST_CLUSTER_STATE WXHOST_CLUSTER_BASE_PORT WXHOST_CLUSTER_TIMEOUT
                 WXHOST_CLUSTER_WEB WXHOST_CLUSTER_APP WXHOST_FRONTEND_DIR WXHOST_CONFIG WXHOST_PLUGIN_DIST
-                WXHOST_WEB_LISTEN WXHOST_APP_LISTEN WXHOST_ADMIN_LISTEN WXHOST_STOP_TIMEOUT WXHOST_TEST_MYSQL_URL)
+                WXHOST_WEB_LISTEN WXHOST_APP_LISTEN WXHOST_ADMIN_LISTEN WXHOST_STOP_TIMEOUT WXHOST_TEST_MYSQL_URL
+                WXHOST_CLUSTER_TOKEN_TTL WXHOST_CLUSTER_NOTIFY_RETRY_SCALE)
 
 # --- paths -------------------------------------------------------------------
 
@@ -461,9 +462,22 @@ render_nginx() {
 # workers serve it (the internal listener reports the generation).
 nginx_reload() {
     local want out i
+    local master old_workers alive p
     want=$(cat "$NGINX_DIR/generation")
     out=$(nginx_cmd -t 2>&1) || { log "$out"; die "the rendered nginx.conf does not pass nginx -t"; }
+    master=$(nginx_pid || true)
+    old_workers=
+    if [ -n "$master" ]; then old_workers=$(pgrep -P "$master" 2>/dev/null || true); fi
     nginx_cmd -s reload </dev/null >>"$NGINX_DIR/logs/stderr.log" 2>&1
+    # Old workers keep serving their kept-alive connections with the old
+    # upstream list until they exit (worker_shutdown_timeout bounds it): wait
+    # for them, so that "out of nginx" really means no new request gets there.
+    for _ in $(seq 1 150); do
+        alive=
+        for p in $old_workers; do [ -d "/proc/$p" ] && alive=1; done
+        [ -z "$alive" ] && break
+        sleep 0.1
+    done
     for i in $(seq 1 100); do
         # Several answers in a row: an old worker may still take one connection.
         if [ "$(curl -fsS -m 1 "http://127.0.0.1:$NGINX_INTERNAL_PORT/_wxhost/generation" 2>/dev/null)" = "$want" ] &&
