@@ -1,12 +1,28 @@
-//! Side-by-side benchmark of `GET /api/v1/auth/wechat/verify`: served through
-//! the `verify` plugin (fresh sandbox per request) and by a native axum handler
-//! doing the same work (the same signature check), loaded by the same `wrk` in
-//! the same run, in alternating rounds so that machine noise hits both alike.
-//! Also measures the per-request sandbox cost (instantiate + call + drop).
+//! wxhost's benchmark: one run, one table, every row measured side by side.
 //!
-//! Run with `bench/run` (builds in release, installs wrk if missing).
+//! 1. `GET /api/v1/auth/wechat/verify` served through the `verify` plugin (fresh
+//!    sandbox per request) and by a native axum handler doing the same work (the
+//!    same signature check), loaded by the same `wrk`, in alternating rounds so
+//!    that machine noise hits both alike.
+//! 2. The per-request sandbox cost (instantiate + call + drop), one thread.
+//! 3. Message push end to end (web role → HMAC-signed internal call → app role →
+//!    database) on SQLite and MariaDB: saturation and latency at a fixed rate.
+//! 4. Payment notify end to end (RSA signature + AES-GCM in the web role →
+//!    internal call → one transaction in the app role): first deliveries and
+//!    duplicates.
+//! 5. Hot swap under load: verify.wasm replaced and reloaded twice a second
+//!    while verify and push traffic runs; failures, swaps, p99 before/during.
+//!
+//! Rows 3-5 use the Rust load generator in `load.rs` (wrk cannot hold a fixed
+//! rate). Run with `bench/run` (builds in release, installs wrk if missing).
+
+mod load;
+mod product;
+mod swap;
+mod traffic;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -19,24 +35,74 @@ use wxhost::config::Role;
 use wxhost::server::{ServeOptions, start};
 use wxhost::settings::Settings;
 
-const TOKEN: &str = "bench-token";
+use load::{LoadGen, Outcome, Source};
+use product::{BenchDb, Kind, Product};
+use traffic::SignedNotify;
+
+const TOKEN: &str = product::TOKEN;
 
 struct Options {
     rounds: usize,
     seconds: u64,
     connections: usize,
     sandbox_iterations: usize,
+    /// Closed-loop workers of the saturation phases.
+    workers: usize,
+    /// Length of each saturation phase.
+    e2e_seconds: Duration,
+    /// Offered rate and length of the fixed-rate (latency) phases.
+    rate: f64,
+    rate_seconds: Duration,
+    /// Distinct signed notifies available to the notify saturation phase.
+    notify_pool: usize,
+    /// Length of each duplicate-notify phase (saturation, then fixed rate).
+    dup_seconds: Duration,
+    /// Hot swap: length of the run, of its alternating quiet and swapping
+    /// windows, swap interval within swapping windows, offered rates.
+    swap_seconds: Duration,
+    swap_window: Duration,
+    swap_interval: Duration,
+    swap_verify_rate: f64,
+    swap_push_rate: f64,
+    /// Every swap a never-seen version (compiled under load).
+    swap_fresh: bool,
+    databases: Vec<Kind>,
 }
 
-fn options() -> Options {
-    let env =
-        |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
-    Options {
-        rounds: env("BENCH_ROUNDS", 3),
-        seconds: env("BENCH_SECONDS", 5) as u64,
-        connections: env("BENCH_CONNECTIONS", 64),
-        sandbox_iterations: env("BENCH_SANDBOX_ITERATIONS", 5000),
-    }
+fn options() -> anyhow::Result<Options> {
+    let env = |name: &str, default: f64| -> f64 {
+        std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    };
+    let secs = |name: &str, default: f64| Duration::from_secs_f64(env(name, default));
+    let databases = std::env::var("BENCH_DATABASES")
+        .unwrap_or_else(|_| "sqlite,mariadb".into())
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| match s.trim() {
+            "sqlite" => Ok(Kind::Sqlite),
+            "mariadb" | "mysql" => Ok(Kind::Mariadb),
+            other => anyhow::bail!("BENCH_DATABASES: unknown database {other:?} (sqlite, mariadb)"),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Options {
+        rounds: env("BENCH_ROUNDS", 3.0) as usize,
+        seconds: env("BENCH_SECONDS", 5.0) as u64,
+        connections: env("BENCH_CONNECTIONS", 64.0) as usize,
+        sandbox_iterations: env("BENCH_SANDBOX_ITERATIONS", 5000.0) as usize,
+        workers: env("BENCH_E2E_WORKERS", 32.0) as usize,
+        e2e_seconds: secs("BENCH_E2E_SECONDS", 5.0),
+        rate: env("BENCH_RATE", 200.0),
+        rate_seconds: secs("BENCH_RATE_SECONDS", 10.0),
+        notify_pool: env("BENCH_NOTIFY_POOL", 10000.0) as usize,
+        dup_seconds: secs("BENCH_DUP_SECONDS", 3.0),
+        swap_seconds: secs("BENCH_SWAP_SECONDS", 16.0),
+        swap_window: Duration::from_millis(env("BENCH_SWAP_WINDOW_MS", 2000.0) as u64),
+        swap_interval: Duration::from_millis(env("BENCH_SWAP_INTERVAL_MS", 400.0) as u64),
+        swap_verify_rate: env("BENCH_SWAP_VERIFY_RATE", 500.0),
+        swap_push_rate: env("BENCH_SWAP_PUSH_RATE", 100.0),
+        swap_fresh: env("BENCH_SWAP_FRESH", 0.0) != 0.0,
+        databases,
+    })
 }
 
 #[derive(serde::Deserialize)]
@@ -58,15 +124,120 @@ async fn native_verify(
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(run(options()))
+/// The one table: (row, measurement, value, aim or check).
+#[derive(Default)]
+struct Table {
+    rows: Vec<[String; 4]>,
 }
 
-async fn run(opts: Options) -> anyhow::Result<()> {
+impl Table {
+    fn row(&mut self, n: &str, what: impl Into<String>, value: impl Into<String>, check: impl Into<String>) {
+        let row = [n.to_string(), what.into(), value.into(), check.into()];
+        eprintln!("  {} | {} | {} | {}", row[0], row[1], row[2], row[3]);
+        self.rows.push(row);
+    }
+}
+
+/// Where the servers' warnings and errors go (RUST_LOG overrides the level).
+fn log_path() -> std::path::PathBuf {
+    std::env::temp_dir().join("wxhost-bench.log")
+}
+
+fn main() -> anyhow::Result<()> {
+    let opts = options()?;
+    let log = std::fs::File::create(log_path()).context("creating the log file")?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(log))
+        .init();
+    // The load generator has a runtime (a thread) of its own, like a client
+    // process sharing the machine; the servers run on this one.
+    let generator = LoadGen::new()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run(opts, &generator))
+}
+
+async fn run(opts: Options, generator: &LoadGen) -> anyhow::Result<()> {
     which_wrk()?;
+    let started = Instant::now();
+    let mut table = Table::default();
+    verify_rows(&opts, &mut table).await?;
+
+    // Notifies are signed before any timed phase, once for every database if
+    // the web role's 5-minute window allows.
+    let mut notifies: Option<(Instant, Notifies)> = None;
+    for (i, &kind) in opts.databases.iter().enumerate() {
+        let hot_swap = i + 1 == opts.databases.len();
+        eprintln!("[{:>4.0} s] end to end on {}", started.elapsed().as_secs_f64(), kind.name());
+        if let Err(e) = e2e_rows(&opts, kind, &mut notifies, generator, &mut table, hot_swap).await {
+            table.row("3-5", format!("{} end to end", kind.name()), "not measured", format!("{e:#}"));
+        }
+    }
+
+    let swaps = if opts.swap_fresh {
+        "each time a never-seen version\n  (compiled during the load, off the request path)"
+    } else {
+        "alternately a variant (one more custom\n  section, so another version hash; compiled once beforehand) and the original"
+    };
+    println!(
+        "
+wxhost benchmark: one run ({total:.0} s); every row was measured in this run, in this process, on this machine.
+Machine noise: on this shared 2-core machine absolute numbers move by 10-50% between runs (other builds and tests
+compete for the cores); compare rows within one table. Every ratio and every quiet/swapping pair below comes
+from this same run (native and plugin rounds alternate). Servers' warnings and errors: {log} ({log_lines} lines).
+
+Rows 1-2: GET /api/v1/auth/wechat/verify through the verify plugin (fresh sandbox per request) vs a native axum
+  handler doing the same signature check: {rounds} alternating rounds x {secs} s of wrk -t2 -c{conns}, medians;
+  then the per-request sandbox cost (instantiate + call + drop), one thread, minus the same work natively.
+Rows 3-5: the product wired as in production: the shipped plugins.toml, the WeChat simulator with WeChat Pay,
+  a web role and an app role as two servers (web -> HMAC-signed internal HTTP call -> app -> database), a fresh
+  database each (SQLite file; MariaDB database created and dropped). Servers, simulator and load generator share
+  this process and loopback. Load generator: Rust (reqwest) on its own 1-thread runtime.
+  saturation = {workers} closed-loop workers for {sat:.0} s, 2xx answers per second;
+  p50 / p99  = open loop: requests sent on a fixed timeline at the offered rate whatever the answers do, each
+               latency measured from its scheduled send time (no coordinated omission).
+  Every answer's status is checked: 'non-2xx' counts refusals, errors and timeouts.
+Row 3: subscribe pushes in plaintext mode, each from a new user (one signed query, distinct FromUserName):
+  verify plugin -> internal call -> internal plugin -> user row + processed event in one transaction.
+Row 4: WeChat Pay APIv3 'paid' notifies for pre-created pending orders, all signed before timing: RSA signature
+  check + AES-256-GCM decrypt (host, for the notify plugin) -> internal call -> payment plugin: one transaction
+  locks the order, marks it paid and credits the payer. 'duplicate' = one notify again and again after it was
+  applied (WeChat Pay's retries): verified, decrypted, found paid, nothing credited.
+  Afterwards the database is checked: each push and each notify applied once.
+Row 5: verify (GET) and push traffic at a fixed rate (open loop) for {swap_total:.0} s, cut into {window} ms windows;
+  in every other window verify.wasm is replaced on disk (written beside it, renamed over it) and the web role
+  reloaded every {interval} ms: {swaps}.
+  Quiet and swapping windows alternate, so both see the same noise; a request belongs to the window of its
+  scheduled send time.
+",
+        total = started.elapsed().as_secs_f64(),
+        log = log_path().display(),
+        log_lines = std::fs::read_to_string(log_path()).map(|t| t.lines().count()).unwrap_or(0),
+        rounds = opts.rounds,
+        secs = opts.seconds,
+        conns = opts.connections,
+        workers = opts.workers,
+        sat = opts.e2e_seconds.as_secs_f64(),
+        interval = opts.swap_interval.as_millis(),
+        window = opts.swap_window.as_millis(),
+        swap_total = opts.swap_seconds.as_secs_f64(),
+    );
+    println!("| # | measurement | value | aim / check |");
+    println!("| --- | --- | --- | --- |");
+    for [n, what, value, check] in &table.rows {
+        println!("| {n} | {what} | {value} | {check} |");
+    }
+    Ok(())
+}
+
+/// Rows 1 and 2: the verify route through the plugin vs natively, and the sandbox cost.
+async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/verify.wasm");
+    let dist = product::dist("verify.wasm");
     std::fs::copy(&dist, dir.path().join("verify.wasm"))
         .with_context(|| format!("copying {}", dist.display()))?;
     std::fs::write(
@@ -105,7 +276,7 @@ capabilities = ["log", "config", "callback-crypto", "internal-call"]
         .with_state(crypto.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let native_addr = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, native).await });
+    let native_server = tokio::spawn(async move { axum::serve(listener, native).await });
 
     let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs().to_string();
     let query = format!(
@@ -154,34 +325,425 @@ capabilities = ["log", "config", "callback-crypto", "internal-call"]
             .await?;
         assert_eq!(r.status, 200);
     }
-    let wasm_call = started.elapsed() / opts.sandbox_iterations as u32;
+    let wasm_call = started.elapsed() / opts.sandbox_iterations.max(1) as u32;
     let started = Instant::now();
     for _ in 0..opts.sandbox_iterations {
         let ok = crypto.verify_server_signature(&sorted_sha1(&[TOKEN, &ts, "bench"]), &ts, "bench").is_ok();
         assert!(std::hint::black_box(ok));
     }
-    let native_call = started.elapsed() / opts.sandbox_iterations as u32;
+    let native_call = started.elapsed() / opts.sandbox_iterations.max(1) as u32;
 
-    println!();
-    println!(
-        "| GET /api/v1/auth/wechat/verify ({} rounds x {}s, wrk -c{}) | value |",
-        opts.rounds, opts.seconds, opts.connections
-    );
-    println!("| --- | --- |");
+    let what = format!("{} rounds x {}s, wrk -c{}", opts.rounds, opts.seconds, opts.connections);
     if opts.rounds > 0 {
         let (w, n) = (median(&mut wasm_rps), median(&mut native_rps));
-        println!("| native axum handler, req/s (median) | {n:.0} |");
-        println!("| through the verify plugin, req/s (median) | {w:.0} |");
-        println!("| ratio plugin / native (aim >= 0.7) | {:.2} |", w / n);
+        table.row(
+            "1",
+            format!("GET verify, native axum handler, req/s (median, {what})"),
+            format!("{n:.0}"),
+            "",
+        );
+        table.row(
+            "1",
+            format!("GET verify through the verify plugin, req/s (median, {what})"),
+            format!("{w:.0}"),
+            "",
+        );
+        table.row("1", "ratio plugin / native", format!("{:.2}", w / n), "aim >= 0.7");
     }
-    println!("| plugin invoke (instantiate + call + drop), one thread | {:.1} us |", micros(wasm_call));
-    println!("| same work natively, one thread | {:.1} us |", micros(native_call));
-    println!(
-        "| per-request sandbox cost (aim <= 10 us) | {:.1} us |",
-        micros(wasm_call.saturating_sub(native_call))
+    table.row(
+        "2",
+        "plugin invoke (instantiate + call + drop), one thread",
+        format!("{:.1} us", micros(wasm_call)),
+        "",
+    );
+    table.row("2", "same work natively, one thread", format!("{:.1} us", micros(native_call)), "");
+    table.row(
+        "2",
+        "per-request sandbox cost",
+        format!("{:.1} us", micros(wasm_call.saturating_sub(native_call))),
+        "aim <= 10 us",
     );
     server.shutdown();
+    native_server.abort();
     Ok(())
+}
+
+/// The payment notifies of one run, signed ahead: a warm-up set, the saturation
+/// pool, the fixed-rate set and the one that is repeated; one pending order each.
+struct Notifies {
+    warm: Arc<[SignedNotify]>,
+    saturation: Arc<[SignedNotify]>,
+    fixed: Arc<[SignedNotify]>,
+    duplicate: Arc<SignedNotify>,
+    orders: std::ops::Range<usize>,
+}
+
+const WARM_NOTIFIES: usize = 100;
+
+/// Signed notifies that stay valid through one database's notify phases
+/// (the web role accepts a notify for 5 minutes after its timestamp).
+async fn signed_notifies<'a>(
+    opts: &Options,
+    slot: &'a mut Option<(Instant, Notifies)>,
+) -> anyhow::Result<&'a Notifies> {
+    let needed = opts.e2e_seconds + opts.rate_seconds + opts.dup_seconds * 2 + Duration::from_secs(30);
+    if slot.as_ref().is_none_or(|(at, _)| at.elapsed() + needed > Duration::from_secs(280)) {
+        let at = Instant::now();
+        let (pool, fixed) = (opts.notify_pool, (opts.rate * opts.rate_seconds.as_secs_f64()).ceil() as usize);
+        *slot = None;
+        let signed = tokio::task::spawn_blocking(move || Notifies::sign(pool, fixed)).await??;
+        eprintln!("signed {} payment notifies in {:.1} s", signed.orders.len(), at.elapsed().as_secs_f64());
+        *slot = Some((at, signed));
+    }
+    Ok(&slot.as_ref().expect("signed above").1)
+}
+
+impl Notifies {
+    fn sign(pool: usize, fixed: usize) -> anyhow::Result<Notifies> {
+        let orders = 0..WARM_NOTIFIES + pool + fixed + 1;
+        let mut all = traffic::sign_notifies(orders.clone())?;
+        let duplicate = Arc::new(all.pop().expect("one at least"));
+        let fixed_part = all.split_off(WARM_NOTIFIES + pool);
+        let saturation = all.split_off(WARM_NOTIFIES);
+        Ok(Notifies {
+            warm: all.into(),
+            saturation: saturation.into(),
+            fixed: fixed_part.into(),
+            duplicate,
+            orders,
+        })
+    }
+}
+
+fn ms(d: Duration) -> String {
+    let v = d.as_secs_f64() * 1e3;
+    if v < 10.0 { format!("{v:.2}") } else { format!("{v:.0}") }
+}
+
+/// A saturation phase's failures and latencies (closed loop: they measure the queue).
+fn saturation_check(o: &Outcome) -> String {
+    format!("{}; p50 / p99 {} / {} ms", failures(o), ms(o.percentile(0.5)), ms(o.percentile(0.99)))
+}
+
+/// "0 non-2xx of N" (and the first failure, if any).
+fn failures(o: &Outcome) -> String {
+    let mut s = format!("{} non-2xx of {}", o.failed(), o.answered() + o.errors);
+    if let Some(f) = &o.first_failure {
+        s.push_str(&format!(" (first: {})", f.replace('|', "/")));
+    }
+    s
+}
+
+/// The failures of a fixed-rate phase, and what else its latencies contain:
+/// queueing when the offered rate reaches the saturation throughput, and the
+/// generator's own lateness (counted in the latencies, from the schedule).
+fn latency_check(o: &Outcome, offered: f64, saturation: f64) -> String {
+    let mut s = failures(o);
+    if offered >= 0.9 * saturation {
+        s.push_str(&format!("; offered rate >= 90% of saturation ({saturation:.0}/s): queueing"));
+    }
+    if o.max_send_lag > Duration::from_millis(5) {
+        s.push_str(&format!("; generator up to {} ms late", ms(o.max_send_lag)));
+    }
+    s
+}
+
+fn once(source: Source) -> Source {
+    Arc::new(move |client, i| if i == 0 { source(client, i) } else { None })
+}
+
+/// Rows 3 and 4 (and 5 when `hot_swap`) against one database.
+async fn e2e_rows(
+    opts: &Options,
+    kind: Kind,
+    notifies: &mut Option<(Instant, Notifies)>,
+    generator: &LoadGen,
+    table: &mut Table,
+    hot_swap: bool,
+) -> anyhow::Result<()> {
+    let db = BenchDb::create(kind).await?;
+    let product = Product::start(&db.url).await?;
+    let result = e2e_measure(opts, kind, notifies, generator, table, hot_swap, &product, &db).await;
+    product.shutdown().await;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn e2e_measure(
+    opts: &Options,
+    kind: Kind,
+    notifies: &mut Option<(Instant, Notifies)>,
+    generator: &LoadGen,
+    table: &mut Table,
+    hot_swap: bool,
+    product: &Product,
+    db: &BenchDb,
+) -> anyhow::Result<()> {
+    let name = kind.name();
+    let web = &product.web_url;
+    let workers = opts.workers;
+    let sat_label = format!("{workers} workers x {:.0} s", opts.e2e_seconds.as_secs_f64());
+    let rate_label = format!("{:.0} req/s x {:.0} s open loop", opts.rate, opts.rate_seconds.as_secs_f64());
+
+    // Row 3: pushes.
+    let pushes = Arc::new(AtomicU64::new(0));
+    let mut push_failed = 0;
+    let push = || traffic::push_source(web, pushes.clone());
+    let warm = generator.closed(push(), 4, Duration::from_secs(1)).await;
+    anyhow::ensure!(warm.failed() == 0, "push warm-up failed: {}", failures(&warm));
+    let sat = generator.closed(push(), workers, opts.e2e_seconds).await;
+    push_failed += sat.failed();
+    table.row(
+        "3",
+        format!("push end to end, {name}: saturation, 2xx/s ({sat_label})"),
+        format!("{:.0}", sat.rps()),
+        saturation_check(&sat),
+    );
+    let fixed = generator.open(push(), opts.rate, opts.rate_seconds).await;
+    push_failed += fixed.failed();
+    table.row(
+        "3",
+        format!("push end to end, {name}: latency p50 / p99 ({rate_label})"),
+        format!("{} / {} ms", ms(fixed.percentile(0.5)), ms(fixed.percentile(0.99))),
+        latency_check(&fixed, opts.rate, sat.rps()),
+    );
+
+    // Row 4: payment notifies.
+    let notifies = signed_notifies(opts, notifies).await?;
+    let check_db = product::connect(&db.url).await?;
+    traffic::insert_orders(&check_db, notifies.orders.clone()).await?;
+    let warm = generator
+        .closed(traffic::notify_source(web, notifies.warm.clone()), 4, Duration::from_secs(60))
+        .await;
+    anyhow::ensure!(warm.failed() == 0, "notify warm-up failed: {}", failures(&warm));
+    let sat = generator
+        .closed(traffic::notify_source(web, notifies.saturation.clone()), workers, opts.e2e_seconds)
+        .await;
+    let mut check = saturation_check(&sat);
+    if sat.exhausted {
+        check.push_str(&format!(
+            "; all {} pre-signed notifies used in {:.1} s (raise BENCH_NOTIFY_POOL)",
+            notifies.saturation.len(),
+            sat.elapsed.as_secs_f64()
+        ));
+    }
+    table.row(
+        "4",
+        format!("payment notify end to end, {name}: saturation, 2xx/s ({sat_label})"),
+        format!("{:.0}", sat.rps()),
+        check,
+    );
+    let fixed = generator
+        .open(traffic::notify_source(web, notifies.fixed.clone()), opts.rate, opts.rate_seconds)
+        .await;
+    table.row(
+        "4",
+        format!("payment notify end to end, {name}: latency p50 / p99 ({rate_label})"),
+        format!("{} / {} ms", ms(fixed.percentile(0.5)), ms(fixed.percentile(0.99))),
+        latency_check(&fixed, opts.rate, sat.rps()),
+    );
+    let repeat = || traffic::repeat_source(web, notifies.duplicate.clone());
+    let first = generator.closed(once(repeat()), 1, Duration::from_secs(10)).await;
+    anyhow::ensure!(first.ok == 1, "the first delivery of the repeated notify failed: {}", failures(&first));
+    let dup_sat = generator.closed(repeat(), workers, opts.dup_seconds).await;
+    table.row(
+        "4",
+        format!(
+            "duplicate notify (already paid), {name}: saturation, 2xx/s ({workers} workers x {:.0} s)",
+            opts.dup_seconds.as_secs_f64()
+        ),
+        format!("{:.0}", dup_sat.rps()),
+        saturation_check(&dup_sat),
+    );
+    let dup_fixed = generator.open(repeat(), opts.rate, opts.dup_seconds).await;
+    table.row(
+        "4",
+        format!(
+            "duplicate notify, {name}: latency p50 / p99 ({:.0} req/s x {:.0} s open loop)",
+            opts.rate,
+            opts.dup_seconds.as_secs_f64()
+        ),
+        format!("{} / {} ms", ms(dup_fixed.percentile(0.5)), ms(dup_fixed.percentile(0.99))),
+        latency_check(&dup_fixed, opts.rate, dup_sat.rps()),
+    );
+    // A first delivery answered 2xx was applied; one that failed (a 503 past the
+    // deadline, say) may or may not have been, and WeChat Pay would retry it.
+    let first_ok = (warm.ok + sat.ok + fixed.ok + 1) as i64;
+    let first_sent = first_ok + (sat.failed() + fixed.failed()) as i64;
+
+    // Row 5: hot swap under load.
+    if hot_swap && opts.swap_seconds > Duration::ZERO {
+        push_failed += hot_swap_rows(opts, name, product, generator, table, &pushes).await?;
+    }
+
+    // The database afterwards: every event applied exactly once.
+    let push_sent = pushes.load(Ordering::Relaxed) as i64;
+    let push_ok = push_sent - push_failed as i64;
+    let users =
+        product::count(&check_db, "SELECT COUNT(*) FROM users WHERE openid LIKE 'oPush%' AND subscribed = 1")
+            .await?;
+    let paid = product::count(&check_db, "SELECT COUNT(*) FROM orders WHERE status = 'paid'").await?;
+    let credited =
+        product::count(&check_db, "SELECT COUNT(*) FROM users WHERE openid LIKE 'oPay%' AND quota = 10")
+            .await?;
+    let over =
+        product::count(&check_db, "SELECT COUNT(*) FROM users WHERE openid LIKE 'oPay%' AND quota > 10")
+            .await?;
+    let pushes_ok = (push_ok..=push_sent).contains(&users);
+    let notifies_ok = (first_ok..=first_sent).contains(&paid) && credited == paid && over == 0;
+    let check = match (pushes_ok && notifies_ok, push_sent - push_ok + first_sent - first_ok) {
+        (true, 0) => "ok: every event applied exactly once".to_string(),
+        (true, n) => {
+            format!("ok: each applied at most once; {n} failed requests (retried by WeChat in production)")
+        }
+        (false, _) => "MISMATCH".to_string(),
+    };
+    let range = |ok: i64, sent: i64| if ok == sent { ok.to_string() } else { format!("{ok}..{sent}") };
+    table.row(
+        "3-4",
+        format!(
+            "{name} afterwards: users subscribed by pushes (expected: pushes answered 2xx); orders paid, \
+             payers credited 10 (expected: first deliveries answered 2xx); payers credited more"
+        ),
+        format!(
+            "{users} ({}); {paid}, {credited} ({}); {over}",
+            range(push_ok, push_sent),
+            range(first_ok, first_sent)
+        ),
+        check,
+    );
+    Ok(())
+}
+
+/// Row 5; the number of pushes that failed.
+async fn hot_swap_rows(
+    opts: &Options,
+    name: &str,
+    product: &Product,
+    generator: &LoadGen,
+    table: &mut Table,
+    pushes: &Arc<AtomicU64>,
+) -> anyhow::Result<u64> {
+    let web = &product.web_url;
+    let swapper = Arc::new(swap::Swapper::new(
+        product.web.host.clone(),
+        product.dir.path().join("verify.wasm"),
+        opts.swap_fresh,
+    )?);
+    // The variant's first reload compiles it (no load running).
+    let cold_reload = swapper.prepare().await?;
+    // One steady load; swaps only in every other window, so that quiet and
+    // swapping windows alternate and share the machine's noise.
+    let (window, total) = (opts.swap_window, opts.swap_seconds);
+    let start = Instant::now() + Duration::from_millis(20);
+    let end = start + total;
+    let swapping = tokio::spawn({
+        let (swapper, interval) = (swapper.clone(), opts.swap_interval);
+        async move { swapper.swap_in_windows(start, end, window, interval).await }
+    });
+    let (verify_run, push_run) = futures_join(
+        generator.open_from(traffic::verify_source(web), opts.swap_verify_rate, total, start),
+        generator.open_from(traffic::push_source(web, pushes.clone()), opts.swap_push_rate, total, start),
+    )
+    .await;
+    let mut swaps = swapping.await.context("the swapper panicked")?;
+    swapper.restore().await;
+    swaps.reload_times.sort();
+    let in_swapping = |at: Duration| (at.as_nanos() / window.as_nanos().max(1)) % 2 == 1;
+    let verify_all = verify_run.outcome(|_| true);
+    let push_all = push_run.outcome(|_| true);
+    let (verify_before, verify_during) =
+        (verify_run.outcome(|at| !in_swapping(at)), verify_run.outcome(in_swapping));
+    let (push_before, push_during) = (push_run.outcome(|at| !in_swapping(at)), push_run.outcome(in_swapping));
+
+    let failed = verify_all.failed() + push_all.failed();
+    let sent = verify_all.answered() + verify_all.errors + push_all.answered() + push_all.errors;
+    let mut check = if failed == 0 { "ok (must be 0)".to_string() } else { "FAILED (must be 0)".into() };
+    for o in [&verify_all, &push_all] {
+        if let Some(f) = &o.first_failure {
+            check.push_str(&format!("; first: {}", f.replace('|', "/")));
+        }
+    }
+    let load_label = format!(
+        "verify {:.0} + push {:.0} req/s x {:.0} s, {name}",
+        opts.swap_verify_rate,
+        opts.swap_push_rate,
+        opts.swap_seconds.as_secs_f64()
+    );
+    table.row(
+        "5",
+        format!("hot swap under load: failed requests, whole run ({load_label})"),
+        format!("{failed} of {sent}"),
+        check,
+    );
+    let per_second = swaps.done as f64 / total.as_secs_f64();
+    let median_reload = swaps.reload_times.get(swaps.reload_times.len() / 2).copied().unwrap_or_default();
+    let max_reload = swaps.reload_times.last().copied().unwrap_or_default();
+    let mut check = format!(
+        "{per_second:.2}/s over the run (aim >= 1/s), {:.1}/s within swapping windows; reload median {} ms, max {} ms",
+        2.0 * per_second,
+        ms(median_reload),
+        ms(max_reload)
+    );
+    if swaps.failed > 0 {
+        check.push_str(&format!("; {} refused: {}", swaps.failed, swaps.first_error.unwrap_or_default()));
+    }
+    let what = if opts.swap_fresh { "each a never-seen version" } else { "variant and original alternately" };
+    table.row(
+        "5",
+        format!(
+            "hot swap: verify versions swapped in, one every {} ms in every other {} ms window ({what})",
+            opts.swap_interval.as_millis(),
+            window.as_millis()
+        ),
+        swaps.done.to_string(),
+        check,
+    );
+    table.row(
+        "5",
+        "hot swap: reload of a never-seen verify version (read + compile + link + swap), no load",
+        format!("{} ms", ms(cold_reload)),
+        "off the request path (compiled on a blocking thread)",
+    );
+    let before_label = "quiet windows / swapping windows";
+    table.row(
+        "5",
+        format!("hot swap: GET verify p99, {before_label}"),
+        format!("{} / {} ms", ms(verify_before.percentile(0.99)), ms(verify_during.percentile(0.99))),
+        format!(
+            "p50 {} / {} ms; {} / {} requests",
+            ms(verify_before.percentile(0.5)),
+            ms(verify_during.percentile(0.5)),
+            verify_before.answered(),
+            verify_during.answered()
+        ),
+    );
+    table.row(
+        "5",
+        format!("hot swap: push p99, {before_label}"),
+        format!("{} / {} ms", ms(push_before.percentile(0.99)), ms(push_during.percentile(0.99))),
+        format!(
+            "p50 {} / {} ms; {} / {} requests{}",
+            ms(push_before.percentile(0.5)),
+            ms(push_during.percentile(0.5)),
+            push_before.answered(),
+            push_during.answered(),
+            if push_all.max_send_lag.max(verify_all.max_send_lag) > Duration::from_millis(5) {
+                format!(
+                    "; generator up to {} ms late",
+                    ms(push_all.max_send_lag.max(verify_all.max_send_lag))
+                )
+            } else {
+                String::new()
+            }
+        ),
+    );
+    Ok(push_all.failed())
+}
+
+/// Both futures at once (tokio::join!, spelled as a function for the closure above).
+async fn futures_join<A: std::future::Future, B: std::future::Future>(a: A, b: B) -> (A::Output, B::Output) {
+    tokio::join!(a, b)
 }
 
 fn wrk(url: &str, connections: usize, seconds: u64) -> anyhow::Result<f64> {
