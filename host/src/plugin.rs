@@ -39,6 +39,9 @@ pub struct LoadedPlugin {
     pub deadline: Duration,
     pub memory_limit_bytes: usize,
     pub pre: PluginHostPre<PluginState>,
+    /// `wxhost_plugin_instantiate_seconds` of this plugin, registered once:
+    /// looking a labelled metric up per request would cost more than instantiating.
+    pub instantiate_time: metrics::Histogram,
 }
 
 /// One import of a component and whether the plugin may have it.
@@ -153,5 +156,6 @@ pub fn prepare(
         deadline: Duration::from_millis(role.deadline_ms),
         memory_limit_bytes: role.memory_limit_bytes,
         pre,
+        instantiate_time: metrics::histogram!("wxhost_plugin_instantiate_seconds", "plugin" => spec.name.clone()),
     })
 }

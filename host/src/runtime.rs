@@ -21,15 +21,15 @@ pub struct RoleRuntime {
     pub role: Role,
     pub config: RoleConfig,
     pub plugins: Vec<Arc<LoadedPlugin>>,
-    /// Per method: path pattern → (plugin index, whether the route is internal API, the pattern).
-    routes: HashMap<String, matchit::Router<(usize, bool, Arc<str>)>>,
+    /// Per method: path pattern → (plugin index, whether the route is internal API, its metrics).
+    routes: HashMap<String, matchit::Router<(usize, bool, Arc<RouteMetrics>)>>,
 }
 
 pub enum RouteMatch<'a> {
     Found {
         plugin: &'a Arc<LoadedPlugin>,
-        /// The route's pattern as configured (`/api/v1/user/orders/{out_trade_no}`).
-        route: Arc<str>,
+        /// The route's pattern and metric handles.
+        route: Arc<RouteMetrics>,
         params: Vec<(String, String)>,
         /// The route is under /api/v1/internal/: callers must be authenticated.
         internal: bool,
@@ -41,7 +41,7 @@ pub enum RouteMatch<'a> {
 impl RoleRuntime {
     /// Builds the route table; plugins.toml validation has already refused conflicts.
     pub fn new(role: Role, config: RoleConfig, plugins: Vec<Arc<LoadedPlugin>>) -> anyhow::Result<Self> {
-        let mut routes: HashMap<String, matchit::Router<(usize, bool, Arc<str>)>> = HashMap::new();
+        let mut routes: HashMap<String, matchit::Router<(usize, bool, Arc<RouteMetrics>)>> = HashMap::new();
         for (index, plugin) in plugins.iter().enumerate() {
             for route in &plugin.routes {
                 routes
@@ -49,7 +49,11 @@ impl RoleRuntime {
                     .or_default()
                     .insert(
                         route.path.clone(),
-                        (index, route.path.starts_with(INTERNAL_PREFIX), Arc::from(route.path.as_str())),
+                        (
+                            index,
+                            route.path.starts_with(INTERNAL_PREFIX),
+                            Arc::new(RouteMetrics::new(role, &plugin.identity.name, &route.path)),
+                        ),
                     )
                     .map_err(|e| anyhow::anyhow!("route {route}: {e}"))?;
             }
@@ -73,6 +77,41 @@ impl RoleRuntime {
         } else {
             RouteMatch::NotFound
         }
+    }
+}
+
+/// A route's metric handles, registered when the route table is built (a
+/// labelled lookup per request costs microseconds; these are atomics).
+pub struct RouteMetrics {
+    pub pattern: Arc<str>,
+    pub plugin: String,
+    pub role: Role,
+    pub duration: metrics::Histogram,
+    /// `wxhost_http_requests_total` by status, registered on first use.
+    requests: std::sync::Mutex<HashMap<u16, metrics::Counter>>,
+}
+
+impl RouteMetrics {
+    pub fn new(role: Role, plugin: &str, pattern: &str) -> RouteMetrics {
+        RouteMetrics {
+            pattern: Arc::from(pattern),
+            plugin: plugin.to_string(),
+            role,
+            duration: metrics::histogram!("wxhost_http_request_duration_seconds", "role" => role.name(),
+                "plugin" => plugin.to_string(), "route" => pattern.to_string()),
+            requests: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn count(&self, status: u16) {
+        let mut requests = self.requests.lock().expect("route metrics lock");
+        requests
+            .entry(status)
+            .or_insert_with(|| {
+                metrics::counter!("wxhost_http_requests_total", "role" => self.role.name(),
+                    "plugin" => self.plugin.clone(), "route" => self.pattern.to_string(), "status" => status.to_string())
+            })
+            .increment(1);
     }
 }
 
@@ -118,8 +157,7 @@ pub async fn invoke(
     let run = async {
         let started = Instant::now();
         let instance = plugin.pre.instantiate_async(&mut store).await?;
-        metrics::histogram!("wxhost_plugin_instantiate_seconds", "plugin" => plugin.identity.name.clone())
-            .record(started.elapsed().as_secs_f64());
+        plugin.instantiate_time.record(started.elapsed().as_secs_f64());
         instance.wxhost_plugin_handler().call_handle(&mut store, &request).await
     };
     let outcome = tokio::time::timeout(plugin.deadline + AWAIT_GRACE, run).await;

@@ -259,10 +259,11 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const HOP_BY_HOP: &[&str] =
     &["content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "trailer"];
 
-/// What a request's metrics are labelled with.
-struct Served {
-    plugin: String,
-    route: Arc<str>,
+/// What a request's metrics are labelled with: the route's handles, or a
+/// name for what no plugin route served.
+enum Served {
+    Route(Arc<runtime::RouteMetrics>),
+    Other(&'static str),
 }
 
 /// Every request of a role: routed to a plugin (or the member pages), counted,
@@ -276,19 +277,27 @@ async fn dispatch(State(state): State<RoleState>, request: Request) -> Response 
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_string)
         .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
-    let mut served = Served { plugin: String::new(), route: Arc::from("unmatched") };
+    let mut served = Served::Other("unmatched");
     let mut response = match route_and_run(&state, request, &request_id, &mut served).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    let status = response.status().as_u16().to_string();
-    let role = state.role.name();
-    metrics::counter!("wxhost_http_requests_total", "role" => role, "plugin" => served.plugin.clone(),
-        "route" => served.route.to_string(), "status" => status)
-    .increment(1);
-    metrics::histogram!("wxhost_http_request_duration_seconds", "role" => role, "plugin" => served.plugin,
-        "route" => served.route.to_string())
-    .record(started.elapsed().as_secs_f64());
+    let status = response.status().as_u16();
+    match &served {
+        Served::Route(route) => {
+            route.count(status);
+            route.duration.record(started.elapsed().as_secs_f64());
+        }
+        Served::Other(what) => {
+            let role = state.role.name();
+            metrics::counter!("wxhost_http_requests_total", "role" => role, "plugin" => "", "route" => *what,
+                "status" => status.to_string())
+            .increment(1);
+            metrics::histogram!("wxhost_http_request_duration_seconds", "role" => role, "plugin" => "",
+                "route" => *what)
+            .record(started.elapsed().as_secs_f64());
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID, v);
     }
@@ -315,7 +324,7 @@ async fn route_and_run(
     if let (RouteMatch::NotFound, Some(frontend)) = (&routed, &state.frontend)
         && Frontend::wants(&parts.method, path)
     {
-        served.route = Arc::from("frontend");
+        *served = Served::Other("frontend");
         return Ok(frontend.serve(Request::from_parts(parts, body)).await);
     }
     let internal =
@@ -328,8 +337,7 @@ async fn route_and_run(
     }
     let (plugin, params) = match routed {
         RouteMatch::Found { plugin, params, route, .. } => {
-            served.plugin = plugin.identity.name.clone();
-            served.route = route;
+            *served = Served::Route(route);
             (plugin.clone(), params)
         }
         RouteMatch::MethodNotAllowed => return Err(ApiError::method_not_allowed()),
@@ -357,8 +365,12 @@ async fn route_and_run(
             // What the plugin says it did (applied, duplicate, …): counted, not passed on.
             if let Some(i) = r.headers.iter().position(|(k, _)| k.eq_ignore_ascii_case(OUTCOME_HEADER)) {
                 let (_, outcome) = r.headers.remove(i);
+                let route = match served {
+                    Served::Route(r) => r.pattern.to_string(),
+                    Served::Other(what) => what.to_string(),
+                };
                 metrics::counter!("wxhost_plugin_outcomes_total", "plugin" => identity.name.clone(),
-                    "route" => served.route.to_string(), "outcome" => outcome)
+                    "route" => route, "outcome" => outcome)
                 .increment(1);
             }
             let response = to_http(r);
