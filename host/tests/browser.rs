@@ -4,9 +4,8 @@
 //! simulated payment, the phone layout, sign-out and lost sessions, API
 //! errors, OAuth login; no console errors, no failed requests.
 //!
-//! Needs Node.js and Chromium (`.ci/run` installs them); the npm packages are
-//! installed from the lock file on first use. Outside CI a missing browser
-//! skips this test with a message; in CI it fails.
+//! Needs Node.js and Chromium: installed from Debian's packages if missing, and
+//! the npm packages from the lock file on first use.
 
 mod common;
 
@@ -23,20 +22,11 @@ fn browser_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
 }
 
-/// Node.js, Chromium and the npm packages, or why not (a failure in CI).
-fn prerequisites() -> Option<()> {
-    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    let missing = |what: &str| {
-        assert!(!in_ci, "CI=true: {what} (see .ci/run)");
-        eprintln!("skipping the browser test: {what}");
-        None
-    };
-    let node = std::process::Command::new("node").arg("--version").output();
-    if !node.is_ok_and(|o| o.status.success()) {
-        return missing("Node.js is not installed");
-    }
-    if !Path::new(CHROMIUM).exists() {
-        return missing("Chromium is not installed (apt-get install chromium fonts-noto-cjk)");
+/// Node.js, Chromium with a CJK font, and the npm packages from the lock file.
+fn prerequisites() {
+    require_programs(&[("node", "nodejs"), ("npm", "npm"), ("chromium", "chromium")]);
+    if !Path::new("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc").exists() {
+        require_debian_fonts();
     }
     if !browser_dir().join("node_modules/playwright-core").exists() {
         let status = std::process::Command::new("npm")
@@ -46,14 +36,19 @@ fn prerequisites() -> Option<()> {
             .expect("npm runs");
         assert!(status.success(), "npm ci in {} failed", browser_dir().display());
     }
-    Some(())
+}
+
+fn require_debian_fonts() {
+    let status = std::process::Command::new("sh")
+        .args(["-c", "dpkg -s fonts-noto-cjk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq fonts-noto-cjk)"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(status, "installing fonts-noto-cjk failed (see .ci/run)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_member_pages_work_in_a_real_browser_on_both_databases() {
-    if prerequisites().is_none() {
-        return;
-    }
+    prerequisites();
     for db in all_databases().await {
         let stack = Stack::start(&db.url).await;
         let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-artifacts").join(db.name);

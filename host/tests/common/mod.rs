@@ -269,3 +269,32 @@ pub async fn db_count(url: &str, sql: &str) -> i64 {
     let db = wxhost::database::connect(url, &Default::default()).await.unwrap();
     wxhost::on_pool!(&db.pool, |p| sqlx::query_scalar(sql).fetch_one(p).await).unwrap()
 }
+
+/// Makes sure the programs a test drives are installed: each `(program, Debian
+/// package)` missing from PATH and /usr/sbin is installed with apt-get (as
+/// `.ci/run` does), so `cargo test` alone sets a Debian machine up. Fails, never
+/// skips, when that is not possible.
+pub fn require_programs(programs: &[(&str, &str)]) {
+    let present = |program: &str| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {program} || test -x /usr/sbin/{program}")])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let missing: Vec<&str> = programs.iter().filter(|(p, _)| !present(p)).map(|(_, pkg)| *pkg).collect();
+    if missing.is_empty() {
+        return;
+    }
+    let installed = std::process::Command::new("sh")
+        .args(["-c", &format!("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends {}", missing.join(" "))])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        installed,
+        "this test needs the Debian packages {missing:?}; installing them failed (see .ci/run)"
+    );
+    for (program, package) in programs {
+        assert!(present(program), "{program} is still missing after installing {package}");
+    }
+}
