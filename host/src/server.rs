@@ -375,10 +375,18 @@ async fn route_and_run(
             }
             let response = to_http(r);
             // Refusals are worth a line (never the query or body: they may carry user data).
-            if response.status().is_client_error() || response.status().is_server_error() {
+            // A 4xx is the caller's doing (info); a 5xx is ours or a dependency's (warn).
+            let status = response.status();
+            if status.is_server_error() {
                 tracing::warn!(
                     plugin = %identity.name, version = %identity.version, request_id, role = %state.role,
-                    method = %parts.method, path = parts.uri.path(), status = response.status().as_u16(),
+                    method = %parts.method, path = parts.uri.path(), status = status.as_u16(),
+                    "request failed"
+                );
+            } else if status.is_client_error() {
+                tracing::info!(
+                    plugin = %identity.name, version = %identity.version, request_id, role = %state.role,
+                    method = %parts.method, path = parts.uri.path(), status = status.as_u16(),
                     "request refused"
                 );
             }
