@@ -33,7 +33,7 @@ pub fn run(config: &Config, out: &mut impl Write) -> anyhow::Result<bool> {
             let verdict = if import.granted { "granted" } else { "REFUSED" };
             writeln!(out, "  {verdict:8} {}  ({})", import.name, import.note)?;
         }
-        match plugin::prepare(&engine, spec, role, &component, version) {
+        match plugin::prepare(&engine, spec, role, &component, version, 0) {
             Ok(_) => writeln!(out, "  ok")?,
             Err(e) => {
                 all_ok = false;

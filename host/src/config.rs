@@ -111,6 +111,9 @@ struct RawPlugin {
     /// WeChat API paths the plugin may call through `wechat-api`.
     #[serde(default)]
     wechat_api: Vec<String>,
+    /// Requests one instance may serve before it is dropped (1: a fresh
+    /// instance per request, the default).
+    requests_per_instance: Option<u32>,
 }
 
 /// The two roles of the seed architecture.
@@ -189,6 +192,10 @@ pub struct RoleConfig {
     pub max_body_bytes: usize,
 }
 
+/// Upper bound of `requests_per_instance`: an instance is renewed at least this
+/// often, so whatever a plugin leaks or leaves behind has a bounded life.
+pub const MAX_REQUESTS_PER_INSTANCE: u32 = 10_000;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PluginSpec {
     pub name: String,
@@ -200,6 +207,10 @@ pub struct PluginSpec {
     pub config: toml::Table,
     /// WeChat API paths (`cgi-bin/menu/get`) the plugin may call.
     pub wechat_api: Vec<String>,
+    /// How many requests one instance serves. 1 (the default) is a fresh
+    /// sandbox per request; more trades isolation between this plugin's
+    /// requests for speed (see docs/plugins.md, "Instance reuse").
+    pub requests_per_instance: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -384,6 +395,12 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
                 "{at} lists wechat_api paths but does not declare the `wechat-api` capability"
             ));
         }
+        let requests_per_instance = p.requests_per_instance.unwrap_or(1);
+        if !(1..=MAX_REQUESTS_PER_INSTANCE).contains(&requests_per_instance) {
+            problems.push(format!(
+                "{at}: requests_per_instance must be 1 (a fresh instance per request) to {MAX_REQUESTS_PER_INSTANCE}"
+            ));
+        }
         if let Some(role) = role {
             plugins.push(PluginSpec {
                 name: p.name,
@@ -393,6 +410,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
                 capabilities,
                 config: p.config,
                 wechat_api: p.wechat_api,
+                requests_per_instance,
             });
         }
     }
@@ -571,6 +589,7 @@ mod tests {
             role = "web"
             wasm = "missing.wasm"
             routes = ["GET /x", "GET /items/{id}", "GET /items/me"]
+            requests_per_instance = 0
         "#;
         let err = parse(text, &dir.path().join("plugins.toml")).unwrap_err();
         let all = err.problems.join("\n");
@@ -585,10 +604,11 @@ mod tests {
             "missing.wasm does not exist",
             "route `GET /x` of plugin `b` duplicates",
             "overlaps route `GET /items/{id}`",
+            "requests_per_instance must be 1 (a fresh instance per request) to 10000",
         ] {
             assert!(all.contains(expected), "missing problem {expected:?} in:\n{all}");
         }
-        assert_eq!(err.problems.len(), 10, "{all}");
+        assert_eq!(err.problems.len(), 11, "{all}");
     }
 
     #[test]

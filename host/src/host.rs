@@ -25,6 +25,8 @@ pub struct Host {
     compiled: Mutex<HashMap<String, Component>>,
     status: Mutex<ReloadStatus>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// The engine's pool size (`[host] max_instances` at start).
+    instance_slots: u32,
 }
 
 /// The outcome of the last reload, for the admin API.
@@ -57,6 +59,7 @@ impl Host {
                 errors: vec![],
             }),
             reload_lock: tokio::sync::Mutex::new(()),
+            instance_slots: config.max_instances,
         };
         let loaded = host.load(config, roles).await.map_err(|errors| {
             anyhow::anyhow!("plugins could not be loaded:\n  - {}", errors.join("\n  - "))
@@ -173,12 +176,13 @@ impl Host {
         let version = plugin::version_of(&bytes);
         let cached = self.compiled.lock().expect("compile cache lock").get(&version).cloned();
         let (engine, spec, role) = (self.engine.clone(), spec.clone(), role.clone());
+        let idle = plugin::idle_capacity(self.instance_slots);
         let (component, loaded) = tokio::task::spawn_blocking(move || {
             let component = match cached {
                 Some(c) => c,
                 None => plugin::compile(&engine, &spec, &bytes)?,
             };
-            let loaded = plugin::prepare(&engine, &spec, &role, &component, version)?;
+            let loaded = plugin::prepare(&engine, &spec, &role, &component, version, idle)?;
             Ok::<_, plugin::LoadError>((component, loaded))
         })
         .await

@@ -42,6 +42,10 @@ pub struct LoadedPlugin {
     /// `wxhost_plugin_instantiate_seconds` of this plugin, registered once:
     /// looking a labelled metric up per request would cost more than instantiating.
     pub instantiate_time: metrics::Histogram,
+    /// Requests one instance serves (1: a fresh instance per request).
+    pub requests_per_instance: u32,
+    /// Instances kept between requests (none unless `requests_per_instance` > 1).
+    pub idle: crate::runtime::IdleInstances,
 }
 
 /// One import of a component and whether the plugin may have it.
@@ -117,6 +121,7 @@ pub fn prepare(
     role: &RoleConfig,
     component: &Component,
     version: String,
+    idle_capacity: usize,
 ) -> Result<LoadedPlugin, LoadError> {
     let imports = check_imports(engine, component, spec, role);
     let refused: Vec<String> = imports
@@ -157,5 +162,19 @@ pub fn prepare(
         memory_limit_bytes: role.memory_limit_bytes,
         pre,
         instantiate_time: metrics::histogram!("wxhost_plugin_instantiate_seconds", "plugin" => spec.name.clone()),
+        requests_per_instance: spec.requests_per_instance,
+        idle: crate::runtime::IdleInstances::new(if spec.requests_per_instance > 1 {
+            idle_capacity
+        } else {
+            0
+        }),
     })
+}
+
+/// Idle instances kept per plugin that allows reuse: enough for every worker
+/// thread to find one, few enough (an eighth of the pool at most) that slots
+/// stay free for requests of the other plugins.
+pub fn idle_capacity(instance_slots: u32) -> usize {
+    let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+    (threads * 2).min(32).min(instance_slots as usize / 8)
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
+use crate::bindings::PluginHost;
 use crate::bindings::wxhost::plugin::types::{Request, Response};
 use crate::caps::{MemoryLimitExceeded, PluginState, Services};
 use crate::config::{Role, RoleConfig};
@@ -126,7 +127,9 @@ pub enum PluginFailure {
     Trap(String),
 }
 
-/// Runs one request on a fresh instance of `plugin`, within its deadline and memory limit.
+/// Runs one request of `plugin` within its deadline and memory limit: on a
+/// fresh instance, or on one kept from an earlier request of the same plugin
+/// version when the plugin allows it (`requests_per_instance`).
 pub async fn invoke(
     engine: &Engine,
     services: &Arc<Services>,
@@ -134,37 +137,47 @@ pub async fn invoke(
     request: Request,
 ) -> Result<Response, PluginFailure> {
     let deadline_at = Instant::now() + plugin.deadline;
-    let state = PluginState::new(
-        plugin.identity.clone(),
-        services.clone(),
-        plugin.memory_limit_bytes,
-        request.request_id.clone(),
-        deadline_at,
-    );
-    let mut store = Store::new(engine, state);
-    store.limiter(|s| &mut s.limiter);
-    // Every epoch tick, a running plugin yields to the executor (so one that
-    // spins cannot hold a worker thread) until its deadline, then it traps.
-    store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(move |_| {
-        if Instant::now() >= deadline_at {
-            Ok(UpdateDeadline::Interrupt)
-        } else {
-            Ok(UpdateDeadline::Yield(1))
+    let (mut store, warm) = match plugin.idle.take() {
+        Some(kept) => {
+            let mut store = kept.store;
+            store.data_mut().begin_request(request.request_id.clone(), deadline_at);
+            (store, Some((kept.instance, kept.served)))
         }
-    });
-
-    let run = async {
-        let started = Instant::now();
-        let instance = plugin.pre.instantiate_async(&mut store).await?;
-        plugin.instantiate_time.record(started.elapsed().as_secs_f64());
-        instance.wxhost_plugin_handler().call_handle(&mut store, &request).await
+        None => (new_store(engine, services, plugin, request.request_id.clone(), deadline_at), None),
     };
-    let outcome = tokio::time::timeout(plugin.deadline + AWAIT_GRACE, run).await;
-    match outcome {
-        Ok(Ok(response)) => Ok(response),
+    // The epoch deadline counts from now, for a kept instance too.
+    store.set_epoch_deadline(1);
+
+    // The store moves into the call and comes back with its outcome, so a
+    // cancelled (timed out) call takes its instance with it.
+    let run = async move {
+        let (instance, served) = match warm {
+            Some(kept) => kept,
+            None => {
+                let started = Instant::now();
+                match plugin.pre.instantiate_async(&mut store).await {
+                    Ok(instance) => {
+                        plugin.instantiate_time.record(started.elapsed().as_secs_f64());
+                        (instance, 0)
+                    }
+                    Err(e) => return (store, Err(e)),
+                }
+            }
+        };
+        let outcome = instance.wxhost_plugin_handler().call_handle(&mut store, &request).await;
+        (store, outcome.map(|response| (response, instance, served + 1)))
+    };
+    match tokio::time::timeout(plugin.deadline + AWAIT_GRACE, run).await {
         Err(_elapsed) => Err(PluginFailure::Timeout(plugin.deadline)),
-        Ok(Err(e)) => {
+        Ok((store, Ok((response, instance, served)))) => {
+            // Only an instance that ended its request cleanly, holding no
+            // resources, may serve another one.
+            if served < plugin.requests_per_instance && store.data().table.is_empty() {
+                plugin.idle.put(KeptInstance { store, instance, served });
+            }
+            Ok(response)
+        }
+        Ok((store, Err(e))) => {
             if store.data().limiter.exceeded || e.downcast_ref::<MemoryLimitExceeded>().is_some() {
                 Err(PluginFailure::OutOfMemory)
             } else if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
@@ -173,5 +186,79 @@ pub async fn invoke(
                 Err(PluginFailure::Trap(format!("{e:#}")))
             }
         }
+    }
+}
+
+fn new_store(
+    engine: &Engine,
+    services: &Arc<Services>,
+    plugin: &LoadedPlugin,
+    request_id: String,
+    deadline_at: Instant,
+) -> Store<PluginState> {
+    let state = PluginState::new(
+        plugin.identity.clone(),
+        services.clone(),
+        plugin.memory_limit_bytes,
+        request_id,
+        deadline_at,
+    );
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| &mut s.limiter);
+    // Every epoch tick, a running plugin yields to the executor (so one that
+    // spins cannot hold a worker thread) until its request's deadline, then it traps.
+    store.epoch_deadline_callback(|store| {
+        if Instant::now() >= store.data().deadline_at {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+    store
+}
+
+/// An instance kept between requests of one plugin version, with its store.
+pub struct KeptInstance {
+    store: Store<PluginState>,
+    instance: PluginHost,
+    /// Requests it has served so far.
+    served: u32,
+}
+
+/// The idle instances of a plugin that allows reuse: a small stack (the most
+/// recently used first, its pages still in cache), never more than `capacity`.
+/// Dropped with the plugin version, so a hot swap never runs old code.
+pub struct IdleInstances {
+    kept: std::sync::Mutex<Vec<KeptInstance>>,
+    capacity: usize,
+}
+
+impl IdleInstances {
+    /// `capacity` 0 keeps nothing: a fresh instance per request.
+    pub fn new(capacity: usize) -> IdleInstances {
+        IdleInstances { kept: std::sync::Mutex::new(Vec::with_capacity(capacity)), capacity }
+    }
+
+    fn take(&self) -> Option<KeptInstance> {
+        if self.capacity == 0 {
+            return None;
+        }
+        self.kept.lock().expect("idle instances lock").pop()
+    }
+
+    fn put(&self, instance: KeptInstance) {
+        let mut kept = self.kept.lock().expect("idle instances lock");
+        if kept.len() < self.capacity {
+            kept.push(instance);
+        }
+    }
+
+    /// How many are idle now.
+    pub fn len(&self) -> usize {
+        self.kept.lock().expect("idle instances lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }

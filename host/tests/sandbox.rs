@@ -12,21 +12,83 @@ use wxhost::config::Role;
 
 const DEADLINE_MS: u64 = 500;
 
-fn probe_config() -> TestConfig {
-    let toml = base_toml(DEADLINE_MS, WEB_GRANTS, r#""log""#)
-        + r#"
+/// The probe plugin's section, serving `routes`, with `extra` keys.
+fn probe_plugin(routes: &str, extra: &str) -> String {
+    base_toml(DEADLINE_MS, WEB_GRANTS, r#""log""#)
+        + &format!(
+            r#"
 [[plugins]]
 name = "sandbox-probe"
 role = "web"
 wasm = "sandbox-probe.wasm"
-routes = ["GET /probe/ok", "GET /probe/loop", "GET /probe/trap", "GET /probe/oom", "GET /probe/print"]
+routes = [{routes}]
 capabilities = ["log"]
+{extra}
+"#
+        )
+}
 
-"# + VERIFY_PLUGIN;
+fn probe_config() -> TestConfig {
+    let routes =
+        r#""GET /probe/ok", "GET /probe/loop", "GET /probe/trap", "GET /probe/oom", "GET /probe/print""#;
     TestConfig::new(
-        &toml,
+        &(probe_plugin(routes, "") + VERIFY_PLUGIN),
         &[("sandbox-probe.wasm", "fixtures/sandbox-probe.wasm"), ("verify.wasm", "verify.wasm")],
     )
+}
+
+/// The probe alone, with `requests_per_instance` (None: the default).
+fn reuse_config(requests_per_instance: Option<u32>) -> TestConfig {
+    let reuse = requests_per_instance.map(|n| format!("requests_per_instance = {n}")).unwrap_or_default();
+    let routes = r#""GET /probe/count", "GET /probe/loop", "GET /probe/trap""#;
+    TestConfig::new(&probe_plugin(routes, &reuse), &[("sandbox-probe.wasm", "fixtures/sandbox-probe.wasm")])
+}
+
+async fn count(client: &reqwest::Client, url: &str) -> u32 {
+    let r = client.get(url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_gets_a_fresh_instance_by_default() {
+    let config = reuse_config(None);
+    let server = start(&config, &[Role::Web], None, false).await;
+    let (client, counter) = (reqwest::Client::new(), url(&server, Role::Web, "/probe/count"));
+    for _ in 0..5 {
+        assert_eq!(count(&client, &counter).await, 1, "nothing survives a request");
+    }
+    server.shutdown();
+    server.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_allowing_reuse_gets_its_instance_back_at_most_n_times_and_never_after_a_failure() {
+    let config = reuse_config(Some(3));
+    let server = start(&config, &[Role::Web], None, false).await;
+    let (client, counter) = (reqwest::Client::new(), url(&server, Role::Web, "/probe/count"));
+    // One request at a time: the one idle instance serves each, and is renewed after 3.
+    let mut seen = Vec::new();
+    for _ in 0..7 {
+        seen.push(count(&client, &counter).await);
+    }
+    assert_eq!(seen, [1, 2, 3, 1, 2, 3, 1]);
+    assert_eq!(count(&client, &counter).await, 2);
+
+    // A trap or a timeout ends the instance: the next request starts afresh.
+    let r = client.get(url(&server, Role::Web, "/probe/trap")).send().await.unwrap();
+    assert_eq!(r.status(), 500);
+    assert_eq!(count(&client, &counter).await, 1, "a trapped instance is not reused");
+    let r = client.get(url(&server, Role::Web, "/probe/loop")).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(count(&client, &counter).await, 1, "an interrupted instance is not reused");
+    assert_eq!(count(&client, &counter).await, 2);
+
+    // Concurrent requests each get an instance of their own, never a shared one.
+    let answers: Vec<u32> = futures::future::join_all((0..16).map(|_| count(&client, &counter))).await;
+    assert!(answers.iter().all(|n| (1..=3).contains(n)), "{answers:?}");
+    server.shutdown();
+    server.wait().await;
 }
 
 async fn error_code(response: reqwest::Response) -> (u16, String) {

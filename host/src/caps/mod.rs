@@ -136,6 +136,14 @@ impl PluginState {
     }
 }
 
+impl PluginState {
+    /// A kept instance takes on its next request.
+    pub fn begin_request(&mut self, request_id: String, deadline_at: Instant) {
+        self.request_id = request_id;
+        self.deadline_at = deadline_at;
+    }
+}
+
 impl WasiView for PluginState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
