@@ -3,6 +3,7 @@
 //! (MySQL/MariaDB, production).
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -31,7 +32,23 @@ pub enum Pool {
 #[derive(Clone)]
 pub struct Database {
     pub pool: Pool,
+    /// SQLite has one writer at a time. Writers queue here, first come first
+    /// served, instead of polling SQLite's lock under its busy timeout (which
+    /// is unfair: under load a writer could starve past its deadline).
+    writer_turn: Arc<tokio::sync::Mutex<()>>,
+    /// How long a request waits for a connection, or for its writer turn.
+    pub acquire_timeout: Duration,
 }
+
+/// The right to write to a SQLite database, held until dropped (nothing for MySQL).
+pub struct WriterTurn {
+    _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+/// No writer turn came within the acquire timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the database is busy with other writes")]
+pub struct WriterBusy;
 
 /// Runs the same sqlx expression on whichever pool the URL chose.
 #[macro_export]
@@ -46,6 +63,24 @@ macro_rules! on_pool {
 pub use on_pool;
 
 impl Database {
+    pub fn new(pool: Pool, acquire_timeout: Duration) -> Database {
+        Database { pool, writer_turn: Arc::new(tokio::sync::Mutex::new(())), acquire_timeout }
+    }
+
+    /// Waits (in arrival order, at most the acquire timeout) for the turn to
+    /// write; take it before a write transaction or a write outside one.
+    pub async fn writer_turn(&self) -> Result<WriterTurn, WriterBusy> {
+        match self.pool {
+            Pool::Mysql(_) => Ok(WriterTurn { _guard: None }),
+            Pool::Sqlite(_) => {
+                tokio::time::timeout(self.acquire_timeout, self.writer_turn.clone().lock_owned())
+                    .await
+                    .map(|guard| WriterTurn { _guard: Some(guard) })
+                    .map_err(|_| WriterBusy)
+            }
+        }
+    }
+
     /// Connections open and, of those, idle (for the pool metrics).
     pub fn pool_usage(&self) -> (u32, usize) {
         on_pool!(&self.pool, |p| (p.size(), p.num_idle()))
@@ -114,7 +149,7 @@ pub async fn connect(url: &str, settings: &PoolSettings) -> anyhow::Result<Datab
             Pool::Mysql(pool_options(settings).connect_with(options).await.map_err(connect_error)?)
         }
     };
-    Ok(Database { pool })
+    Ok(Database::new(pool, settings.acquire_timeout))
 }
 
 fn pool_options<DB: sqlx::Database>(settings: &PoolSettings) -> PoolOptions<DB> {

@@ -208,3 +208,75 @@ async fn a_plugin_commits_rolls_back_and_a_trap_mid_transaction_rolls_back_on_bo
         server.wait().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_take_turns_and_one_kept_waiting_past_the_timeout_gets_unavailable_on_both_databases()
+ {
+    use std::time::{Duration, Instant};
+    for test_db in all_databases().await {
+        let which = test_db.name;
+        let settings =
+            database::PoolSettings { max_connections: 8, acquire_timeout: Duration::from_millis(600) };
+        let database = database::connect(&test_db.url, &settings).await.expect("connect");
+        let ctx = std::sync::Arc::new(DbCtx { db: database });
+        {
+            let mut table = ResourceTable::new();
+            let mut db = DbView { ctx: Some(&ctx), table: &mut table };
+            exec(&mut db, "CREATE TABLE counter (id INT PRIMARY KEY, n BIGINT NOT NULL)", vec![])
+                .await
+                .unwrap();
+            exec(&mut db, "INSERT INTO counter (id, n) VALUES (1, 0)", vec![]).await.unwrap();
+        }
+        let read = match ctx.db.dialect() {
+            database::Dialect::Sqlite => "SELECT n FROM counter WHERE id = 1",
+            database::Dialect::Mysql => "SELECT n FROM counter WHERE id = 1 FOR UPDATE",
+        };
+
+        // Read-modify-write transactions at once: each waits its turn, none fails, none is lost.
+        const WRITERS: i64 = 30;
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|_| {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let mut table = ResourceTable::new();
+                    let mut db = DbView { ctx: Some(&ctx), table: &mut table };
+                    let tx = Host::begin(&mut db).await.unwrap()?;
+                    let rows =
+                        HostTransaction::query(&mut db, borrow(&tx), read.into(), vec![]).await.unwrap()?;
+                    let Value::Int(n) = rows.rows[0][0] else { panic!("{:?}", rows.rows) };
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    tx_exec(&mut db, &tx, "UPDATE counter SET n = ? WHERE id = 1", vec![Value::Int(n + 1)])
+                        .await?;
+                    HostTransaction::commit(&mut db, tx).await.unwrap()
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap().unwrap_or_else(|e| panic!("{which}: a writer failed: {e:?}"));
+        }
+        let mut table = ResourceTable::new();
+        let mut db = DbView { ctx: Some(&ctx), table: &mut table };
+        let rows = query(&mut db, "SELECT n FROM counter WHERE id = 1", vec![]).await.unwrap();
+        assert!(matches!(rows[0][0], Value::Int(WRITERS)), "{which}: {:?}", rows[0][0]);
+
+        if ctx.db.dialect() == database::Dialect::Sqlite {
+            // SQLite has one writer: the next one waits at most the acquire timeout, then is told so.
+            let holder = Host::begin(&mut db).await.unwrap().unwrap();
+            let mut other_table = ResourceTable::new();
+            let mut other = DbView { ctx: Some(&ctx), table: &mut other_table };
+            let started = Instant::now();
+            let waited = Host::begin(&mut other).await.unwrap();
+            assert!(matches!(waited, Err(Error::Unavailable(_))), "{which}: {waited:?}");
+            assert!(
+                started.elapsed() < Duration::from_millis(1500),
+                "{which}: waited {:?}",
+                started.elapsed()
+            );
+            let write = exec(&mut other, "UPDATE counter SET n = 0 WHERE id = 1", vec![]).await;
+            assert!(matches!(write, Err(Error::Unavailable(_))), "{which}: {write:?}");
+            HostTransaction::commit(&mut db, holder).await.unwrap().unwrap();
+            let next = Host::begin(&mut other).await.unwrap();
+            assert!(next.is_ok(), "{which}: the turn is free again: {next:?}");
+        }
+    }
+}

@@ -10,7 +10,7 @@ use sqlx::{Column, Row, TypeInfo, ValueRef};
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 use crate::bindings::wxhost::plugin::db::{self as wit, Error, ExecResult, Rows, SqlDialect, Value};
-use crate::database::{Database, Dialect, Pool};
+use crate::database::{Database, Dialect, Pool, WriterTurn};
 
 /// Most rows one query may return to a plugin; more is an error, not a truncation.
 const MAX_ROWS: usize = 10_000;
@@ -28,7 +28,8 @@ pub struct Transaction {
 }
 
 enum OpenTransaction {
-    Sqlite(sqlx::Transaction<'static, Sqlite>),
+    /// With the writer turn, given back when the transaction ends.
+    Sqlite(sqlx::Transaction<'static, Sqlite>, WriterTurn),
     Mysql(sqlx::Transaction<'static, MySql>),
 }
 
@@ -51,11 +52,13 @@ pub fn add_to_linker<T: Send + 'static>(
 }
 
 impl DbView<'_> {
-    fn pool(&self) -> Result<Pool, Error> {
-        self.ctx
-            .map(|c| c.db.pool.clone())
-            .ok_or_else(|| Error::Unavailable("no database in this role".into()))
+    fn db(&self) -> Result<Database, Error> {
+        self.ctx.map(|c| c.db.clone()).ok_or_else(|| Error::Unavailable("no database in this role".into()))
     }
+}
+
+fn writer_busy(e: crate::database::WriterBusy) -> Error {
+    Error::Unavailable(e.to_string())
 }
 
 type Query<'q, DB> = sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>;
@@ -155,9 +158,10 @@ async fn query(pool: &Pool, sql: &str, params: Vec<Value>) -> Result<Rows, Error
     }
 }
 
-async fn execute(pool: &Pool, sql: &str, params: Vec<Value>) -> Result<ExecResult, Error> {
-    match pool {
+async fn execute(db: &Database, sql: &str, params: Vec<Value>) -> Result<ExecResult, Error> {
+    match &db.pool {
         Pool::Sqlite(p) => {
+            let _turn = db.writer_turn().await.map_err(writer_busy)?;
             let done = bound::<Sqlite>(sql, params).execute(p).await.map_err(map_err)?;
             Ok(exec_result(done.rows_affected(), done.last_insert_rowid()))
         }
@@ -170,7 +174,7 @@ async fn execute(pool: &Pool, sql: &str, params: Vec<Value>) -> Result<ExecResul
 
 async fn tx_query(tx: &mut OpenTransaction, sql: &str, params: Vec<Value>) -> Result<Rows, Error> {
     match tx {
-        OpenTransaction::Sqlite(t) => {
+        OpenTransaction::Sqlite(t, _) => {
             rows_of(bound::<Sqlite>(sql, params).fetch_all(&mut **t).await.map_err(map_err)?, sqlite_value)
         }
         OpenTransaction::Mysql(t) => {
@@ -181,7 +185,7 @@ async fn tx_query(tx: &mut OpenTransaction, sql: &str, params: Vec<Value>) -> Re
 
 async fn tx_execute(tx: &mut OpenTransaction, sql: &str, params: Vec<Value>) -> Result<ExecResult, Error> {
     match tx {
-        OpenTransaction::Sqlite(t) => {
+        OpenTransaction::Sqlite(t, _) => {
             let done = bound::<Sqlite>(sql, params).execute(&mut **t).await.map_err(map_err)?;
             Ok(exec_result(done.rows_affected(), done.last_insert_rowid()))
         }
@@ -238,11 +242,11 @@ impl wit::Host for DbView<'_> {
     }
 
     async fn query(&mut self, sql: String, params: Vec<Value>) -> wasmtime::Result<Result<Rows, Error>> {
-        let pool = match self.pool() {
-            Ok(p) => p,
+        let db = match self.db() {
+            Ok(db) => db,
             Err(e) => return Ok(Err(e)),
         };
-        Ok(query(&pool, &sql, params).await)
+        Ok(query(&db.pool, &sql, params).await)
     }
 
     async fn execute(
@@ -250,23 +254,30 @@ impl wit::Host for DbView<'_> {
         sql: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<ExecResult, Error>> {
-        let pool = match self.pool() {
-            Ok(p) => p,
+        let db = match self.db() {
+            Ok(db) => db,
             Err(e) => return Ok(Err(e)),
         };
-        Ok(execute(&pool, &sql, params).await)
+        Ok(execute(&db, &sql, params).await)
     }
 
     async fn begin(&mut self) -> wasmtime::Result<Result<Resource<Transaction>, Error>> {
-        let pool = match self.pool() {
-            Ok(p) => p,
+        let db = match self.db() {
+            Ok(db) => db,
             Err(e) => return Ok(Err(e)),
         };
-        let tx = match &pool {
-            // IMMEDIATE takes SQLite's write lock up front (waiting under the busy
-            // timeout); a deferred transaction that reads, then writes, fails at
-            // once with "database is locked" when another writer got in between.
-            Pool::Sqlite(p) => p.begin_with("BEGIN IMMEDIATE").await.map(OpenTransaction::Sqlite),
+        let tx = match &db.pool {
+            // SQLite: the writer turn first (writers queue in arrival order), then
+            // IMMEDIATE takes SQLite's write lock up front; a deferred transaction
+            // that reads, then writes, fails at once with "database is locked"
+            // when another writer got in between.
+            Pool::Sqlite(p) => {
+                let turn = match db.writer_turn().await {
+                    Ok(turn) => turn,
+                    Err(e) => return Ok(Err(writer_busy(e))),
+                };
+                p.begin_with("BEGIN IMMEDIATE").await.map(|t| OpenTransaction::Sqlite(t, turn))
+            }
             Pool::Mysql(p) => p.begin().await.map(OpenTransaction::Mysql),
         };
         match tx {
@@ -303,7 +314,7 @@ impl wit::HostTransaction for DbView<'_> {
 
     async fn commit(&mut self, this: Resource<Transaction>) -> wasmtime::Result<Result<(), Error>> {
         Ok(match self.table.get_mut(&this)?.tx.take() {
-            Some(OpenTransaction::Sqlite(t)) => t.commit().await.map_err(map_err),
+            Some(OpenTransaction::Sqlite(t, _turn)) => t.commit().await.map_err(map_err),
             Some(OpenTransaction::Mysql(t)) => t.commit().await.map_err(map_err),
             None => Err(Error::TransactionClosed),
         })
@@ -311,7 +322,7 @@ impl wit::HostTransaction for DbView<'_> {
 
     async fn rollback(&mut self, this: Resource<Transaction>) -> wasmtime::Result<Result<(), Error>> {
         Ok(match self.table.get_mut(&this)?.tx.take() {
-            Some(OpenTransaction::Sqlite(t)) => t.rollback().await.map_err(map_err),
+            Some(OpenTransaction::Sqlite(t, _turn)) => t.rollback().await.map_err(map_err),
             Some(OpenTransaction::Mysql(t)) => t.rollback().await.map_err(map_err),
             None => Err(Error::TransactionClosed),
         })

@@ -53,6 +53,7 @@ impl Sessions {
         let now = unix_now();
         let expires_at = now + self.ttl.as_secs() as i64;
         let sql = "INSERT INTO sessions (session_id, openid, expires_at, revoked_at, created_at) VALUES (?, ?, ?, NULL, ?)";
+        let _turn = self.db.writer_turn().await.map_err(writer_busy)?;
         on_pool!(&self.db.pool, |p| sqlx::query(sql)
             .bind(&session_id)
             .bind(openid)
@@ -86,6 +87,7 @@ impl Sessions {
     pub async fn revoke(&self, token: &str) -> Result<(), SessionError> {
         let (session_id, _) = self.check_signature(token)?;
         let sql = "UPDATE sessions SET revoked_at = ? WHERE session_id = ? AND revoked_at IS NULL";
+        let _turn = self.db.writer_turn().await.map_err(writer_busy)?;
         on_pool!(&self.db.pool, |p| sqlx::query(sql)
             .bind(unix_now())
             .bind(&session_id)
@@ -146,6 +148,10 @@ async fn shared_key(db: &Database) -> anyhow::Result<SecretString> {
 fn db_error(e: sqlx::Error) -> SessionError {
     tracing::error!("sessions: {}", crate::database::redact_db_error(&e));
     SessionError::Unavailable("the session store is unavailable".into())
+}
+
+fn writer_busy(e: crate::database::WriterBusy) -> SessionError {
+    SessionError::Unavailable(e.to_string())
 }
 
 fn unix_now() -> i64 {
