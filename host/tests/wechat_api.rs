@@ -87,6 +87,43 @@ async fn token_lifetimes(db: TestDatabase, endpoint: TokenEndpoint) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_dying_mid_refresh_does_not_stall_others_while_the_old_token_is_valid_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let (sim, base) = simulator(Duration::from_secs(120)).await;
+        let first = process(&db, &base, TokenEndpoint::Stable).await;
+        assert!(matches!(menu_get(&first).await, Err(ApiError::Wechat(e)) if e.errcode == 46003), "{which}");
+
+        // The token is due for its refresh, and a process took the lease and died.
+        let pool = database::connect(&db.url, &Default::default()).await.unwrap().pool;
+        let now = wxhost::internal_auth::unix_now() as i64;
+        let sql = "UPDATE token_cache SET expires_at = ?, lease_owner = 'died-mid-refresh', lease_until = ?";
+        wxhost::on_pool!(&pool, |p| sqlx::query(sql)
+            .bind(now - 1)
+            .bind(now + 10)
+            .execute(p)
+            .await
+            .map(|_| ()))
+        .unwrap();
+
+        // Another process calls at once with the token WeChat still takes.
+        let other = process(&db, &base, TokenEndpoint::Stable).await;
+        let started = Instant::now();
+        let answer = menu_get(&other).await;
+        assert!(matches!(&answer, Err(ApiError::Wechat(e)) if e.errcode == 46003), "{which}: {answer:?}");
+        assert!(started.elapsed() < Duration::from_secs(1), "{which}: waited {:?}", started.elapsed());
+        assert_eq!(sim.tokens_issued(), 1, "{which}: the lease holder's refresh was not repeated");
+
+        // Once the lease lapses, the next caller refreshes.
+        let sql = "UPDATE token_cache SET lease_until = ?";
+        wxhost::on_pool!(&pool, |p| sqlx::query(sql).bind(now - 1).execute(p).await.map(|_| ())).unwrap();
+        let answer = menu_get(&other).await;
+        assert!(matches!(&answer, Err(ApiError::Wechat(e)) if e.errcode == 46003), "{which}: {answer:?}");
+        assert_eq!(sim.tokens_issued(), 2, "{which}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidated_token_is_refreshed_once_and_the_call_retried_on_both_databases() {
     for db in all_databases().await {
         let which = db.name;

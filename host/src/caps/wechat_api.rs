@@ -27,6 +27,15 @@ pub const DEFAULT_QRCODE_BASE: &str = "https://mp.weixin.qq.com/cgi-bin/showqrco
 const TOKEN_ERRCODES: [i64; 3] = [40001, 40014, 42001];
 
 const TOKEN_ROW: &str = "access_token";
+
+/// The shared access_token's row.
+struct TokenRow {
+    token: String,
+    /// When to refresh it (ahead of WeChat's expiry).
+    refresh_by: i64,
+    /// Until when WeChat still takes it (a little before its expiry).
+    valid_until: i64,
+}
 /// How long a process may hold the refresh lease.
 const LEASE_SECS: i64 = 10;
 /// Longest single call to WeChat.
@@ -229,14 +238,24 @@ impl WechatApi {
             return Ok(token);
         }
         loop {
-            if let Some((token, refresh_by)) = self.read_row().await?
-                && usable(&token, refresh_by)
+            let row = self.read_row().await?;
+            if let Some(row) = &row
+                && usable(&row.token, row.refresh_by)
             {
-                *self.cached.lock().expect("token cache lock") = Some((token.clone(), refresh_by));
-                return Ok(token);
+                *self.cached.lock().expect("token cache lock") = Some((row.token.clone(), row.refresh_by));
+                return Ok(row.token.clone());
             }
             if let Some(lease) = self.take_lease().await? {
                 return self.fetch_and_store(&lease, refused, deadline).await;
+            }
+            // Another process is refreshing. The token it replaces is still good
+            // with WeChat until it expires: use it meanwhile rather than wait (the
+            // refresher may be slow, or may have died holding the lease).
+            if let Some(row) = row
+                && row.valid_until > unix_now()
+                && Some(row.token.as_str()) != refused
+            {
+                return Ok(row.token);
             }
             // Another process is refreshing: wait for its token.
             if Instant::now() + ANSWER_MARGIN >= deadline {
@@ -248,7 +267,7 @@ impl WechatApi {
 
     /// Marks `failing` stale, unless another process has already replaced it.
     async fn invalidate(&self, failing: &str) -> Result<(), ApiError> {
-        let sql = "UPDATE token_cache SET expires_at = 0 WHERE name = ? AND token = ?";
+        let sql = "UPDATE token_cache SET expires_at = 0, valid_until = 0 WHERE name = ? AND token = ?";
         on_pool!(&self.db.pool, |p| sqlx::query(sql)
             .bind(TOKEN_ROW)
             .bind(failing)
@@ -263,12 +282,14 @@ impl WechatApi {
         Ok(())
     }
 
-    async fn read_row(&self) -> Result<Option<(String, i64)>, ApiError> {
-        let sql = "SELECT token, expires_at FROM token_cache WHERE name = ?";
-        let row: Option<(Option<String>, i64)> =
+    async fn read_row(&self) -> Result<Option<TokenRow>, ApiError> {
+        let sql = "SELECT token, expires_at, valid_until FROM token_cache WHERE name = ?";
+        let row: Option<(Option<String>, i64, i64)> =
             on_pool!(&self.db.pool, |p| sqlx::query_as(sql).bind(TOKEN_ROW).fetch_optional(p).await)
                 .map_err(db_error)?;
-        Ok(row.and_then(|(token, expires_at)| token.map(|t| (t, expires_at))))
+        Ok(row.and_then(|(token, refresh_by, valid_until)| {
+            token.map(|token| TokenRow { token, refresh_by, valid_until })
+        }))
     }
 
     /// Takes the refresh lease if nobody holds it; returns its unique owner tag.
@@ -312,14 +333,14 @@ impl WechatApi {
         deadline: Instant,
     ) -> Result<String, ApiError> {
         let previous = self.read_row().await?;
-        if let Some((token, refresh_by)) = &previous
-            && *refresh_by > unix_now()
-            && Some(token.as_str()) != refused
+        if let Some(row) = &previous
+            && row.refresh_by > unix_now()
+            && Some(row.token.as_str()) != refused
         {
             self.release(lease).await?;
-            return Ok(token.clone());
+            return Ok(row.token.clone());
         }
-        let fetched = self.fetch(previous.as_ref().map(|(t, _)| t.as_str()), deadline).await;
+        let fetched = self.fetch(previous.as_ref().map(|row| row.token.as_str()), deadline).await;
         if fetched.is_ok() {
             metrics::counter!("wxhost_access_token_refreshes_total").increment(1);
         }
@@ -335,11 +356,14 @@ impl WechatApi {
         // left is used rather than asked for again on every call.)
         let now = unix_now();
         let refresh_by = (now + expires_in - (expires_in / 5).clamp(1, 300)).max(now + 1);
-        let sql = "UPDATE token_cache SET token = ?, expires_at = ?, lease_owner = NULL, lease_until = 0, updated_at = ? \
-                   WHERE name = ? AND lease_owner = ?";
+        // Used by others during the next refresh until shortly before WeChat's expiry.
+        let valid_until = now + expires_in - (expires_in / 10).clamp(1, 60);
+        let sql = "UPDATE token_cache SET token = ?, expires_at = ?, valid_until = ?, lease_owner = NULL, lease_until = 0, \
+                   updated_at = ? WHERE name = ? AND lease_owner = ?";
         on_pool!(&self.db.pool, |p| sqlx::query(sql)
             .bind(&token)
             .bind(refresh_by)
+            .bind(valid_until)
             .bind(unix_now())
             .bind(TOKEN_ROW)
             .bind(lease)
