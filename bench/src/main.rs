@@ -296,6 +296,44 @@ async fn invoke_micros(
     Ok(micros(started.elapsed()) / iterations.max(1) as f64)
 }
 
+/// Where a fresh instance's time goes, in µs per request on one thread: the
+/// store and its WASI context, instantiation, the call, and dropping the store
+/// (which returns the instance's memory to the pool, reset).
+async fn fresh_phases(
+    server: &wxhost::server::RunningServer,
+    request: &Request,
+    iterations: usize,
+) -> anyhow::Result<[f64; 4]> {
+    use wxhost::caps::PluginState;
+    let plugin = server.host.runtime(Role::Web).plugins[0].clone();
+    let mut spent = [Duration::ZERO; 4];
+    for _ in 0..iterations {
+        let t0 = Instant::now();
+        let state = PluginState::new(
+            plugin.identity.clone(),
+            server.host.services.clone(),
+            plugin.memory_limit_bytes,
+            "bench".into(),
+            Instant::now() + plugin.deadline,
+        );
+        let mut store = wasmtime::Store::new(&server.host.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(1_000);
+        let t1 = Instant::now();
+        let instance = plugin.pre.instantiate_async(&mut store).await?;
+        let t2 = Instant::now();
+        let response = instance.wxhost_plugin_handler().call_handle(&mut store, request).await?;
+        anyhow::ensure!(response.status == 200, "the plugin answered {}", response.status);
+        let t3 = Instant::now();
+        drop(store);
+        let t4 = Instant::now();
+        for (i, d) in [t1 - t0, t2 - t1, t3 - t2, t4 - t3].into_iter().enumerate() {
+            spent[i] += d;
+        }
+    }
+    Ok(spent.map(|d| micros(d) / iterations.max(1) as f64))
+}
+
 /// Rows 1 and 2: the verify route through the plugin (a fresh instance per
 /// request, and instances reused) vs natively, and the sandbox cost.
 async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
@@ -368,6 +406,7 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     }
     let (fresh_call, reused_call, native_call) =
         (median(&mut fresh_us), median(&mut reused_us), median(&mut native_us));
+    let phases = fresh_phases(&fresh, &request, opts.sandbox_iterations.max(1)).await?;
 
     let what = format!("{} rounds x {}s, wrk -c{}", opts.rounds, opts.seconds, opts.connections);
     if opts.rounds > 0 {
@@ -402,6 +441,12 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
         "2",
         "plugin invoke, fresh instance (instantiate + call + drop), one thread",
         format!("{fresh_call:.1} us"),
+        "",
+    );
+    table.row(
+        "2",
+        "  of which: store + WASI context / instantiate / call / drop (returns memory to the pool)",
+        format!("{:.1} / {:.1} / {:.1} / {:.1} us", phases[0], phases[1], phases[2], phases[3]),
         "",
     );
     table.row("2", "plugin invoke, instance reused (call), one thread", format!("{reused_call:.1} us"), "");
