@@ -296,6 +296,27 @@ async fn invoke_micros(
     Ok(micros(started.elapsed()) / iterations.max(1) as f64)
 }
 
+/// Microseconds per request through `router` in this process, one at a time:
+/// the HTTP layer's work without sockets or the kernel.
+async fn router_micros(router: &axum::Router, path: &str, iterations: usize) -> anyhow::Result<f64> {
+    use tower::ServiceExt;
+    let call = || async {
+        let request = axum::http::Request::get(path).body(axum::body::Body::empty())?;
+        let response = router.clone().oneshot(request).await?;
+        anyhow::ensure!(response.status() == StatusCode::OK, "answered {}", response.status());
+        axum::body::to_bytes(response.into_body(), 1 << 16).await?;
+        Ok::<_, anyhow::Error>(())
+    };
+    for _ in 0..200 {
+        call().await?;
+    }
+    let started = Instant::now();
+    for _ in 0..iterations {
+        call().await?;
+    }
+    Ok(micros(started.elapsed()) / iterations.max(1) as f64)
+}
+
 /// Where a fresh instance's time goes, in µs per request on one thread: the
 /// store and its WASI context, instantiation, the call, and dropping the store
 /// (which returns the instance's memory to the pool, reset).
@@ -347,6 +368,7 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     let native = axum::Router::new()
         .route("/api/v1/auth/wechat/verify", get(native_verify))
         .with_state(crypto.clone());
+    let native_router = native.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let native_addr = listener.local_addr()?;
     let native_server = tokio::spawn(async move { axum::serve(listener, native).await });
@@ -407,6 +429,20 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     let (fresh_call, reused_call, native_call) =
         (median(&mut fresh_us), median(&mut reused_us), median(&mut native_us));
     let phases = fresh_phases(&fresh, &request, opts.sandbox_iterations.max(1)).await?;
+    // The same request through each server's router, without sockets: what the
+    // host adds per request in-process, apart from the kernel's TCP work.
+    let routers = [
+        native_router,
+        wxhost::server::role_router(fresh.host.clone(), Role::Web, None, None),
+        wxhost::server::role_router(reused.host.clone(), Role::Web, None, None),
+    ];
+    let mut in_process = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..slices {
+        for (router, results) in routers.iter().zip(in_process.iter_mut()) {
+            results.push(router_micros(router, &path, per_slice).await?);
+        }
+    }
+    let [native_http, fresh_http, reused_http] = in_process.map(|mut v| median(&mut v));
 
     let what = format!("{} rounds x {}s, wrk -c{}", opts.rounds, opts.seconds, opts.connections);
     if opts.rounds > 0 {
@@ -451,6 +487,12 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     );
     table.row("2", "plugin invoke, instance reused (call), one thread", format!("{reused_call:.1} us"), "");
     table.row("2", "same work natively, one thread", format!("{native_call:.1} us"), "");
+    table.row(
+        "2",
+        "one request through the router in-process (no sockets): native / plugin fresh / plugin reused",
+        format!("{native_http:.1} / {fresh_http:.1} / {reused_http:.1} us"),
+        "",
+    );
     table.row(
         "2",
         "per-request sandbox cost, fresh instance per request",
