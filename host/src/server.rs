@@ -512,6 +512,9 @@ async fn admin_plugins(State(host): State<Arc<Host>>) -> impl IntoResponse {
                 "routes": p.routes.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "capabilities": p.capabilities,
                 "imports": p.imports,
+                // 1: a fresh instance per request; more: instances reused (README, "Instance reuse").
+                "requests_per_instance": p.requests_per_instance,
+                "idle_instances": p.idle.len(),
                 "loaded_at_unix": p.loaded_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default(),
             }));
         }

@@ -138,6 +138,8 @@ async fn the_admin_api_lists_plugins_with_versions_routes_and_capabilities() {
     let verify = body["plugins"].as_array().unwrap().iter().find(|p| p["name"] == "verify").unwrap();
     assert_eq!(verify["role"], "web");
     assert_eq!(verify["version"].as_str().unwrap().len(), 16);
+    assert_eq!(verify["requests_per_instance"], 1, "a fresh instance per request by default");
+    assert_eq!(verify["idle_instances"], 0);
     assert_eq!(
         verify["routes"],
         serde_json::json!(["GET /api/v1/auth/wechat/verify", "POST /api/v1/auth/wechat/verify"])

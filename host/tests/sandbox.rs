@@ -73,6 +73,7 @@ async fn a_plugin_allowing_reuse_gets_its_instance_back_at_most_n_times_and_neve
         seen.push(count(&client, &counter).await);
     }
     assert_eq!(seen, [1, 2, 3, 1, 2, 3, 1]);
+    assert_eq!(server.host.runtime(Role::Web).plugins[0].idle.len(), 1, "one instance kept between requests");
     assert_eq!(count(&client, &counter).await, 2);
 
     // A trap or a timeout ends the instance: the next request starts afresh.
