@@ -14,14 +14,8 @@ use wxhost::server::RunningServer;
 
 fn config() -> TestConfig {
     let toml = base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "session", "wechat-pay""#)
+        + NOTIFY_PLUGIN
         + r#"
-[[plugins]]
-name = "notify"
-role = "web"
-wasm = "notify.wasm"
-routes = ["POST /api/v1/payment/notify"]
-capabilities = ["log", "callback-crypto", "internal-call"]
-
 [[plugins]]
 name = "payment"
 role = "app"

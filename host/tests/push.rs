@@ -26,14 +26,7 @@ welcome = "欢迎关注 🎉"
 scan_reply = "扫码成功"
 [plugins.config.keywords]
 "帮助" = "这是帮助"
-
-[[plugins]]
-name = "internal"
-role = "app"
-wasm = "internal.wasm"
-routes = ["POST /api/v1/internal/user/create-or-update", "POST /api/v1/internal/binding/create", "PUT /api/v1/internal/binding/update"]
-capabilities = ["log", "db"]
-"#;
+"# + INTERNAL_PLUGIN;
     TestConfig::new(&toml, &[("verify.wasm", "verify.wasm"), ("internal.wasm", "internal.wasm")])
 }
 

@@ -79,6 +79,26 @@ routes = ["GET /api/v1/auth/wechat/verify", "POST /api/v1/auth/wechat/verify"]
 capabilities = ["log", "config", "callback-crypto", "internal-call"]
 "#;
 
+/// The web role's payment notify plugin, as shipped.
+pub const NOTIFY_PLUGIN: &str = r#"
+[[plugins]]
+name = "notify"
+role = "web"
+wasm = "notify.wasm"
+routes = ["POST /api/v1/payment/notify"]
+capabilities = ["log", "callback-crypto", "internal-call"]
+"#;
+
+/// The app role's internal API for the web role's pushes, as shipped.
+pub const INTERNAL_PLUGIN: &str = r#"
+[[plugins]]
+name = "internal"
+role = "app"
+wasm = "internal.wasm"
+routes = ["POST /api/v1/internal/user/create-or-update", "POST /api/v1/internal/binding/create", "PUT /api/v1/internal/binding/update"]
+capabilities = ["log", "db"]
+"#;
+
 /// A web role serving only the `verify` plugin.
 pub fn verify_only_config() -> TestConfig {
     let toml = base_toml(2000, WEB_GRANTS, r#""log""#) + VERIFY_PLUGIN;

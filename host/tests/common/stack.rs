@@ -35,21 +35,9 @@ pub fn full_config() -> TestConfig {
         + r#"
 [plugins.config]
 welcome = "欢迎"
-
-[[plugins]]
-name = "notify"
-role = "web"
-wasm = "notify.wasm"
-routes = ["POST /api/v1/payment/notify"]
-capabilities = ["log", "callback-crypto", "internal-call"]
-
-[[plugins]]
-name = "internal"
-role = "app"
-wasm = "internal.wasm"
-routes = ["POST /api/v1/internal/user/create-or-update", "POST /api/v1/internal/binding/create", "PUT /api/v1/internal/binding/update"]
-capabilities = ["log", "db"]
-
+"# + NOTIFY_PLUGIN
+        + INTERNAL_PLUGIN
+        + r#"
 [[plugins]]
 name = "account"
 role = "app"
