@@ -268,6 +268,7 @@ impl WechatApi {
     /// Marks `failing` stale, unless another process has already replaced it.
     async fn invalidate(&self, failing: &str) -> Result<(), ApiError> {
         let sql = "UPDATE token_cache SET expires_at = 0, valid_until = 0 WHERE name = ? AND token = ?";
+        let _turn = self.writer_turn().await?;
         on_pool!(&self.db.pool, |p| sqlx::query(sql)
             .bind(TOKEN_ROW)
             .bind(failing)
@@ -280,6 +281,11 @@ impl WechatApi {
             *cached = None;
         }
         Ok(())
+    }
+
+    /// SQLite's writers queue for their turn (see `Database::writer_turn`).
+    async fn writer_turn(&self) -> Result<crate::database::WriterTurn, ApiError> {
+        self.db.writer_turn().await.map_err(|e| unavailable(&e.to_string()))
     }
 
     async fn read_row(&self) -> Result<Option<TokenRow>, ApiError> {
@@ -303,6 +309,7 @@ impl WechatApi {
                 "INSERT IGNORE INTO token_cache (name, token, expires_at, lease_owner, lease_until, updated_at) VALUES (?, NULL, 0, NULL, 0, ?)"
             }
         };
+        let _turn = self.writer_turn().await?;
         on_pool!(&self.db.pool, |p| sqlx::query(insert)
             .bind(TOKEN_ROW)
             .bind(now)
@@ -360,6 +367,7 @@ impl WechatApi {
         let valid_until = now + expires_in - (expires_in / 10).clamp(1, 60);
         let sql = "UPDATE token_cache SET token = ?, expires_at = ?, valid_until = ?, lease_owner = NULL, lease_until = 0, \
                    updated_at = ? WHERE name = ? AND lease_owner = ?";
+        let _turn = self.writer_turn().await?;
         on_pool!(&self.db.pool, |p| sqlx::query(sql)
             .bind(&token)
             .bind(refresh_by)
@@ -379,6 +387,7 @@ impl WechatApi {
     async fn release(&self, lease: &str) -> Result<(), ApiError> {
         let sql =
             "UPDATE token_cache SET lease_owner = NULL, lease_until = 0 WHERE name = ? AND lease_owner = ?";
+        let _turn = self.writer_turn().await?;
         on_pool!(&self.db.pool, |p| sqlx::query(sql)
             .bind(TOKEN_ROW)
             .bind(lease)
