@@ -325,21 +325,18 @@ async fn fresh_phases(
     request: &Request,
     iterations: usize,
 ) -> anyhow::Result<[f64; 4]> {
-    use wxhost::caps::PluginState;
     let plugin = server.host.runtime(Role::Web).plugins[0].clone();
     let mut spent = [Duration::ZERO; 4];
     for _ in 0..iterations {
         let t0 = Instant::now();
-        let state = PluginState::new(
-            plugin.identity.clone(),
-            server.host.services.clone(),
-            plugin.memory_limit_bytes,
+        let mut store = wxhost::runtime::new_store(
+            &server.host.engine,
+            &server.host.services,
+            &plugin,
             "bench".into(),
             Instant::now() + plugin.deadline,
         );
-        let mut store = wasmtime::Store::new(&server.host.engine, state);
-        store.limiter(|s| &mut s.limiter);
-        store.set_epoch_deadline(1_000);
+        store.set_epoch_deadline(1);
         let t1 = Instant::now();
         let instance = plugin.pre.instantiate_async(&mut store).await?;
         let t2 = Instant::now();

@@ -189,7 +189,9 @@ pub async fn invoke(
     }
 }
 
-fn new_store(
+/// A store for one instance of `plugin`: its request state, memory limit and
+/// epoch deadline handling (yield every tick, trap past the deadline).
+pub fn new_store(
     engine: &Engine,
     services: &Arc<Services>,
     plugin: &LoadedPlugin,
