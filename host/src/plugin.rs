@@ -178,3 +178,17 @@ pub fn idle_capacity(instance_slots: u32) -> usize {
     let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
     (threads * 2).min(32).min(instance_slots as usize / 8)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::idle_capacity;
+
+    #[test]
+    fn idle_instances_never_take_more_than_an_eighth_of_the_pool() {
+        let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+        assert_eq!(idle_capacity(256), (threads * 2).min(32), "two per thread, 256 / 8 = 32 at most");
+        assert_eq!(idle_capacity(16), (threads * 2).min(2));
+        assert_eq!(idle_capacity(7), 0, "a pool this small keeps nothing idle: a fresh instance per request");
+        assert!(idle_capacity(10_000) <= 32);
+    }
+}
