@@ -385,16 +385,19 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
         anyhow::ensure!(!String::from_utf8_lossy(&out.stdout).contains("Non-2xx"), "{addr} answered errors");
     }
 
-    let (mut native_rps, mut fresh_rps, mut reused_rps) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut native_runs, mut fresh_runs, mut reused_runs) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=opts.rounds {
         for (label, addr, results) in [
-            ("native", native_addr, &mut native_rps),
-            ("fresh", fresh_addr, &mut fresh_rps),
-            ("reused", reused_addr, &mut reused_rps),
+            ("native", native_addr, &mut native_runs),
+            ("fresh", fresh_addr, &mut fresh_runs),
+            ("reused", reused_addr, &mut reused_runs),
         ] {
-            let rps = wrk(&format!("http://{addr}{path}"), opts.connections, opts.seconds)?;
-            eprintln!("round {round}: {label:6} {rps:>10.0} req/s");
-            results.push(rps);
+            let run = wrk(&format!("http://{addr}{path}"), opts.connections, opts.seconds)?;
+            eprintln!(
+                "round {round}: {label:6} {:>10.0} req/s, CPU per request: server {:.1} us, wrk {:.1} us",
+                run.rps, run.server_cpu_us, run.wrk_cpu_us
+            );
+            results.push(run);
         }
     }
 
@@ -443,7 +446,8 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
 
     let what = format!("{} rounds x {}s, wrk -c{}", opts.rounds, opts.seconds, opts.connections);
     if opts.rounds > 0 {
-        let (f, r, n) = (median(&mut fresh_rps), median(&mut reused_rps), median(&mut native_rps));
+        let rps = |runs: &[WrkRun]| median(&mut runs.iter().map(|r| r.rps).collect::<Vec<_>>());
+        let (f, r, n) = (rps(&fresh_runs), rps(&reused_runs), rps(&native_runs));
         table.row(
             "1",
             format!("GET verify, native axum handler, req/s (median, {what})"),
@@ -469,6 +473,17 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
             "",
         );
         table.row("1", "ratio plugin / native, instances reused", format!("{:.2}", r / n), "aim >= 0.7");
+        let cpu = |runs: &[WrkRun]| {
+            let server = median(&mut runs.iter().map(|r| r.server_cpu_us).collect::<Vec<_>>());
+            let wrk = median(&mut runs.iter().map(|r| r.wrk_cpu_us).collect::<Vec<_>>());
+            format!("{server:.1} / {wrk:.1}")
+        };
+        table.row(
+            "1",
+            "CPU per request during those rounds, server / wrk: native; fresh; reused",
+            format!("{}; {}; {} us", cpu(&native_runs), cpu(&fresh_runs), cpu(&reused_runs)),
+            "",
+        );
     }
     table.row(
         "2",
@@ -889,17 +904,67 @@ async fn futures_join<A: std::future::Future, B: std::future::Future>(a: A, b: B
     tokio::join!(a, b)
 }
 
-fn wrk(url: &str, connections: usize, seconds: u64) -> anyhow::Result<f64> {
+/// One wrk run: requests per second, and CPU time per request of this process
+/// (the servers) and of wrk, so the ratio can be told apart from scheduling.
+struct WrkRun {
+    rps: f64,
+    server_cpu_us: f64,
+    wrk_cpu_us: f64,
+}
+
+fn wrk(url: &str, connections: usize, seconds: u64) -> anyhow::Result<WrkRun> {
+    let before = cpu_ticks()?;
     let out = std::process::Command::new("wrk")
         .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s"), url])
         .output()
         .context("running wrk")?;
+    let after = cpu_ticks()?;
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(!text.contains("Non-2xx"), "errors during the run:\n{text}");
-    text.lines()
+    let rps: f64 = text
+        .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))
+        .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))?;
+    // "N requests in 5.00s, …"
+    let requests: f64 = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in ").map(|(n, _)| n.trim().to_string()))
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no request count in wrk's output:\n{text}"))?;
+    let per_request = |ticks: u64| ticks as f64 * 1e6 / clock_ticks_per_second() / requests.max(1.0);
+    Ok(WrkRun {
+        rps,
+        server_cpu_us: per_request(after.0 - before.0),
+        wrk_cpu_us: per_request(after.1 - before.1),
+    })
+}
+
+/// CPU time (user + system, in clock ticks) of this process and of its
+/// waited-for children, from /proc/self/stat.
+fn cpu_ticks() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    // Fields after the command name (which may hold spaces) start at "state".
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+    let field = |n: usize| -> anyhow::Result<u64> {
+        // `n` is the 1-based field number of proc(5); "state" is field 3.
+        fields.get(n - 3).and_then(|v| v.parse().ok()).context("unexpected /proc/self/stat")
+    };
+    Ok((field(14)? + field(15)?, field(16)? + field(17)?))
+}
+
+/// USER_HZ; 100 on every Linux this runs on, but asked rather than assumed.
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 fn which_wrk() -> anyhow::Result<()> {
