@@ -242,8 +242,18 @@ async fn verify_server(
     dir: &std::path::Path,
     requests_per_instance: u32,
 ) -> anyhow::Result<wxhost::server::RunningServer> {
-    let dist = product::dist("verify.wasm");
-    std::fs::copy(&dist, dir.join("verify.wasm")).with_context(|| format!("copying {}", dist.display()))?;
+    web_server(dir, &product::dist("verify.wasm"), "GET /api/v1/auth/wechat/verify", requests_per_instance)
+        .await
+}
+
+/// A web role serving one plugin (copied into `dir`) on one route.
+async fn web_server(
+    dir: &std::path::Path,
+    wasm: &std::path::Path,
+    route: &str,
+    requests_per_instance: u32,
+) -> anyhow::Result<wxhost::server::RunningServer> {
+    std::fs::copy(wasm, dir.join("plugin.wasm")).with_context(|| format!("copying {}", wasm.display()))?;
     std::fs::write(
         dir.join("plugins.toml"),
         format!(
@@ -258,10 +268,10 @@ grants = ["log", "config", "callback-crypto", "internal-call"]
 deadline_ms = 2000
 memory_limit_mib = 16
 [[plugins]]
-name = "verify"
+name = "bench"
 role = "web"
-wasm = "verify.wasm"
-routes = ["GET /api/v1/auth/wechat/verify"]
+wasm = "plugin.wasm"
+routes = ["{route}"]
 capabilities = ["log", "config", "callback-crypto", "internal-call"]
 requests_per_instance = {requests_per_instance}
 "#
@@ -358,6 +368,12 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     let (fresh_dir, reused_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let fresh = verify_server(fresh_dir.path(), 1).await?;
     let reused = verify_server(reused_dir.path(), REUSE).await?;
+    // The floor: a plugin that answers without doing anything (the sandbox
+    // probe's /probe/ok), on a fresh instance.
+    let probe_dir = tempfile::tempdir()?;
+    let probe =
+        web_server(probe_dir.path(), &product::dist("fixtures/sandbox-probe.wasm"), "GET /probe/ok", 1)
+            .await?;
     let fresh_addr = fresh.role_addrs[&Role::Web];
     let reused_addr = reused.role_addrs[&Role::Web];
 
@@ -411,12 +427,15 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
         body: vec![],
         request_id: "bench".into(),
     };
-    let (mut fresh_us, mut reused_us, mut native_us) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut fresh_us, mut reused_us, mut native_us, mut floor_us) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let probe_request = Request { path: "/probe/ok".into(), query: String::new(), ..request.clone() };
     // Alternating slices, so that both modes and the native loop see the same noise.
     let slices = 5;
     let per_slice = (opts.sandbox_iterations / slices).max(1);
     for _ in 0..slices {
         fresh_us.push(invoke_micros(&fresh, &request, per_slice).await?);
+        floor_us.push(invoke_micros(&probe, &probe_request, per_slice).await?);
         reused_us.push(invoke_micros(&reused, &request, per_slice).await?);
         let started = Instant::now();
         for _ in 0..per_slice {
@@ -426,8 +445,8 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
         }
         native_us.push(micros(started.elapsed()) / per_slice as f64);
     }
-    let (fresh_call, reused_call, native_call) =
-        (median(&mut fresh_us), median(&mut reused_us), median(&mut native_us));
+    let (fresh_call, reused_call, native_call, floor_call) =
+        (median(&mut fresh_us), median(&mut reused_us), median(&mut native_us), median(&mut floor_us));
     let phases = fresh_phases(&fresh, &request, opts.sandbox_iterations.max(1)).await?;
     // The same request through each server's router, without sockets: what the
     // host adds per request in-process, apart from the kernel's TCP work.
@@ -497,6 +516,12 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
         format!("{:.1} / {:.1} / {:.1} / {:.1} us", phases[0], phases[1], phases[2], phases[3]),
         "",
     );
+    table.row(
+        "2",
+        "  floor: a plugin that does nothing (sandbox probe, GET /probe/ok), fresh instance, one thread",
+        format!("{floor_call:.1} us"),
+        "",
+    );
     table.row("2", "plugin invoke, instance reused (call), one thread", format!("{reused_call:.1} us"), "");
     table.row("2", "same work natively, one thread", format!("{native_call:.1} us"), "");
     table.row(
@@ -519,6 +544,7 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     );
     fresh.shutdown();
     reused.shutdown();
+    probe.shutdown();
     native_server.abort();
     Ok(())
 }

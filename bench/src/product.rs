@@ -20,7 +20,6 @@ use wxhost::sim::{Sim, SimConfig, SimPayConfig};
 
 pub const TOKEN: &str = "bench-token";
 pub const APPID: &str = "wxb11529c136998cb6";
-pub const AES_KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
 pub const APPSECRET: &str = "bench-app-secret";
 pub const INTERNAL_SECRET: &str = "bench-internal-secret";
 pub const MCHID: &str = "1900000109";
@@ -149,7 +148,6 @@ fn base_settings() -> Settings {
     Settings {
         wechat_token: Some(TOKEN.to_string().into()),
         wechat_appid: Some(APPID.into()),
-        wechat_aes_key: Some(AES_KEY.to_string().into()),
         internal_secret: Some(INTERNAL_SECRET.to_string().into()),
         admin_listen: Some("127.0.0.1:0".parse().expect("an address")),
         ..Settings::default()
@@ -186,7 +184,8 @@ impl Product {
             appid: APPID.into(),
             secret: APPSECRET.into(),
             token: TOKEN.into(),
-            aes_key: Some(AES_KEY.into()),
+            // A plaintext-mode account: no EncodingAESKey (row 3 pushes in plaintext).
+            aes_key: None,
             web_url: None,
             token_ttl: Duration::from_secs(7200),
         })
@@ -217,7 +216,6 @@ impl Product {
         // Each role gets only its own secrets, as in production.
         let mut app_settings = merchant;
         app_settings.wechat_token = None;
-        app_settings.wechat_aes_key = None;
         app_settings.wechat_appsecret = Some(APPSECRET.to_string().into());
         app_settings.wechat_api_base = Some(format!("http://{sim_addr}"));
         app_settings.wechat_qrcode_base = Some(format!("http://{sim_addr}/cgi-bin/showqrcode"));

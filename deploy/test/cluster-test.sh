@@ -125,6 +125,15 @@ if "$here/nginx-config-check.sh" >"$tmp/nginx-t.log" 2>&1; then pass "nginx -t (
 if "$deploy/systemd/verify.sh" >"$tmp/systemd.log" 2>&1; then pass "systemd units"; else cat "$tmp/systemd.log"; fail "systemd units"; fi
 
 step "deploy/local-cluster up"
+# The cluster holds an EncodingAESKey (the simulator pushes in safe mode), but
+# the streams below are plaintext pushes made with curl: this run's copy of
+# plugins.toml accepts them (`accept_plaintext_with_aes_key`, as during a
+# switch of mode). The shipped default refusing them is a test of its own.
+repo=$(cd "$deploy/.." && pwd)
+sed -e 's/^accept_plaintext_with_aes_key = false$/accept_plaintext_with_aes_key = true/' \
+    -e "s|^root = \"frontend\"$|root = \"$repo/frontend\"|" "$repo/plugins.toml" > "$tmp/plugins.toml"
+grep -q '^accept_plaintext_with_aes_key = true$' "$tmp/plugins.toml" || { echo "plugins.toml has no accept_plaintext_with_aes_key line" >&2; exit 1; }
+export WXHOST_CONFIG=$tmp/plugins.toml WXHOST_PLUGIN_DIST=${WXHOST_PLUGIN_DIST:-$repo/plugins/dist}
 "$deploy/local-cluster" up > "$tmp/up.out"
 cat "$tmp/up.out"
 if [ "$(grep -c '^NGINX_URL=' "$tmp/up.out")" = 1 ]; then pass "exactly one NGINX_URL line"; else fail "exactly one NGINX_URL line"; fi

@@ -60,6 +60,7 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawWechat {
     timestamp_window_secs: Option<u64>,
+    accept_plaintext_with_aes_key: Option<bool>,
     token_endpoint: Option<String>,
 }
 
@@ -172,6 +173,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// Accepted distance of a callback's timestamp from now; `None` disables the check.
     pub timestamp_window_secs: Option<u64>,
+    /// Plaintext pushes accepted although WECHAT_AES_KEY is set (a switch of mode).
+    pub accept_plaintext_with_aes_key: bool,
     pub token_endpoint: crate::caps::wechat_api::TokenEndpoint,
     /// Lifetime of login sessions.
     pub session_ttl_secs: u64,
@@ -469,6 +472,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             Some(s) => Some(s),
             None => Some(300),
         },
+        accept_plaintext_with_aes_key: raw.wechat.accept_plaintext_with_aes_key.unwrap_or(false),
         token_endpoint,
         session_ttl_secs,
         pool,

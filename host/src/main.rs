@@ -124,9 +124,10 @@ enum SimCommand {
         /// The user already follows the account (a SCAN event instead of subscribe).
         #[arg(long)]
         subscribed: bool,
-        /// Push in safe mode (AES).
+        /// Push in plaintext mode even though the simulator has an EncodingAESKey
+        /// (with one, it pushes in safe mode, as WeChat does).
         #[arg(long)]
-        safe_mode: bool,
+        plaintext: bool,
     },
     /// Issue a web-authorization code for a test user.
     Code {
@@ -454,7 +455,9 @@ async fn sim(command: SimCommand) -> anyhow::Result<ExitCode> {
             let _ = task.await;
             Ok(ExitCode::SUCCESS)
         }
-        SimCommand::Scan { sim_url, ticket, scene, user, subscribed, safe_mode } => {
+        SimCommand::Scan { sim_url, ticket, scene, user, subscribed, plaintext } => {
+            // Unset: the simulator's own mode (safe with an EncodingAESKey).
+            let safe_mode = if plaintext { Some(false) } else { None };
             let body = serde_json::json!({ "ticket": ticket, "scene": scene, "user": user, "subscribed": subscribed, "safe_mode": safe_mode });
             control(&sim_url, "/sim/scan", body).await
         }

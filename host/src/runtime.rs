@@ -125,6 +125,10 @@ pub enum PluginFailure {
     OutOfMemory,
     #[error("plugin trapped: {0}")]
     Trap(String),
+    /// Every instance slot of the pool (`[host] max_instances`) is taken:
+    /// temporary, the request never started.
+    #[error("no free instance slot: [host] max_instances are all in use")]
+    Busy,
 }
 
 /// Runs one request of `plugin` within its deadline and memory limit: on a
@@ -178,7 +182,9 @@ pub async fn invoke(
             Ok(response)
         }
         Ok((store, Err(e))) => {
-            if store.data().limiter.exceeded || e.downcast_ref::<MemoryLimitExceeded>().is_some() {
+            if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
+                Err(PluginFailure::Busy)
+            } else if store.data().limiter.exceeded || e.downcast_ref::<MemoryLimitExceeded>().is_some() {
                 Err(PluginFailure::OutOfMemory)
             } else if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
                 Err(PluginFailure::Timeout(plugin.deadline))

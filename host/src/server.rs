@@ -190,7 +190,8 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
             s.wechat_aes_key.as_ref(),
             s.wechat_appid.clone(),
             config.timestamp_window_secs,
-        )?;
+        )?
+        .accept_plaintext_with_aes_key(config.accept_plaintext_with_aes_key);
         Some(match s.pay_notify_keys()? {
             Some(keys) => crypto.with_pay(keys),
             None => crypto,
@@ -397,6 +398,7 @@ async fn route_and_run(
                 PluginFailure::Timeout(_) => "timeout",
                 PluginFailure::OutOfMemory => "out_of_memory",
                 PluginFailure::Trap(_) => "trap",
+                PluginFailure::Busy => "busy",
             };
             metrics::counter!("wxhost_plugin_failures_total", "plugin" => identity.name.clone(), "kind" => kind)
                 .increment(1);
@@ -451,6 +453,8 @@ fn failure_response(failure: &PluginFailure) -> Response {
             (StatusCode::INTERNAL_SERVER_ERROR, "plugin_out_of_memory", "the handler ran out of memory")
         }
         PluginFailure::Trap(_) => (StatusCode::INTERNAL_SERVER_ERROR, "plugin_failed", "the handler failed"),
+        // Dispatch adds Retry-After to every 503.
+        PluginFailure::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy", "the server is busy, try again"),
     };
     let body = serde_json::json!({ "error": { "code": code, "message": message } });
     (status, axum::Json(body)).into_response()

@@ -45,7 +45,7 @@ async fn qr_code_login_runs_end_to_end_on_both_databases() {
             scene: None,
             user: "bob".into(),
             subscribed: false,
-            safe_mode: true,
+            safe_mode: Some(true),
         };
         let (status, reply) = stack.sim.scan(&scan).await.unwrap();
         assert_eq!(status, 200, "{which}: {reply}");
@@ -70,7 +70,7 @@ async fn qr_code_login_runs_end_to_end_on_both_databases() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_qr_code_that_nobody_scans_expires() {
+async fn a_qr_code_expires_whether_nobody_scans_it_or_nobody_collects_the_scan() {
     let db = sqlite_database().await;
     let stack = Stack::start(&db.url).await;
     let (_, qr) = stack.post("/api/v1/auth/wechat/qrcode", None, "").await;
@@ -78,6 +78,23 @@ async fn a_qr_code_that_nobody_scans_expires() {
     db_exec(&db.url, "UPDATE bindings SET expires_at = 1 WHERE scene = ?", &[scene]).await;
     let (_, poll) = stack.get(&format!("/api/v1/auth/wechat/qrcode/{scene}"), None).await;
     assert_eq!(poll["status"], "expired");
+
+    // Scanned, but the login page never collected it before expiry: whoever
+    // finds the scene later (it travels in URLs) gets no session.
+    let (_, qr) = stack.post("/api/v1/auth/wechat/qrcode", None, "").await;
+    let scene = qr["scene"].as_str().unwrap();
+    let scan = ScanRequest {
+        ticket: qr["ticket"].as_str().map(str::to_string),
+        scene: None,
+        user: "dave".into(),
+        subscribed: false,
+        safe_mode: None,
+    };
+    assert_eq!(stack.sim.scan(&scan).await.unwrap().0, 200);
+    db_exec(&db.url, "UPDATE bindings SET expires_at = 1 WHERE scene = ?", &[scene]).await;
+    let (_, poll) = stack.get(&format!("/api/v1/auth/wechat/qrcode/{scene}"), None).await;
+    assert_eq!(poll["status"], "expired", "{poll}");
+    assert!(poll.get("token").is_none(), "{poll}");
     let (status, _) = stack.get("/api/v1/auth/wechat/qrcode/login_nonexistent", None).await;
     assert_eq!(status, 404);
     stack.shutdown().await;

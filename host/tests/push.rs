@@ -517,6 +517,78 @@ fn base64_of(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// A stand-in app role that counts the calls it gets.
+async fn counting_app() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    let app = axum::Router::new().fallback(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { (axum::http::StatusCode::OK, "{}") }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_aes_key_a_plaintext_push_is_refused_before_it_reaches_the_app_role() {
+    use std::sync::atomic::Ordering;
+    // The shipped default: no `accept_plaintext_with_aes_key`.
+    let toml = base_toml(2000, WEB_GRANTS, APP_GRANTS).replace("accept_plaintext_with_aes_key = true", "")
+        + VERIFY_PLUGIN;
+    let config = TestConfig::new(&toml, &[("verify.wasm", "verify.wasm")]);
+    let client = reqwest::Client::new();
+    let subscribe = event("oPlain", unix_now(), "subscribe", "");
+    let signed = |nonce: &str| {
+        let ts = unix_now().to_string();
+        (format!("signature={}&timestamp={ts}&nonce={nonce}", sorted_sha1(&[TOKEN, &ts, nonce])), ts)
+    };
+
+    for (case, aes_key) in [("with an EncodingAESKey", true), ("without one (plaintext mode)", false)] {
+        let (app_addr, calls) = counting_app().await;
+        let mut web_settings = settings(None);
+        web_settings.app_internal_url = Some(format!("http://{app_addr}"));
+        if !aes_key {
+            web_settings.wechat_aes_key = None;
+        }
+        let web = start_with(&config, &[Role::Web], web_settings, false).await;
+        let web_url = |q: &str| url(&web, Role::Web, &format!("/api/v1/auth/wechat/verify?{q}"));
+
+        // A correctly signed plaintext push: its signature does not cover the body.
+        let (query, _) = signed("plain");
+        let r = client.post(web_url(&query)).body(subscribe.clone()).send().await.unwrap();
+        let (status, text) = (r.status().as_u16(), r.text().await.unwrap());
+        if aes_key {
+            assert_eq!(status, 403, "{case}: {text}");
+            assert!(text.contains("plaintext_refused"), "{case}: {text}");
+            assert_eq!(calls.load(Ordering::SeqCst), 0, "{case}: nothing reached the app role");
+
+            // The same event in safe mode passes, and server verification still works.
+            let (query, ts) = signed("safe");
+            let sealed = crypto().encrypt_reply(&subscribe, &ts, "safe").unwrap();
+            let q = format!("{query}&encrypt_type=aes&msg_signature={}", sealed.msg_signature);
+            let body = format!(
+                "<xml><ToUserName>gh</ToUserName><Encrypt><![CDATA[{}]]></Encrypt></xml>",
+                sealed.encrypt
+            );
+            client.post(web_url(&q)).body(body).send().await.unwrap();
+            assert_eq!(calls.load(Ordering::SeqCst), 1, "{case}: the safe-mode push reached the app role");
+            let r = client.get(url(&web, Role::Web, &verify_query("echo123"))).send().await.unwrap();
+            assert_eq!(
+                (r.status().as_u16(), r.text().await.unwrap()),
+                (200, "echo123".to_string()),
+                "{case}"
+            );
+        } else {
+            assert_ne!(status, 403, "{case}: {text}");
+            assert_eq!(calls.load(Ordering::SeqCst), 1, "{case}: the plaintext push reached the app role");
+        }
+        web.shutdown();
+        web.wait().await;
+    }
+}
+
 /// A stand-in app role that answers too slowly, or with a 500.
 async fn fake_app(delay: Duration, status: u16) -> std::net::SocketAddr {
     let app = axum::Router::new().fallback(move || async move {

@@ -35,6 +35,8 @@ pub struct CallbackCrypto {
     appid: Option<String>,
     /// Accepted distance of a callback's timestamp from now; `None` disables the check.
     window_secs: Option<u64>,
+    /// Plaintext pushes accepted although an EncodingAESKey is set (a switch of mode).
+    accept_plaintext_with_aes_key: bool,
     pay: Option<PayNotifyKeys>,
 }
 
@@ -72,7 +74,21 @@ impl CallbackCrypto {
                 Some(SecretSlice::from(bytes))
             }
         };
-        Ok(CallbackCrypto { token, aes_key, appid, window_secs, pay: None })
+        Ok(CallbackCrypto {
+            token,
+            aes_key,
+            appid,
+            window_secs,
+            accept_plaintext_with_aes_key: false,
+            pay: None,
+        })
+    }
+
+    /// Accepts plaintext pushes although an EncodingAESKey is set (while the
+    /// account switches from plaintext mode).
+    pub fn accept_plaintext_with_aes_key(mut self, accept: bool) -> Self {
+        self.accept_plaintext_with_aes_key = accept;
+        self
     }
 
     /// Adds WeChat Pay notify verification.
@@ -195,6 +211,21 @@ impl CallbackCrypto {
             return Err(CryptoError::BadSignature);
         }
         self.check_timestamp(timestamp)
+    }
+
+    /// A plaintext-mode push: its signature covers token, timestamp and nonce
+    /// but not the body, so with an EncodingAESKey set (WeChat encrypts every
+    /// push) it is refused before anything else.
+    pub fn verify_plaintext_push(
+        &self,
+        signature: &str,
+        timestamp: &str,
+        nonce: &str,
+    ) -> Result<(), CryptoError> {
+        if self.aes_key.is_some() && !self.accept_plaintext_with_aes_key {
+            return Err(CryptoError::PlaintextRefused);
+        }
+        self.verify_server_signature(signature, timestamp, nonce)
     }
 
     pub fn decrypt_message(
@@ -380,6 +411,15 @@ impl wit::Host for CallbackCryptoView<'_> {
         nonce: String,
     ) -> wasmtime::Result<Result<(), CryptoError>> {
         Ok(self.ctx().and_then(|c| c.verify_server_signature(&signature, &timestamp, &nonce)))
+    }
+
+    fn verify_plaintext_push(
+        &mut self,
+        signature: String,
+        timestamp: String,
+        nonce: String,
+    ) -> wasmtime::Result<Result<(), CryptoError>> {
+        Ok(self.ctx().and_then(|c| c.verify_plaintext_push(&signature, &timestamp, &nonce)))
     }
 
     fn decrypt_message(

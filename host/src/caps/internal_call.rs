@@ -15,6 +15,13 @@ const MAX_RESPONSE_BYTES: usize = 1 << 20;
 /// Time kept back from the plugin's deadline so it can still answer WeChat.
 const ANSWER_MARGIN: Duration = Duration::from_millis(200);
 
+/// How often a call that failed before any answer is sent again. A pooled
+/// connection the other side has just closed (an nginx reload, an app process
+/// stopping) fails that way. Internal calls are idempotent (the app role
+/// applies each event and each payment once), so resending cannot apply
+/// anything twice; it only spares WeChat a retry.
+const RESENDS: usize = 2;
+
 /// The owned context: the app role's base URL, the signer and an HTTP client.
 pub struct InternalClient {
     base: String,
@@ -59,9 +66,25 @@ impl InternalClient {
             .header("x-request-id", request_id)
             .header(TIMESTAMP_HEADER, timestamp)
             .header(SIGNATURE_HEADER, signature)
-            .body(body)
-            .timeout(timeout);
-        let response = request.send().await.map_err(classify)?;
+            .body(body);
+        let deadline = Instant::now() + timeout;
+        let mut resends = 0;
+        let response = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = request.try_clone().expect("a byte body clones").timeout(left);
+            match attempt.send().await {
+                Ok(response) => break response,
+                Err(e) if !e.is_timeout() && resends < RESENDS && !left.is_zero() => {
+                    resends += 1;
+                    tracing::info!(
+                        path,
+                        request_id,
+                        "internal call sent again after it failed unanswered: {e}"
+                    );
+                }
+                Err(e) => return Err(classify(e)),
+            }
+        };
         let status = response.status().as_u16();
         let body = response.bytes().await.map_err(classify)?;
         if body.len() > MAX_RESPONSE_BYTES {
@@ -118,5 +141,60 @@ impl wit::Host for InternalCallView<'_> {
         }
         let request_id = self.request_id.to_string();
         Ok(client.call(&method, &path, body, &request_id, left).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An app role stand-in that reads each request and, for the first
+    /// `drop_first` connections, closes without answering.
+    async fn flaky_app(drop_first: usize) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = vec![0u8; 8192];
+                let _ = socket.read(&mut buf).await;
+                if n >= drop_first {
+                    let _ = socket
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+                        .await;
+                }
+                drop(socket);
+            }
+        });
+        (format!("http://{addr}"), seen)
+    }
+
+    fn client(base: &str) -> InternalClient {
+        InternalClient::new(base, InternalAuth::new("test-internal-secret".to_string().into())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_call_closed_unanswered_is_sent_again_and_answered() {
+        let (base, seen) = flaky_app(2).await;
+        let answer = client(&base)
+            .call("POST", "/api/v1/internal/x", b"{}".to_vec(), "r1", Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert_eq!((answer.status, answer.body), (200, b"{}".to_vec()));
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 3, "two resends");
+    }
+
+    #[tokio::test]
+    async fn a_call_closed_unanswered_every_time_is_unavailable_after_two_resends() {
+        let (base, seen) = flaky_app(usize::MAX).await;
+        let failed = client(&base)
+            .call("POST", "/api/v1/internal/x", b"{}".to_vec(), "r2", Duration::from_secs(2))
+            .await;
+        assert!(matches!(failed, Err(CallError::Unavailable(_))), "{failed:?}");
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 }

@@ -151,7 +151,10 @@ impl WechatApi {
             ];
             let info = self.send(Method::Get, "sns/userinfo", &query, None, None, deadline).await?;
             user.nickname = text(&info, "nickname");
-            user.avatar_url = text(&info, "headimgurl");
+            // WeChat has served avatars over http://; the member pages (and
+            // their CSP) load them over https://, which the same hosts serve.
+            user.avatar_url = text(&info, "headimgurl")
+                .map(|url| url.strip_prefix("http://").map(|rest| format!("https://{rest}")).unwrap_or(url));
             user.unionid = user.unionid.or_else(|| text(&info, "unionid"));
         }
         Ok(user)

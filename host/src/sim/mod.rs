@@ -403,7 +403,8 @@ async fn userinfo(State(sim): State<Sim>, Query(q): Query<UserinfoQuery>) -> Jso
         "province": "",
         "city": "",
         "country": "",
-        "headimgurl": format!("https://thirdwx.qlogo.cn/mmopen/{openid}/132"),
+        // http://, as WeChat has served avatars (the host stores https://).
+        "headimgurl": format!("http://thirdwx.qlogo.cn/mmopen/{openid}/132"),
         "privilege": [],
     }))
 }
@@ -571,9 +572,10 @@ pub struct ScanRequest {
     /// Whether the user already follows the account (SCAN) or not (subscribe).
     #[serde(default)]
     pub subscribed: bool,
-    /// Push in safe mode (AES).
+    /// Push in safe mode (AES). Unset: safe mode when the simulator has an
+    /// EncodingAESKey, as WeChat encrypts every push once the account has one.
     #[serde(default)]
-    pub safe_mode: bool,
+    pub safe_mode: Option<bool>,
 }
 
 async fn scan(State(sim): State<Sim>, Json(s): Json<ScanRequest>) -> Json<Value> {
@@ -607,7 +609,7 @@ impl Sim {
             now(),
             s.ticket.clone().unwrap_or_default()
         );
-        self.push(&xml, s.safe_mode).await
+        self.push(&xml, s.safe_mode.unwrap_or(self.config.aes_key.is_some())).await
     }
 
     /// Signs (and in safe mode encrypts) a push and posts it to the web role.

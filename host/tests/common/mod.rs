@@ -117,6 +117,9 @@ listen = "127.0.0.1:0"
 
 [wechat]
 timestamp_window_secs = 300
+# The tests hold the safe-mode vectors' EncodingAESKey and push in both modes;
+# push.rs checks the default (plaintext refused while a key is set).
+accept_plaintext_with_aes_key = true
 
 [roles.web]
 listen = "127.0.0.1:0"

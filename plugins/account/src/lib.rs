@@ -119,13 +119,21 @@ fn poll_qrcode(scene: &str) -> Answer {
         "pending" if expires_at > now() => {
             Ok(reply(200, json!({ "status": "pending", "expires_at": expires_at })))
         }
+        // A scan the login page did not collect before the QR code expired
+        // stays uncollected: the scene travels in URLs (proxies, logs).
+        "pending" | "expired" | "scanned" if expires_at <= now() => {
+            Ok(reply(200, json!({ "status": "expired" })))
+        }
         "pending" | "expired" => Ok(reply(200, json!({ "status": "expired" }))),
         "scanned" => {
             let openid = openid.ok_or_else(|| failure(500, "internal_error", "scanned without openid"))?;
-            // Hand the session out once: only the poll that flips scanned → consumed gets it.
+            // Hand the session out once, before expiry: only the poll that flips
+            // scanned → consumed gets it.
+            let now = now();
             let claimed = db::execute(
-                "UPDATE bindings SET status = 'consumed', updated_at = ? WHERE scene = ? AND status = 'scanned'",
-                &[Value::Int(now()), Value::Text(scene.into())],
+                "UPDATE bindings SET status = 'consumed', updated_at = ? \
+                 WHERE scene = ? AND status = 'scanned' AND expires_at > ?",
+                &[Value::Int(now), Value::Text(scene.into()), Value::Int(now)],
             )
             .map_err(db_failure)?;
             if claimed.rows_affected != 1 {

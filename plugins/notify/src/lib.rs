@@ -159,6 +159,8 @@ fn crypto_failure(e: CryptoError, answer: fn(u16, &str) -> Response) -> Response
             log::log(Level::Error, &format!("payment notify not configured: {what}"));
             answer(503, "payment notify is not configured")
         }
+        // Only plaintext pushes to the callback URL get this.
+        CryptoError::PlaintextRefused => answer(400, "request rejected"),
     }
 }
 

@@ -80,7 +80,7 @@ fn push(req: &Request) -> Step<Response> {
     } else {
         let signature =
             query.get("signature").ok_or_else(|| error(400, "missing_parameter", "signature is required"))?;
-        callback_crypto::verify_server_signature(signature, timestamp, nonce).map_err(crypto_error)?;
+        callback_crypto::verify_plaintext_push(signature, timestamp, nonce).map_err(crypto_error)?;
         body.to_string()
     };
     let fields = xml::parse(&plaintext).map_err(|e| error(400, "malformed_xml", &e))?;
@@ -269,6 +269,11 @@ fn crypto_error(e: CryptoError) -> Response {
             log::log(Level::Error, &format!("callback crypto not configured: {what}"));
             error(503, "not_configured", "the WeChat callback is not configured")
         }
+        CryptoError::PlaintextRefused => error(
+            403,
+            "plaintext_refused",
+            "this account receives encrypted pushes (encrypt_type=aes); a plaintext push is refused",
+        ),
         other => {
             log::log(Level::Warn, &format!("unexpected crypto error: {other:?}"));
             error(400, "rejected", "request rejected")
