@@ -212,7 +212,7 @@ pub struct PluginSpec {
     pub wechat_api: Vec<String>,
     /// How many requests one instance serves. 1 (the default) is a fresh
     /// sandbox per request; more trades isolation between this plugin's
-    /// requests for speed (see docs/plugins.md, "Instance reuse").
+    /// requests for speed (see the README, "Instance reuse").
     pub requests_per_instance: u32,
 }
 

@@ -4,8 +4,11 @@ use std::time::Duration;
 
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-/// How often the epoch advances; deadlines are counted in these ticks.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// How often the epoch advances: a running plugin yields to the executor at
+/// every tick. Tokio polls for I/O only every 61 task polls, so with every
+/// worker running a spinning plugin, new requests wait 61 ticks before they are
+/// even read; at 1 ms that is ~60 ms (at 10 ms it was most of a deadline).
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Upper bound of any role's memory limit (plugins.toml allows up to 4 GiB).
 const MAX_MEMORY_BYTES: usize = 4 << 30;

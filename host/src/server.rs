@@ -402,10 +402,16 @@ async fn route_and_run(
             };
             metrics::counter!("wxhost_plugin_failures_total", "plugin" => identity.name.clone(), "kind" => kind)
                 .increment(1);
-            tracing::error!(
-                plugin = %identity.name, version = %identity.version, request_id, role = %state.role,
-                elapsed_ms = started.elapsed().as_millis() as u64, "{failure}"
-            );
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            if matches!(failure, PluginFailure::Busy) {
+                // Load shedding, not a fault: one line per request at most at warn.
+                tracing::warn!(plugin = %identity.name, request_id, role = %state.role, "{failure}");
+            } else {
+                tracing::error!(
+                    plugin = %identity.name, version = %identity.version, request_id, role = %state.role,
+                    elapsed_ms, "{failure}"
+                );
+            }
             failure_response(&failure)
         }
     })

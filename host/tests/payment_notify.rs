@@ -198,6 +198,14 @@ async fn a_paid_order_is_credited_once_however_often_the_notify_comes_on_both_da
             assert_eq!(status, 204, "{which}");
         }
         assert_eq!(pay.state("WX_A2", "oPayer2").await, ("paid".to_string(), 10), "{which}");
+
+        // An order placed before migration 0004 recorded its merchant: credited too.
+        pay.order("WX_A3", "oPayer3").await;
+        db_exec(&pay.db_url, "UPDATE orders SET appid = '', mchid = '' WHERE out_trade_no = ?", &["WX_A3"])
+            .await;
+        let (status, body) = pay.send_v3(&V3::paid("WX_A3")).await;
+        assert_eq!(status, 204, "{which}: {body}");
+        assert_eq!(pay.state("WX_A3", "oPayer3").await, ("paid".to_string(), 10), "{which}");
         pay.shutdown().await;
     }
 }

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -517,23 +519,8 @@ fn base64_of(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// A stand-in app role that counts the calls it gets.
-async fn counting_app() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = calls.clone();
-    let app = axum::Router::new().fallback(move || {
-        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        async { (axum::http::StatusCode::OK, "{}") }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (addr, calls)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_an_aes_key_a_plaintext_push_is_refused_before_it_reaches_the_app_role() {
-    use std::sync::atomic::Ordering;
     // The shipped default: no `accept_plaintext_with_aes_key`.
     let toml = base_toml(2000, WEB_GRANTS, APP_GRANTS).replace("accept_plaintext_with_aes_key = true", "")
         + VERIFY_PLUGIN;
@@ -546,7 +533,7 @@ async fn with_an_aes_key_a_plaintext_push_is_refused_before_it_reaches_the_app_r
     };
 
     for (case, aes_key) in [("with an EncodingAESKey", true), ("without one (plaintext mode)", false)] {
-        let (app_addr, calls) = counting_app().await;
+        let (app_addr, calls) = fake_app(Duration::ZERO, 200).await;
         let mut web_settings = settings(None);
         web_settings.app_internal_url = Some(format!("http://{app_addr}"));
         if !aes_key {
@@ -589,16 +576,21 @@ async fn with_an_aes_key_a_plaintext_push_is_refused_before_it_reaches_the_app_r
     }
 }
 
-/// A stand-in app role that answers too slowly, or with a 500.
-async fn fake_app(delay: Duration, status: u16) -> std::net::SocketAddr {
-    let app = axum::Router::new().fallback(move || async move {
-        tokio::time::sleep(delay).await;
-        (axum::http::StatusCode::from_u16(status).unwrap(), "{}")
+/// A stand-in app role answering `status` after `delay`, and the count of calls it got.
+async fn fake_app(delay: Duration, status: u16) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let app = axum::Router::new().fallback(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(delay).await;
+            (axum::http::StatusCode::from_u16(status).unwrap(), "{}")
+        }
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
+    (addr, calls)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -606,7 +598,7 @@ async fn a_slow_or_failing_app_role_means_the_push_is_not_acknowledged_in_time()
     for (case, delay, status) in [("slow", Duration::from_secs(10), 200), ("failing", Duration::ZERO, 500)] {
         let config = config();
         let mut web_settings = settings(None);
-        web_settings.app_internal_url = Some(format!("http://{}", fake_app(delay, status).await));
+        web_settings.app_internal_url = Some(format!("http://{}", fake_app(delay, status).await.0));
         let web = start_with(&config, &[Role::Web], web_settings, false).await;
         let ts = unix_now().to_string();
         let q = format!(

@@ -121,11 +121,7 @@ fn poll_qrcode(scene: &str) -> Answer {
         }
         // A scan the login page did not collect before the QR code expired
         // stays uncollected: the scene travels in URLs (proxies, logs).
-        "pending" | "expired" | "scanned" if expires_at <= now() => {
-            Ok(reply(200, json!({ "status": "expired" })))
-        }
-        "pending" | "expired" => Ok(reply(200, json!({ "status": "expired" }))),
-        "scanned" => {
+        "scanned" if expires_at > now() => {
             let openid = openid.ok_or_else(|| failure(500, "internal_error", "scanned without openid"))?;
             // Hand the session out once, before expiry: only the poll that flips
             // scanned → consumed gets it.
@@ -145,6 +141,7 @@ fn poll_qrcode(scene: &str) -> Answer {
                 json!({ "status": "scanned", "openid": openid, "token": session.token, "expires_at": session.expires_at }),
             ))
         }
+        "pending" | "expired" | "scanned" => Ok(reply(200, json!({ "status": "expired" }))),
         _ => Ok(reply(200, json!({ "status": "consumed" }))),
     }
 }
