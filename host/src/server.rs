@@ -331,8 +331,13 @@ async fn route_and_run(
     let internal =
         path.starts_with(INTERNAL_PREFIX) || matches!(routed, RouteMatch::Found { internal: true, .. });
     let limit = runtime.config.max_body_bytes;
-    let body: Bytes =
-        axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::payload_too_large(limit))?;
+    let body: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if e.into_inner().is::<http_body_util::LengthLimitError>() {
+            ApiError::payload_too_large(limit)
+        } else {
+            ApiError::bad_request("the request body could not be read")
+        }
+    })?;
     if internal {
         authenticate_internal(state, &parts, &body)?;
     }

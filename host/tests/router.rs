@@ -107,6 +107,18 @@ async fn the_role_router_dispatches_to_plugins_and_answers_json_errors() {
 
     let (status, _, body) = call(router.clone(), get("/healthz")).await;
     assert_eq!((status, body), (StatusCode::OK, br#"{"status":"ok"}"#.to_vec()));
+
+    // A body over the role's limit is 413; one that breaks off mid-way is 400.
+    let post = |body: Body| Request::post("/api/v1/auth/wechat/verify").body(body).unwrap();
+    let (status, _, body) = call(router.clone(), post(Body::from(vec![b'x'; 65 * 1024]))).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{}", String::from_utf8_lossy(&body));
+    let broken = futures::stream::iter([
+        Ok(axum::body::Bytes::from_static(b"<xml>")),
+        Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "client went away")),
+    ]);
+    let (status, _, body) = call(router.clone(), post(Body::from_stream(broken))).await;
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -212,6 +212,11 @@ async fn a_plugin_may_call_only_its_allowed_paths_and_never_sees_the_token() {
     assert!(matches!(refused, Err(ApiError::NotAllowed(_))), "{refused:?}");
     let sneaky = view.call(Method::Get, "cgi-bin/menu/get/../../token".into(), vec![], None).await.unwrap();
     assert!(matches!(sneaky, Err(ApiError::NotAllowed(_))), "{sneaky:?}");
+    for key in ["access_token", "ACCESS_TOKEN", "appid", "secret"] {
+        let own = vec![(key.to_string(), "x".to_string())];
+        let refused = view.call(Method::Get, "cgi-bin/menu/get".into(), own, None).await.unwrap();
+        assert!(matches!(&refused, Err(ApiError::NotAllowed(m)) if m.contains(key)), "{key}: {refused:?}");
+    }
     assert_eq!(view.appid().await.unwrap(), APPID);
 }
 

@@ -36,6 +36,10 @@ struct TokenRow {
     /// Until when WeChat still takes it (a little before its expiry).
     valid_until: i64,
 }
+/// Query keys only the host sets: a plugin's own would travel beside the
+/// host's (WeChat might read the plugin's, fail, and get a good token dropped).
+const HOST_QUERY_KEYS: [&str; 3] = ["access_token", "appid", "secret"];
+
 /// How long a process may hold the refresh lease.
 const LEASE_SECS: i64 = 10;
 /// Longest single call to WeChat.
@@ -489,7 +493,13 @@ impl WechatApiView<'_> {
     }
 
     /// The normalised path, if this plugin's allow-list has it.
-    fn allowed(&self, path: &str) -> Result<String, ApiError> {
+    /// The path, if this plugin may call it with this query.
+    fn allowed(&self, path: &str, query: &[(String, String)]) -> Result<String, ApiError> {
+        if let Some((key, _)) =
+            query.iter().find(|(k, _)| HOST_QUERY_KEYS.iter().any(|h| k.eq_ignore_ascii_case(h)))
+        {
+            return Err(ApiError::NotAllowed(format!("the host sets `{key}` itself")));
+        }
         let path = path.trim_start_matches('/');
         if self.allowed_paths.iter().any(|p| p == path) {
             Ok(path.to_string())
@@ -510,7 +520,7 @@ impl wit::Host for WechatApiView<'_> {
         body: Option<String>,
     ) -> wasmtime::Result<Result<String, ApiError>> {
         let result = async {
-            let path = self.allowed(&path)?;
+            let path = self.allowed(&path, &query)?;
             let value = self.ctx()?.call(method, &path, &query, body.as_deref(), self.deadline_at).await?;
             Ok(value.to_string())
         };
@@ -525,7 +535,7 @@ impl wit::Host for WechatApiView<'_> {
         body: Option<String>,
     ) -> wasmtime::Result<Result<String, ApiError>> {
         let result = async {
-            let path = self.allowed(&path)?;
+            let path = self.allowed(&path, &query)?;
             let value =
                 self.ctx()?.call_raw(method, &path, &query, body.as_deref(), self.deadline_at).await?;
             Ok(value.to_string())
