@@ -87,7 +87,13 @@ impl Database {
     }
 
     pub fn dialect(&self) -> Dialect {
-        match self.pool {
+        self.pool.dialect()
+    }
+}
+
+impl Pool {
+    pub fn dialect(&self) -> Dialect {
+        match self {
             Pool::Sqlite(_) => Dialect::Sqlite,
             Pool::Mysql(_) => Dialect::Mysql,
         }

@@ -117,11 +117,42 @@ async fn the_capability_queries_executes_commits_and_rolls_back_on_both_database
         let missing = query(db, "SELECT * FROM no_such_table", vec![]).await;
         assert!(matches!(missing, Err(Error::InvalidQuery(_))), "{which}: {missing:?}");
 
-        // The schema of DESIGN.md is in place.
-        for table in ["users", "bindings", "orders", "processed_events", "token_cache", "sessions"] {
+        // The schema of DESIGN.md is in place for plugins.
+        for table in ["users", "bindings", "orders", "processed_events"] {
             let r = query(db, &format!("SELECT COUNT(*) FROM {table}"), vec![]).await;
             assert!(r.is_ok(), "{which}: table {table}: {r:?}");
         }
+
+        // The host's own tables, files, other databases and connection state
+        // are out of a plugin's reach, in and out of transactions.
+        let refused = [
+            "SELECT token FROM token_cache",
+            "SELECT * FROM (SELECT value FROM main.host_keys) AS x",
+            "INSERT INTO kv (k, v) SELECT session_id, openid FROM `Sessions`",
+            "UPDATE kv SET v = (SELECT MAX(session_id) FROM sessions)",
+            "DELETE FROM sessions",
+            "DROP TABLE sessions",
+            "SELECT 1; DELETE FROM kv",
+            "ATTACH DATABASE 'other.db' AS other",
+            "VACUUM INTO 'copy.db'",
+            "PRAGMA journal_mode",
+            "BEGIN",
+            "SELECT 1 INTO OUTFILE '/tmp/wxhost-out'",
+        ];
+        for sql in refused {
+            let r = query(db, sql, vec![]).await;
+            assert!(
+                matches!(&r, Err(Error::InvalidQuery(m)) if m.starts_with("refused by the host")),
+                "{which}: {sql}: {r:?}"
+            );
+            let r = exec(db, sql, vec![]).await;
+            assert!(matches!(&r, Err(Error::InvalidQuery(_))), "{which}: {sql}: {r:?}");
+        }
+        let tx = db.begin().await.unwrap().unwrap();
+        let r = tx_exec(db, &tx, "DELETE FROM token_cache", vec![]).await;
+        assert!(matches!(&r, Err(Error::InvalidQuery(_))), "{which}: in a transaction: {r:?}");
+        HostTransaction::drop(db, tx).await.unwrap();
+        assert_eq!(query(db, "SELECT k FROM kv ORDER BY k", vec![]).await.unwrap().len(), 3, "{which}");
     }
 }
 

@@ -33,6 +33,15 @@ enum OpenTransaction {
     Mysql(sqlx::Transaction<'static, MySql>),
 }
 
+impl OpenTransaction {
+    fn dialect(&self) -> Dialect {
+        match self {
+            OpenTransaction::Sqlite(..) => Dialect::Sqlite,
+            OpenTransaction::Mysql(_) => Dialect::Mysql,
+        }
+    }
+}
+
 pub struct DbView<'a> {
     pub ctx: Option<&'a DbCtx>,
     pub table: &'a mut ResourceTable,
@@ -147,7 +156,81 @@ fn mysql_value(row: &MySqlRow, i: usize) -> Result<Value, Error> {
     })
 }
 
+/// Tables only the host reads and writes: the shared access token, the session
+/// signing key, login sessions and the migration log. A plugin that could read
+/// them would hold credentials the capabilities exist to keep from it.
+const HOST_TABLES: [&str; 4] = ["token_cache", "host_keys", "sessions", "_sqlx_migrations"];
+
+/// Plugin SQL the host runs: exactly one statement that reads or writes
+/// tables, or defines the plugin's own, and never names a host table.
+/// Everything else (ATTACH, PRAGMA, VACUUM INTO, transaction control, several
+/// statements in one string, SQL the parser cannot read) is refused before it
+/// reaches the database: those reach files, connection state or other databases.
+fn permitted(sql: &str, dialect: Dialect) -> Result<(), Error> {
+    // Plugins send the same few statements again and again (values are bound
+    // apart): parsing costs ~25 µs, a lookup well under one. Per dialect.
+    type Seen = [std::collections::HashSet<String>; 2];
+    static SEEN: std::sync::LazyLock<std::sync::Mutex<Seen>> = std::sync::LazyLock::new(Default::default);
+    const SEEN_MAX: usize = 4096;
+    let slot = dialect as usize;
+    if SEEN.lock().expect("permitted SQL lock")[slot].contains(sql) {
+        return Ok(());
+    }
+    check_statement(sql, dialect)?;
+    let seen = &mut SEEN.lock().expect("permitted SQL lock")[slot];
+    if seen.len() < SEEN_MAX {
+        seen.insert(sql.to_string());
+    }
+    Ok(())
+}
+
+fn check_statement(sql: &str, dialect: Dialect) -> Result<(), Error> {
+    use sqlparser::ast::Statement;
+    use sqlparser::dialect::{MySqlDialect, SQLiteDialect};
+    let refused = |why: String| Err(Error::InvalidQuery(format!("refused by the host: {why}")));
+    let parsed = match dialect {
+        Dialect::Sqlite => sqlparser::parser::Parser::parse_sql(&SQLiteDialect {}, sql),
+        Dialect::Mysql => sqlparser::parser::Parser::parse_sql(&MySqlDialect {}, sql),
+    };
+    let statements = match parsed {
+        Ok(statements) => statements,
+        Err(e) => return refused(format!("the SQL could not be read ({e})")),
+    };
+    let [statement] = statements.as_slice() else {
+        return refused("one statement per call".into());
+    };
+    let mut named = Vec::new();
+    match statement {
+        Statement::Query(_)
+        | Statement::Insert(_)
+        | Statement::Update { .. }
+        | Statement::Delete(_)
+        | Statement::CreateTable(_)
+        | Statement::CreateIndex(_)
+        | Statement::AlterTable { .. } => {}
+        Statement::Drop { names, .. } => named.extend(names.iter().cloned()),
+        _ => {
+            return refused(
+                "only SELECT, INSERT, UPDATE, DELETE and the plugin's own tables' DDL run here".into(),
+            );
+        }
+    }
+    let _ = sqlparser::ast::visit_relations(statement, |relation| {
+        named.push(relation.clone());
+        std::ops::ControlFlow::<()>::Continue(())
+    });
+    for name in &named {
+        let table =
+            name.0.last().and_then(|part| part.as_ident()).map(|ident| ident.value.to_ascii_lowercase());
+        if let Some(table) = table.filter(|t| HOST_TABLES.contains(&t.as_str())) {
+            return refused(format!("`{table}` belongs to the host"));
+        }
+    }
+    Ok(())
+}
+
 async fn query(pool: &Pool, sql: &str, params: Vec<Value>) -> Result<Rows, Error> {
+    permitted(sql, pool.dialect())?;
     match pool {
         Pool::Sqlite(p) => {
             rows_of(bound::<Sqlite>(sql, params).fetch_all(p).await.map_err(map_err)?, sqlite_value)
@@ -159,6 +242,7 @@ async fn query(pool: &Pool, sql: &str, params: Vec<Value>) -> Result<Rows, Error
 }
 
 async fn execute(db: &Database, sql: &str, params: Vec<Value>) -> Result<ExecResult, Error> {
+    permitted(sql, db.dialect())?;
     match &db.pool {
         Pool::Sqlite(p) => {
             let _turn = db.writer_turn().await.map_err(writer_busy)?;
@@ -173,6 +257,7 @@ async fn execute(db: &Database, sql: &str, params: Vec<Value>) -> Result<ExecRes
 }
 
 async fn tx_query(tx: &mut OpenTransaction, sql: &str, params: Vec<Value>) -> Result<Rows, Error> {
+    permitted(sql, tx.dialect())?;
     match tx {
         OpenTransaction::Sqlite(t, _) => {
             rows_of(bound::<Sqlite>(sql, params).fetch_all(&mut **t).await.map_err(map_err)?, sqlite_value)
@@ -184,6 +269,7 @@ async fn tx_query(tx: &mut OpenTransaction, sql: &str, params: Vec<Value>) -> Re
 }
 
 async fn tx_execute(tx: &mut OpenTransaction, sql: &str, params: Vec<Value>) -> Result<ExecResult, Error> {
+    permitted(sql, tx.dialect())?;
     match tx {
         OpenTransaction::Sqlite(t, _) => {
             let done = bound::<Sqlite>(sql, params).execute(&mut **t).await.map_err(map_err)?;
