@@ -21,7 +21,7 @@ use wxhost::sim::{Sim, SimConfig, SimPayConfig};
 pub const TOKEN: &str = "bench-token";
 pub const APPID: &str = "wxb11529c136998cb6";
 pub const APPSECRET: &str = "bench-app-secret";
-pub const INTERNAL_SECRET: &str = "bench-internal-secret";
+pub const INTERNAL_SECRET: &str = "bench-internal-secret-of-32-bytes";
 pub const MCHID: &str = "1900000109";
 /// The APIv3 key of WeChat Pay's own SDK tests (as the host's tests use it).
 pub const APIV3_KEY: &str = "a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb";

@@ -197,13 +197,13 @@ load_secrets() {
     chmod 600 "$file"
     local name value
     for name in WECHAT_TOKEN WECHAT_AES_KEY WECHAT_APPSECRET INTERNAL_SECRET SESSION_SECRET WXHOST_ADMIN_TOKEN \
-        WECHATPAY_APIV3_KEY; do
+        WXHOST_CONTROL_TOKEN WECHATPAY_APIV3_KEY; do
         [ -n "${!name:-}" ] && continue
         value=$(sed -n "s/^$name=//p" "$file" | tail -n 1)
         if [ -z "$value" ]; then
             case $name in
                 WECHAT_AES_KEY) value=$(random_aes_key) ;;
-                INTERNAL_SECRET | SESSION_SECRET) value=$(random_hex 32) ;;
+                INTERNAL_SECRET | SESSION_SECRET | WXHOST_CONTROL_TOKEN) value=$(random_hex 32) ;;
                 WECHATPAY_APIV3_KEY) value=$(random_hex 16) ;;    # 32 characters
                 *) value=$(random_hex 16) ;;
             esac
@@ -233,7 +233,7 @@ write_proc_env() {
     case $role in
         web) forbidden=("${WEB_FORBIDDEN[@]}") ;;
         app) forbidden=("${APP_FORBIDDEN[@]}") ;;
-        sim) forbidden=(DATABASE_URL SESSION_SECRET INTERNAL_SECRET WXHOST_ADMIN_TOKEN WECHATPAY_PRIVATE_KEY) ;;
+        sim) forbidden=(DATABASE_URL SESSION_SECRET INTERNAL_SECRET WXHOST_ADMIN_TOKEN WXHOST_CONTROL_TOKEN WECHATPAY_PRIVATE_KEY) ;;
     esac
     local -A extra=()
     local kv
@@ -492,12 +492,12 @@ nginx_reload() {
 
 # --- admin API ---------------------------------------------------------------
 
-# curl arguments for the admin API: the admin token, when there is one (as
+# curl arguments for the admin API: the control token, when there is one (as
 # `-H @file`, so that it does not show in the process list).
 admin_auth_args() {
-    local token=${WXHOST_ADMIN_TOKEN:-}
+    local token=${WXHOST_CONTROL_TOKEN:-}
     if [ -z "$token" ] && [ -f "$STATE/secrets.env" ]; then
-        token=$(sed -n 's/^WXHOST_ADMIN_TOKEN=//p' "$STATE/secrets.env" | tail -n 1)
+        token=$(sed -n 's/^WXHOST_CONTROL_TOKEN=//p' "$STATE/secrets.env" | tail -n 1)
     fi
     if [ -n "$token" ]; then
         (umask 077 && printf 'Authorization: Bearer %s\n' "$token" > "$STATE/admin.header")

@@ -133,33 +133,55 @@ pub async fn connect(url: &str, settings: &PoolSettings) -> anyhow::Result<Datab
     let pool = match dialect {
         Dialect::Sqlite => {
             create_sqlite_folder(url)?;
-            let options = SqliteConnectOptions::from_str(url)
-                .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a valid SQLite URL"))?
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                // Writers wait for each other instead of failing with SQLITE_BUSY.
-                .busy_timeout(Duration::from_secs(5))
-                .foreign_keys(true)
-                .log_statements(tracing::log::LevelFilter::Trace)
-                .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
-            Pool::Sqlite(pool_options(settings).connect_with(options).await.map_err(connect_error)?)
+            Pool::Sqlite(
+                pool_options(settings).connect_with(sqlite_options(url)?).await.map_err(connect_error)?,
+            )
         }
         Dialect::Mysql => {
-            let url = url.replacen("mariadb:", "mysql:", 1);
-            let options = MySqlConnectOptions::from_str(&url)
-                .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a valid MySQL URL"))?
-                .charset("utf8mb4")
-                .timezone(Some("+00:00".into()))
-                .log_statements(tracing::log::LevelFilter::Trace)
-                .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
-            Pool::Mysql(pool_options(settings).connect_with(options).await.map_err(connect_error)?)
+            let options = MySqlConnectOptions::from_str(&url.replacen("mariadb:", "mysql:", 1))
+                .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a valid MySQL URL"))?;
+            Pool::Mysql(
+                pool_options(settings).connect_with(mysql_session(options)).await.map_err(connect_error)?,
+            )
         }
     };
     Ok(Database::new(pool, settings.acquire_timeout))
 }
 
-fn pool_options<DB: sqlx::Database>(settings: &PoolSettings) -> PoolOptions<DB> {
+pub fn pool_options<DB: sqlx::Database>(settings: &PoolSettings) -> PoolOptions<DB> {
     PoolOptions::new().max_connections(settings.max_connections).acquire_timeout(settings.acquire_timeout)
+}
+
+/// The options of every SQLite connection, the host's and the plugins'.
+pub fn sqlite_options(url: &str) -> anyhow::Result<SqliteConnectOptions> {
+    Ok(SqliteConnectOptions::from_str(url)
+        .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a valid SQLite URL"))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // Writers wait for each other instead of failing with SQLITE_BUSY.
+        .busy_timeout(Duration::from_secs(5))
+        .foreign_keys(true)
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
+}
+
+/// The session settings of every MySQL connection, the host's and the plugins'.
+pub fn mysql_session(options: MySqlConnectOptions) -> MySqlConnectOptions {
+    options
+        .charset("utf8mb4")
+        .timezone(Some("+00:00".into()))
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1))
+}
+
+/// Tables only the host reads and writes: the shared access token, the host's
+/// keys (the session signing key, the plugin database user's password), login
+/// sessions and the migration log. Every other table is a plugin table.
+pub const HOST_TABLES: [&str; 4] = ["token_cache", "host_keys", "sessions", "_sqlx_migrations"];
+
+/// Whether `table` (any case) is one of [`HOST_TABLES`].
+pub fn is_host_table(table: &str) -> bool {
+    HOST_TABLES.iter().any(|t| t.eq_ignore_ascii_case(table))
 }
 
 /// Applies the embedded migrations of the URL's dialect.

@@ -196,10 +196,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Migrate => {
             let settings = Settings::from_env()?;
             let url = settings.database_url.as_ref().map(|u| u.expose_secret().to_string());
-            let db = database::connect(url.as_deref().unwrap_or(database::DEFAULT_URL), &Default::default())
-                .await?;
+            let url = url.as_deref().unwrap_or(database::DEFAULT_URL);
+            let db = database::connect(url, &Default::default()).await?;
             database::migrate(&db).await?;
             println!("migrations applied ({:?})", db.dialect());
+            // Creates or updates the plugin database user (MySQL) and checks the confinement.
+            let plugin_url = settings.plugin_database_url.as_ref().map(|u| u.expose_secret());
+            let plugins = wxhost::caps::db::DbCtx::open(&db, url, plugin_url, &Default::default()).await?;
+            println!("plugin SQL confined {}", plugins.confinement);
             Ok(ExitCode::SUCCESS)
         }
         Command::Sim { command } => sim(command).await,
@@ -255,6 +259,7 @@ async fn dev(config_path: PathBuf, sim_listen: std::net::SocketAddr) -> anyhow::
     pick(&mut settings.wechat_appsecret, "WECHAT_APPSECRET");
     pick(&mut settings.internal_secret, "INTERNAL_SECRET");
     pick(&mut settings.admin_token, "WXHOST_ADMIN_TOKEN");
+    pick(&mut settings.control_token, "WXHOST_CONTROL_TOKEN");
     pick(&mut settings.wechatpay_apiv3_key, "WECHATPAY_APIV3_KEY");
     settings.wechat_appid.get_or_insert_with(|| "wxdev00000000000a".into());
     let roles = [Role::Web, Role::App];
@@ -360,14 +365,15 @@ fn dev_secrets(path: &std::path::Path) -> anyhow::Result<std::collections::HashM
     }
     /// A setting's name and how to make a fresh value for it.
     type Generator = (&'static str, fn() -> String);
-    let generators: [Generator; 6] = [
+    let generators: [Generator; 7] = [
         ("WECHAT_TOKEN", || hex::encode(random(16))),
         ("WECHAT_AES_KEY", || {
             base64::engine::general_purpose::STANDARD_NO_PAD.encode(random(32))[..43].to_string()
         }),
         ("WECHAT_APPSECRET", || hex::encode(random(16))),
         ("INTERNAL_SECRET", || hex::encode(random(32))),
-        ("WXHOST_ADMIN_TOKEN", || hex::encode(random(16))),
+        ("WXHOST_ADMIN_TOKEN", || hex::encode(random(32))),
+        ("WXHOST_CONTROL_TOKEN", || hex::encode(random(32))),
         // The APIv3 key is 32 characters.
         ("WECHATPAY_APIV3_KEY", || hex::encode(random(16))),
     ];

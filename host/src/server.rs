@@ -15,7 +15,7 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use notify::Watcher;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -80,6 +80,7 @@ pub async fn start(mut options: ServeOptions) -> anyhow::Result<RunningServer> {
             unneeded.join(", ")
         );
     }
+    options.settings.check_secret_strength()?;
     let config = config::load(&options.config_path)?;
     let engine = crate::engine::new(config.max_instances)?;
     let services = Arc::new(services(&config, &options).await?);
@@ -125,7 +126,8 @@ pub async fn start(mut options: ServeOptions) -> anyhow::Result<RunningServer> {
         .with_context(|| format!("binding the admin listener to {admin}"))?;
     let admin_addr = listener.local_addr()?;
     tracing::info!(addr = %admin_addr, "admin listening");
-    tasks.spawn(serve(listener, admin_router(host.clone()), shutdown.clone()));
+    let control_token = options.settings.control_token.clone();
+    tasks.spawn(serve(listener, admin_router(host.clone(), control_token), shutdown.clone()));
 
     if options.watch {
         tasks.spawn(watch_files(host.clone(), shutdown.clone()));
@@ -139,10 +141,13 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
         let url = url.as_deref().unwrap_or(database::DEFAULT_URL);
         let db = database::connect(url, &config.pool).await?;
         database::migrate(&db).await?;
-        Some(db)
+        let plugin_url = options.settings.plugin_database_url.as_ref().map(|u| u.expose_secret());
+        let plugins = DbCtx::open(&db, url, plugin_url, &config.pool).await?;
+        Some((db, plugins))
     } else {
         None
     };
+    let (database, plugin_db) = database.unzip();
     let wechat_api = match (&database, &options.settings.wechat_appid, &options.settings.wechat_appsecret) {
         (Some(db), Some(appid), Some(secret)) => Some(WechatApi::new(
             options.settings.wechat_api_base.as_deref(),
@@ -179,7 +184,7 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
         ),
         None => None,
     };
-    let db = database.map(|db| DbCtx { db });
+    let db = plugin_db;
     let callback_crypto = if options.roles.contains(&Role::Web) {
         let s = &options.settings;
         if s.wechat_token.is_none() {
@@ -499,7 +504,13 @@ fn to_http(r: wit::Response) -> Response {
 }
 
 /// The admin API: plugins and reloads. Bound to loopback only.
-pub fn admin_router(host: Arc<Host>) -> Router {
+/// The admin listener (loopback only): health, plugins, metrics, reload.
+/// Anything that changes state takes `Authorization: Bearer` with
+/// `WXHOST_CONTROL_TOKEN`; every request must name a loopback `Host`, so a
+/// page in a browser on the same machine cannot reach it through a DNS name
+/// rebound to 127.0.0.1.
+pub fn admin_router(host: Arc<Host>, control_token: Option<SecretString>) -> Router {
+    let control = Arc::new(control_token);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/admin/plugins", get(admin_plugins))
@@ -507,6 +518,60 @@ pub fn admin_router(host: Arc<Host>) -> Router {
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::not_found() })
         .with_state(host)
+        .layer(axum::middleware::from_fn(move |request, next| admin_guard(control.clone(), request, next)))
+}
+
+async fn admin_guard(
+    control_token: Arc<Option<SecretString>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
+    if !names_loopback(host) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_host",
+            "the admin API answers only requests for a loopback Host (127.0.0.1, [::1] or localhost)",
+        )
+        .into_response();
+    }
+    if !matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD) {
+        let Some(expected) = control_token.as_ref() else {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "control_disabled",
+                "set WXHOST_CONTROL_TOKEN to change state over the admin API (SIGHUP reloads without it)",
+            )
+            .into_response();
+        };
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        use subtle::ConstantTimeEq;
+        if given.is_empty() || !bool::from(given.as_bytes().ct_eq(expected.expose_secret().as_bytes())) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this admin endpoint takes Authorization: Bearer <WXHOST_CONTROL_TOKEN>",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Whether a `Host` header names this machine's loopback: `localhost`, an
+/// address in 127.0.0.0/8 or `[::1]`, with or without a port.
+fn names_loopback(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Prometheus exposition of this process's metrics.
@@ -629,5 +694,30 @@ mod tests {
 
         let impossible = to_http(wit::Response { status: 1000, headers: vec![], body: vec![] });
         assert_eq!(impossible.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn only_loopback_hosts_reach_the_admin_api() {
+        for host in [
+            "127.0.0.1:9090",
+            "127.0.0.1",
+            "127.1.2.3:1",
+            "localhost:9090",
+            "LOCALHOST",
+            "[::1]:9090",
+            "[::1]",
+        ] {
+            assert!(names_loopback(host), "{host}");
+        }
+        for host in [
+            "",
+            "evil.example:9090",
+            "localhost.evil.example",
+            "10.0.0.1:9090",
+            "[::2]:1",
+            "127.0.0.1.nip.io",
+        ] {
+            assert!(!names_loopback(host), "{host}");
+        }
     }
 }

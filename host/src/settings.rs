@@ -9,6 +9,8 @@ use secrecy::SecretString;
 #[derive(Debug, Default, Clone)]
 pub struct Settings {
     pub database_url: Option<SecretString>,
+    /// MySQL: the URL plugin SQL connects with, a user granted only the plugin tables.
+    pub plugin_database_url: Option<SecretString>,
     pub wechat_appid: Option<String>,
     pub wechat_token: Option<SecretString>,
     pub wechat_aes_key: Option<SecretString>,
@@ -41,6 +43,8 @@ pub struct Settings {
     pub wechatpay_apiv2_sign_type: Option<String>,
     pub session_secret: Option<SecretString>,
     pub admin_token: Option<SecretString>,
+    /// The admin listener's credential for what changes state (`POST /admin/reload`).
+    pub control_token: Option<SecretString>,
     pub app_internal_url: Option<String>,
     pub web_listen: Option<SocketAddr>,
     pub app_listen: Option<SocketAddr>,
@@ -52,6 +56,7 @@ impl Settings {
     pub fn from_env() -> anyhow::Result<Settings> {
         Ok(Settings {
             database_url: secret("DATABASE_URL"),
+            plugin_database_url: secret("PLUGIN_DATABASE_URL"),
             wechat_appid: var("WECHAT_APPID"),
             wechat_token: secret("WECHAT_TOKEN"),
             wechat_aes_key: secret("WECHAT_AES_KEY"),
@@ -74,6 +79,7 @@ impl Settings {
             wechatpay_apiv2_sign_type: var("WECHATPAY_APIV2_SIGN_TYPE"),
             session_secret: secret("SESSION_SECRET"),
             admin_token: secret("WXHOST_ADMIN_TOKEN"),
+            control_token: secret("WXHOST_CONTROL_TOKEN"),
             app_internal_url: var("APP_INTERNAL_URL"),
             web_listen: addr("WXHOST_WEB_LISTEN")?,
             app_listen: addr("WXHOST_APP_LISTEN")?,
@@ -154,9 +160,11 @@ pub fn secrets_read_by(role: crate::config::Role) -> &'static [&'static str] {
             "WECHATPAY_APIV2_KEY",
             "INTERNAL_SECRET",
             "APP_INTERNAL_URL",
+            "WXHOST_CONTROL_TOKEN",
         ],
         crate::config::Role::App => &[
             "DATABASE_URL",
+            "PLUGIN_DATABASE_URL",
             "WECHAT_APPID",
             "WECHAT_APPSECRET",
             "WECHATPAY_MCHID",
@@ -169,11 +177,40 @@ pub fn secrets_read_by(role: crate::config::Role) -> &'static [&'static str] {
             "INTERNAL_SECRET",
             "SESSION_SECRET",
             "WXHOST_ADMIN_TOKEN",
+            "WXHOST_CONTROL_TOKEN",
         ],
     }
 }
 
+/// The shortest shared secret or credential the host accepts: 32 bytes, as
+/// `openssl rand -hex 16` or more gives (HMAC keys and bearer tokens shorter
+/// than that can be guessed or brute-forced offline).
+pub const MIN_SECRET_BYTES: usize = 32;
+
 impl Settings {
+    /// Refuses shared secrets and credentials shorter than
+    /// [`MIN_SECRET_BYTES`], naming each setting (never its value).
+    pub fn check_secret_strength(&self) -> anyhow::Result<()> {
+        use secrecy::ExposeSecret;
+        let weak: Vec<&str> = [
+            ("INTERNAL_SECRET", &self.internal_secret),
+            ("SESSION_SECRET", &self.session_secret),
+            ("WXHOST_ADMIN_TOKEN", &self.admin_token),
+            ("WXHOST_CONTROL_TOKEN", &self.control_token),
+        ]
+        .into_iter()
+        .filter(|(_, value)| value.as_ref().is_some_and(|v| v.expose_secret().len() < MIN_SECRET_BYTES))
+        .map(|(name, _)| name)
+        .collect();
+        anyhow::ensure!(
+            weak.is_empty(),
+            "{} shorter than {MIN_SECRET_BYTES} bytes: generate {} with `openssl rand -hex 32`",
+            weak.join(", ") + if weak.len() == 1 { " is" } else { " are" },
+            if weak.len() == 1 { "one" } else { "each" }
+        );
+        Ok(())
+    }
+
     /// Drops the secrets none of `roles` reads; returns the names that were set
     /// but not needed (to warn about: they belong on another host).
     pub fn retain_for(&mut self, roles: &[crate::config::Role]) -> Vec<&'static str> {
@@ -188,6 +225,7 @@ impl Settings {
         }
         keep_if_needed!(
             database_url => "DATABASE_URL",
+            plugin_database_url => "PLUGIN_DATABASE_URL",
             wechat_token => "WECHAT_TOKEN",
             wechat_aes_key => "WECHAT_AES_KEY",
             wechat_appsecret => "WECHAT_APPSECRET",

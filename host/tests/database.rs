@@ -12,10 +12,19 @@ use wxhost::caps::db::{DbCtx, DbView};
 use wxhost::config::Role;
 use wxhost::database;
 
-async fn connect(db: &TestDatabase) -> DbCtx {
-    let database = database::connect(&db.url, &Default::default()).await.expect("connect");
+/// Migrates, creates `tables` as the owner (plugins change no schema), then
+/// opens the plugins' confined connections, as the app role does at start.
+async fn connect_with(db: &TestDatabase, settings: &database::PoolSettings, tables: &[&str]) -> DbCtx {
+    let database = database::connect(&db.url, settings).await.expect("connect");
     database::migrate(&database).await.expect("migrate");
-    DbCtx { db: database }
+    for sql in tables {
+        wxhost::on_pool!(&database.pool, |p| sqlx::query(sql).execute(p).await.map(|_| ())).expect(sql);
+    }
+    DbCtx::open(&database, &db.url, None, settings).await.expect("opening the plugins' connections")
+}
+
+async fn connect(db: &TestDatabase) -> DbCtx {
+    connect_with(db, &Default::default(), &[CREATE_KV]).await
 }
 
 const CREATE_KV: &str =
@@ -52,7 +61,6 @@ async fn the_capability_queries_executes_commits_and_rolls_back_on_both_database
         let db = &mut db;
         let which = test_db.name;
 
-        exec(db, CREATE_KV, vec![]).await.unwrap();
         let params = vec![
             text("a"),
             text("你好 🎉"),
@@ -123,26 +131,27 @@ async fn the_capability_queries_executes_commits_and_rolls_back_on_both_database
             assert!(r.is_ok(), "{which}: table {table}: {r:?}");
         }
 
-        // The host's own tables, files, other databases and connection state
-        // are out of a plugin's reach, in and out of transactions.
+        // The engine refuses the host's own tables, schema changes, files and
+        // other databases, in and out of transactions; control characters and
+        // a transaction begun in SQL never reach the pool.
         let refused = [
             "SELECT token FROM token_cache",
-            "SELECT * FROM (SELECT value FROM main.host_keys) AS x",
+            "SELECT * FROM (SELECT value FROM host_keys) AS x",
             "INSERT INTO kv (k, v) SELECT session_id, openid FROM `Sessions`",
             "UPDATE kv SET v = (SELECT MAX(session_id) FROM sessions)",
             "DELETE FROM sessions",
             "DROP TABLE sessions",
-            "SELECT 1; DELETE FROM kv",
-            "ATTACH DATABASE 'other.db' AS other",
-            "VACUUM INTO 'copy.db'",
-            "PRAGMA journal_mode",
-            "BEGIN",
-            "SELECT 1 INTO OUTFILE '/tmp/wxhost-out'",
+            "CREATE TABLE other (x INT)",
+            "SELECT 1 -- \0x",
         ];
-        for sql in refused {
+        // SQLite's own statements; MySQL's parser refuses them as SQL it does not know.
+        let sqlite_only =
+            ["ATTACH DATABASE 'other.db' AS other", "VACUUM INTO 'copy.db'", "PRAGMA journal_mode"];
+        for sql in refused.into_iter().chain(sqlite_only) {
             let r = query(db, sql, vec![]).await;
+            let by_engine = which == "sqlite" || !sqlite_only.contains(&sql);
             assert!(
-                matches!(&r, Err(Error::InvalidQuery(m)) if m.starts_with("refused by the host")),
+                matches!(&r, Err(Error::InvalidQuery(m)) if m.starts_with("refused by the") || !by_engine),
                 "{which}: {sql}: {r:?}"
             );
             let r = exec(db, sql, vec![]).await;
@@ -153,6 +162,14 @@ async fn the_capability_queries_executes_commits_and_rolls_back_on_both_database
         assert!(matches!(&r, Err(Error::InvalidQuery(_))), "{which}: in a transaction: {r:?}");
         HostTransaction::drop(db, tx).await.unwrap();
         assert_eq!(query(db, "SELECT k FROM kv ORDER BY k", vec![]).await.unwrap().len(), 3, "{which}");
+
+        if which == "sqlite" {
+            // A BEGIN in SQL is rolled back before its connection goes back to the pool.
+            let r = exec(db, "BEGIN IMMEDIATE", vec![]).await;
+            assert!(matches!(&r, Err(Error::InvalidQuery(m)) if m.contains("db.begin")), "{which}: {r:?}");
+            let tx = db.begin().await.unwrap();
+            assert!(tx.is_ok(), "{which}: the write lock is free: {tx:?}");
+        }
     }
 }
 
@@ -183,14 +200,11 @@ fn insert(k: &str) -> Json {
 async fn a_plugin_commits_rolls_back_and_a_trap_mid_transaction_rolls_back_on_both_databases() {
     for test_db in all_databases().await {
         let which = test_db.name;
+        db_exec(&test_db.url, CREATE_KV, &[]).await;
         let config = probe_config();
         let server = start(&config, &[Role::App], Some(&test_db.url), false).await;
         let client = reqwest::Client::new();
         let url = url(&server, Role::App, "/probe/db");
-
-        let (status, body) = probe(&client, &url, json!({"statements": [{"sql": CREATE_KV}]})).await;
-        assert_eq!(status, 200, "{which}: {body}");
-        assert!(body["results"][0]["error"].is_null(), "{which}: {body}");
 
         for (mode, key) in [("commit", "c"), ("rollback", "r"), ("drop", "d")] {
             let (status, body) =
@@ -248,14 +262,16 @@ async fn concurrent_writers_take_turns_and_one_kept_waiting_past_the_timeout_get
         let which = test_db.name;
         let settings =
             database::PoolSettings { max_connections: 8, acquire_timeout: Duration::from_millis(600) };
-        let database = database::connect(&test_db.url, &settings).await.expect("connect");
-        let ctx = std::sync::Arc::new(DbCtx { db: database });
+        let ctx = connect_with(
+            &test_db,
+            &settings,
+            &["CREATE TABLE counter (id INT PRIMARY KEY, n BIGINT NOT NULL)"],
+        )
+        .await;
+        let ctx = std::sync::Arc::new(ctx);
         {
             let mut table = ResourceTable::new();
             let mut db = DbView { ctx: Some(&ctx), table: &mut table };
-            exec(&mut db, "CREATE TABLE counter (id INT PRIMARY KEY, n BIGINT NOT NULL)", vec![])
-                .await
-                .unwrap();
             exec(&mut db, "INSERT INTO counter (id, n) VALUES (1, 0)", vec![]).await.unwrap();
         }
         let read = match ctx.db.dialect() {
@@ -308,6 +324,71 @@ async fn concurrent_writers_take_turns_and_one_kept_waiting_past_the_timeout_get
             HostTransaction::commit(&mut db, holder).await.unwrap().unwrap();
             let next = Host::begin(&mut other).await.unwrap();
             assert!(next.is_ok(), "{which}: the turn is free again: {next:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_role_refuses_a_plugin_database_user_that_can_reach_a_host_table_and_says_why() {
+    let test_db = mysql_database().await;
+    let owner = database::connect(&test_db.url, &Default::default()).await.unwrap();
+    database::migrate(&owner).await.unwrap();
+    let schema = test_db.url.rsplit('/').next().unwrap().to_string();
+    let user = format!("loose_{:08x}", rand::random::<u32>());
+    let password = format!("pw-{:016x}", rand::random::<u64>());
+    let account = format!("'{user}'@'127.0.0.1'");
+    let admin = |sql: String| {
+        let owner = owner.clone();
+        async move { wxhost::on_pool!(&owner.pool, |p| sqlx::raw_sql(&sql).execute(p).await.map(|_| ())).unwrap() }
+    };
+    admin(format!("CREATE USER {account} IDENTIFIED BY '{password}'")).await;
+    // A grant on the whole database covers the host tables too.
+    admin(format!("GRANT SELECT, INSERT, UPDATE, DELETE ON `{schema}`.* TO {account}")).await;
+    let server = mysql_server_url().replace("root@", &format!("{user}:{password}@"));
+    let plugin_url = format!("{server}/{schema}");
+
+    let refused = DbCtx::open(&owner, &test_db.url, Some(&plugin_url), &Default::default()).await;
+    let message = format!("{:#}", refused.err().expect("a plugin user that can read host tables is refused"));
+    assert!(message.contains("whole database"), "{message}");
+    assert!(message.contains("can read host table `host_keys`"), "{message}");
+    assert!(message.contains("docs/deploy.md"), "{message}");
+    assert!(!message.contains(&password), "the password never shows: {message}");
+
+    // Granted only the plugin tables, the same user is accepted.
+    admin(format!("REVOKE ALL PRIVILEGES ON `{schema}`.* FROM {account}")).await;
+    for table in ["users", "bindings", "orders", "processed_events"] {
+        admin(format!("GRANT SELECT, INSERT, UPDATE, DELETE ON `{schema}`.`{table}` TO {account}")).await;
+    }
+    let ctx = DbCtx::open(&owner, &test_db.url, Some(&plugin_url), &Default::default()).await;
+    assert!(ctx.is_ok(), "{:?}", ctx.err());
+    admin(format!("DROP USER {account}")).await;
+}
+
+/// `wxhost migrate` in its own process, as an operator runs it: it creates the
+/// plugin user, grants it, and checks the confinement; a second run changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wxhost_migrate_creates_the_plugin_database_user_and_is_idempotent() {
+    for test_db in all_databases().await {
+        for run in 0..2 {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_wxhost"))
+                .arg("migrate")
+                .env("DATABASE_URL", &test_db.url)
+                .env_remove("PLUGIN_DATABASE_URL")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{} run {run}: {stdout}{}",
+                test_db.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let expected = if test_db.name == "sqlite" {
+                "by SQLite's authorizer"
+            } else {
+                "as the database user 'wxp_"
+            };
+            assert!(stdout.contains(expected), "{} run {run}: {stdout}", test_db.name);
         }
     }
 }

@@ -102,3 +102,34 @@ async fn a_web_process_warns_about_database_and_appsecret_and_serves_without_the
     assert_eq!(echo.text().await.unwrap(), "served-without-a-database");
     drop(child);
 }
+
+/// A fresh `wxhost serve` refuses short shared secrets before it listens,
+/// naming each setting and never its value.
+#[test]
+fn a_process_with_a_short_shared_secret_stops_at_start_naming_the_setting() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wxhost"))
+        .args(["serve", "--role", "all", "--no-watch", "--config"])
+        .arg(repo.join("plugins.toml"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("NO_COLOR", "1")
+        .env("DATABASE_URL", format!("sqlite://{}?mode=rwc", dir.path().join("w.db").display()))
+        .env("INTERNAL_SECRET", "short-internal-value")
+        .env("SESSION_SECRET", "short-session-value")
+        .env("WXHOST_CONTROL_TOKEN", "a-control-token-that-is-long-enough-000")
+        .env("WXHOST_WEB_LISTEN", common::stack::free_addr().to_string())
+        .env("WXHOST_APP_LISTEN", common::stack::free_addr().to_string())
+        .env("WXHOST_ADMIN_LISTEN", common::stack::free_addr().to_string())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "it must not start: {stderr}");
+    assert!(stderr.contains("INTERNAL_SECRET, SESSION_SECRET are shorter than 32 bytes"), "{stderr}");
+    assert!(!stderr.contains("WXHOST_CONTROL_TOKEN"), "a long enough token is not named: {stderr}");
+    for value in ["short-internal-value", "short-session-value"] {
+        assert!(!stderr.contains(value), "no value shows: {stderr}");
+    }
+    assert!(!stderr.contains("listening"), "{stderr}");
+}

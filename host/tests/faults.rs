@@ -35,8 +35,8 @@ async fn an_exhausted_database_pool_is_a_quick_503_with_retry_after_on_both_data
         // An unknown scene: the database was asked and said no.
         assert_eq!(reqwest::get(&poll).await.unwrap().status(), 404, "{which}: a free pool answers");
 
-        // Something else holds the only connection.
-        let pool = &app.host.services.db.as_ref().unwrap().db.pool;
+        // Something else holds the only connection plugins may use.
+        let pool = app.host.services.db.as_ref().unwrap().plugin_pool();
         let held =
             wxhost::on_pool!(pool, |p| p.acquire().await.map(|c| Box::new(c) as Box<dyn Send>)).unwrap();
         let started = Instant::now();

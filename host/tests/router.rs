@@ -143,8 +143,8 @@ async fn the_admin_api_lists_plugins_with_versions_routes_and_capabilities() {
     let _logs = captured_logs();
     let config = config();
     let host = web_host(&config).await;
-    let admin = wxhost::server::admin_router(host.clone());
-    let (status, _, body) = call(admin.clone(), get("/admin/plugins")).await;
+    let admin = wxhost::server::admin_router(host.clone(), Some(CONTROL_TOKEN.to_string().into()));
+    let (status, _, body) = call(admin.clone(), admin_get("/admin/plugins")).await;
     assert_eq!(status, StatusCode::OK);
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let verify = body["plugins"].as_array().unwrap().iter().find(|p| p["name"] == "verify").unwrap();
@@ -163,9 +163,67 @@ async fn the_admin_api_lists_plugins_with_versions_routes_and_capabilities() {
     assert!(verify["loaded_at_unix"].as_u64().unwrap() > 1_700_000_000);
     assert_eq!(body["last_reload"]["ok"], true);
 
-    let (status, _, body) =
-        call(admin.clone(), Request::post("/admin/reload").body(Body::empty()).unwrap()).await;
+    let (status, _, body) = call(admin.clone(), reload(Some(CONTROL_TOKEN))).await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
-    let (status, _, _) = call(admin, get("/admin/nothing")).await;
+    let (status, _, _) = call(admin, admin_get("/admin/nothing")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// A request to the admin listener as curl on the same machine sends it.
+fn admin_get(uri: &str) -> Request<Body> {
+    Request::get(uri).header("host", "127.0.0.1:9090").body(Body::empty()).unwrap()
+}
+
+fn reload(token: Option<&str>) -> Request<Body> {
+    let request = Request::post("/admin/reload").header("host", "localhost:9090");
+    let request = match token {
+        Some(t) => request.header("authorization", format!("Bearer {t}")),
+        None => request,
+    };
+    request.body(Body::empty()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_changes_state_only_with_the_control_token_and_only_for_a_loopback_host() {
+    let _logs = captured_logs();
+    let config = config();
+    let host = web_host(&config).await;
+    let admin = wxhost::server::admin_router(host.clone(), Some(CONTROL_TOKEN.to_string().into()));
+    let reloads = |h: &wxhost::host::Host| h.status().trigger;
+    let before = reloads(&host);
+
+    let code =
+        |body: &[u8]| serde_json::from_slice::<serde_json::Value>(body).unwrap()["error"]["code"].clone();
+    let (status, _, body) = call(admin.clone(), reload(None)).await;
+    assert_eq!((status, code(&body)), (StatusCode::UNAUTHORIZED, "unauthorized".into()));
+    let (status, _, _) = call(admin.clone(), reload(Some("test-control-token-of-32-bytes-no"))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "a wrong token of the same length");
+
+    // A page that rebinds its DNS name to 127.0.0.1 still sends its own Host.
+    for host_header in ["attacker.example:9090", "127.0.0.1.attacker.example", ""] {
+        let request = Request::get("/metrics").header("host", host_header).body(Body::empty()).unwrap();
+        let (status, _, body) = call(admin.clone(), request).await;
+        assert_eq!(
+            (status, code(&body)),
+            (StatusCode::FORBIDDEN, "forbidden_host".into()),
+            "{host_header:?}"
+        );
+        let mut request = reload(Some(CONTROL_TOKEN));
+        request.headers_mut().insert("host", host_header.parse().unwrap());
+        let (status, _, _) = call(admin.clone(), request).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{host_header:?}");
+    }
+    assert_eq!(reloads(&host), before, "nothing was reloaded");
+
+    // Metrics and health stay scrapeable on loopback without a token.
+    for uri in ["/metrics", "/healthz"] {
+        let (status, _, _) = call(admin.clone(), admin_get(uri)).await;
+        assert_eq!(status, StatusCode::OK, "{uri}");
+    }
+
+    // Without a control token nothing may change state over HTTP.
+    let locked = wxhost::server::admin_router(host.clone(), None);
+    let (status, _, body) = call(locked, reload(Some(CONTROL_TOKEN))).await;
+    assert_eq!((status, code(&body)), (StatusCode::FORBIDDEN, "control_disabled".into()));
+    assert_eq!(reloads(&host), before);
 }

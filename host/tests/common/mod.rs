@@ -140,7 +140,9 @@ memory_limit_mib = 32
 /// The AppID and EncodingAESKey tests use (those of the safe-mode SDK vectors).
 pub const APPID: &str = "wxb11529c136998cb6";
 pub const AES_KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
-pub const INTERNAL_SECRET: &str = "test-internal-secret";
+pub const INTERNAL_SECRET: &str = "test-internal-secret-of-32-bytes!";
+/// The admin listener's control token (`POST /admin/reload`).
+pub const CONTROL_TOKEN: &str = "test-control-token-of-32-bytes-ok";
 
 pub fn settings(database_url: Option<&str>) -> Settings {
     Settings {
@@ -149,6 +151,7 @@ pub fn settings(database_url: Option<&str>) -> Settings {
         wechat_appid: Some(APPID.into()),
         wechat_aes_key: Some(AES_KEY.to_string().into()),
         internal_secret: Some(INTERNAL_SECRET.to_string().into()),
+        control_token: Some(CONTROL_TOKEN.to_string().into()),
         ..Settings::default()
     }
 }
@@ -226,6 +229,8 @@ impl Drop for TestDatabase {
                         )
                         .await;
                     }
+                    // The plugin database user the app role created for it.
+                    let _ = wxhost::caps::db::mysql_user::drop_plugin_user(&server, &db).await;
                 });
             })
             .join();

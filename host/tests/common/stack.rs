@@ -14,7 +14,7 @@ use wxhost::sim::{Sim, SimConfig, SimPayConfig};
 use super::*;
 
 pub const APPSECRET: &str = "sim-app-secret";
-pub const ADMIN: &str = "admin-credential";
+pub const ADMIN: &str = "admin-credential-of-at-least-32-b";
 pub const MCHID: &str = "1900000109";
 /// The APIv3 key of WeChat Pay's own SDK tests.
 pub const APIV3_KEY: &str = "a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb";

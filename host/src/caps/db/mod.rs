@@ -1,24 +1,95 @@
-//! `wxhost:plugin/db`: SQL with bound parameters against the host's pool, and
-//! transactions as resources. A transaction the plugin drops, or leaves open
-//! when it traps or times out, is rolled back: sqlx rolls back a
-//! `Transaction` on drop, and the store (with its resource table) is dropped
-//! at the end of every request.
+//! `wxhost:plugin/db`: SQL with bound parameters, and transactions as
+//! resources. A transaction the plugin drops, or leaves open when it traps or
+//! times out, is rolled back: sqlx rolls back a `Transaction` on drop, and the
+//! store (with its resource table) is dropped at the end of every request.
+//!
+//! Plugin statements run on connections of their own that the database
+//! engine confines to the plugin tables (data manipulation only): SQLite's
+//! authorizer ([`sqlite_guard`]), a MySQL user granted only the plugin tables
+//! ([`mysql_user`]). The host's own statements (sessions, keys, the access
+//! token, migrations) run on the owner's pool, which plugins never reach.
 
-use sqlx::mysql::{MySql, MySqlRow};
-use sqlx::sqlite::{Sqlite, SqliteRow};
+pub mod mysql_user;
+mod sqlite_guard;
+
+use std::str::FromStr;
+
+use sqlx::mysql::{MySql, MySqlConnectOptions, MySqlRow};
+use sqlx::pool::PoolConnection;
+use sqlx::sqlite::{Sqlite, SqlitePool, SqliteRow};
 use sqlx::{Column, Row, TypeInfo, ValueRef};
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 use crate::bindings::wxhost::plugin::db::{self as wit, Error, ExecResult, Rows, SqlDialect, Value};
-use crate::database::{Database, Dialect, Pool, WriterTurn};
+use crate::database::{self, Database, Dialect, Pool, PoolSettings, WriterTurn};
 
 /// Most rows one query may return to a plugin; more is an error, not a truncation.
 const MAX_ROWS: usize = 10_000;
 
-/// The owned context: the process's pool.
+/// The owned context: the host's database (for SQLite's writer turn) and the
+/// confined pool plugin statements run on.
 #[derive(Clone)]
 pub struct DbCtx {
     pub db: Database,
+    plugins: Pool,
+    /// How plugin SQL is confined, for operators (`wxhost migrate`, the log).
+    pub confinement: String,
+}
+
+impl DbCtx {
+    /// Opens the plugins' connections to `db` (already migrated). SQLite: the
+    /// same file, each connection under the authorizer. MySQL: as
+    /// `plugin_url`'s user, or as the user the host creates and grants the
+    /// plugin tables when that is unset; refused if it can reach a host table.
+    pub async fn open(
+        db: &Database,
+        owner_url: &str,
+        plugin_url: Option<&str>,
+        settings: &PoolSettings,
+    ) -> anyhow::Result<DbCtx> {
+        let (plugins, confinement) = match &db.pool {
+            Pool::Sqlite(_) => {
+                if plugin_url.is_some() {
+                    tracing::warn!(
+                        "PLUGIN_DATABASE_URL is for MySQL; on SQLite the engine's authorizer confines plugins"
+                    );
+                }
+                let pool = sqlite_plugin_pool(owner_url, settings).await?;
+                (Pool::Sqlite(pool), "by SQLite's authorizer on the plugins' connections".to_string())
+            }
+            Pool::Mysql(_) => {
+                let options = match plugin_url {
+                    Some(url) => MySqlConnectOptions::from_str(&url.replacen("mariadb:", "mysql:", 1))
+                        .map_err(|_| anyhow::anyhow!("PLUGIN_DATABASE_URL is not a valid MySQL URL"))?,
+                    None => mysql_user::provision(db, owner_url).await?,
+                };
+                let (pool, grantee) = mysql_user::connect_checked(db, options, settings).await?;
+                (Pool::Mysql(pool), format!("as the database user {grantee}, granted only the plugin tables"))
+            }
+        };
+        tracing::info!(confinement = %confinement, "plugin SQL confined");
+        Ok(DbCtx { db: db.clone(), plugins, confinement })
+    }
+
+    /// The confined pool plugin statements run on.
+    pub fn plugin_pool(&self) -> &Pool {
+        &self.plugins
+    }
+}
+
+async fn sqlite_plugin_pool(url: &str, settings: &PoolSettings) -> anyhow::Result<SqlitePool> {
+    database::pool_options::<Sqlite>(settings)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                let mut handle = conn.lock_handle().await?;
+                sqlite_guard::confine(&mut handle).map_err(|e| sqlx::Error::Configuration(e.into()))
+            })
+        })
+        .connect_with(database::sqlite_options(url)?)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("cannot open the plugins' SQLite connections: {}", database::redact_db_error(&e))
+        })
 }
 
 /// A transaction lent to a plugin (`wxhost:plugin/db.transaction`); `None`
@@ -31,15 +102,6 @@ enum OpenTransaction {
     /// With the writer turn, given back when the transaction ends.
     Sqlite(sqlx::Transaction<'static, Sqlite>, WriterTurn),
     Mysql(sqlx::Transaction<'static, MySql>),
-}
-
-impl OpenTransaction {
-    fn dialect(&self) -> Dialect {
-        match self {
-            OpenTransaction::Sqlite(..) => Dialect::Sqlite,
-            OpenTransaction::Mysql(_) => Dialect::Mysql,
-        }
-    }
 }
 
 pub struct DbView<'a> {
@@ -60,9 +122,9 @@ pub fn add_to_linker<T: Send + 'static>(
     wit::add_to_linker::<T, HasDb>(linker, get)
 }
 
-impl DbView<'_> {
-    fn db(&self) -> Result<Database, Error> {
-        self.ctx.map(|c| c.db.clone()).ok_or_else(|| Error::Unavailable("no database in this role".into()))
+impl<'a> DbView<'a> {
+    fn ctx(&self) -> Result<&'a DbCtx, Error> {
+        self.ctx.ok_or_else(|| Error::Unavailable("no database in this role".into()))
     }
 }
 
@@ -156,84 +218,45 @@ fn mysql_value(row: &MySqlRow, i: usize) -> Result<Value, Error> {
     })
 }
 
-/// Tables only the host reads and writes: the shared access token, the session
-/// signing key, login sessions and the migration log. A plugin that could read
-/// them would hold credentials the capabilities exist to keep from it.
-const HOST_TABLES: [&str; 4] = ["token_cache", "host_keys", "sessions", "_sqlx_migrations"];
-
-/// Plugin SQL the host runs: exactly one statement that reads or writes
-/// tables, or defines the plugin's own, and never names a host table.
-/// Everything else (ATTACH, PRAGMA, VACUUM INTO, transaction control, several
-/// statements in one string, SQL the parser cannot read) is refused before it
-/// reaches the database: those reach files, connection state or other databases.
-fn permitted(sql: &str, dialect: Dialect) -> Result<(), Error> {
-    // Plugins send the same few statements again and again (values are bound
-    // apart): parsing costs ~25 µs, a lookup well under one. Per dialect.
-    type Seen = [std::collections::HashSet<String>; 2];
-    static SEEN: std::sync::LazyLock<std::sync::Mutex<Seen>> = std::sync::LazyLock::new(Default::default);
-    const SEEN_MAX: usize = 4096;
-    let slot = dialect as usize;
-    if SEEN.lock().expect("permitted SQL lock")[slot].contains(sql) {
-        return Ok(());
+/// Control characters (NUL above all) are refused before the driver sees
+/// the SQL: sqlx-sqlite loops forever on `SELECT 1 -- <NUL>x`. Values travel
+/// as parameters, so SQL text never needs them.
+fn no_control_characters(sql: &str) -> Result<(), Error> {
+    match sql.char_indices().find(|(_, c)| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
+        Some((at, c)) => Err(Error::InvalidQuery(format!(
+            "refused by the host: control character U+{:04X} at byte {at} (bind values as parameters)",
+            c as u32
+        ))),
+        None => Ok(()),
     }
-    check_statement(sql, dialect)?;
-    let seen = &mut SEEN.lock().expect("permitted SQL lock")[slot];
-    if seen.len() < SEEN_MAX {
-        seen.insert(sql.to_string());
-    }
-    Ok(())
 }
 
-fn check_statement(sql: &str, dialect: Dialect) -> Result<(), Error> {
-    use sqlparser::ast::Statement;
-    use sqlparser::dialect::{MySqlDialect, SQLiteDialect};
-    let refused = |why: String| Err(Error::InvalidQuery(format!("refused by the host: {why}")));
-    let parsed = match dialect {
-        Dialect::Sqlite => sqlparser::parser::Parser::parse_sql(&SQLiteDialect {}, sql),
-        Dialect::Mysql => sqlparser::parser::Parser::parse_sql(&MySqlDialect {}, sql),
+/// A plugin's own `BEGIN` outside `db.begin` must not send its connection back
+/// to the pool inside a transaction (holding SQLite's lock for every writer):
+/// it is rolled back, the connection closed, and the plugin told.
+async fn sqlite_left_open(conn: &mut PoolConnection<Sqlite>) -> Result<(), Error> {
+    let open = {
+        let mut handle = conn.lock_handle().await.map_err(map_err)?;
+        sqlite_guard::in_transaction(&mut handle)
     };
-    let statements = match parsed {
-        Ok(statements) => statements,
-        Err(e) => return refused(format!("the SQL could not be read ({e})")),
-    };
-    let [statement] = statements.as_slice() else {
-        return refused("one statement per call".into());
-    };
-    let mut named = Vec::new();
-    match statement {
-        Statement::Query(_)
-        | Statement::Insert(_)
-        | Statement::Update { .. }
-        | Statement::Delete(_)
-        | Statement::CreateTable(_)
-        | Statement::CreateIndex(_)
-        | Statement::AlterTable { .. } => {}
-        Statement::Drop { names, .. } => named.extend(names.iter().cloned()),
-        _ => {
-            return refused(
-                "only SELECT, INSERT, UPDATE, DELETE and the plugin's own tables' DDL run here".into(),
-            );
-        }
+    if !open {
+        return Ok(());
     }
-    let _ = sqlparser::ast::visit_relations(statement, |relation| {
-        named.push(relation.clone());
-        std::ops::ControlFlow::<()>::Continue(())
-    });
-    for name in &named {
-        let table =
-            name.0.last().and_then(|part| part.as_ident()).map(|ident| ident.value.to_ascii_lowercase());
-        if let Some(table) = table.filter(|t| HOST_TABLES.contains(&t.as_str())) {
-            return refused(format!("`{table}` belongs to the host"));
-        }
-    }
-    Ok(())
+    let _ = sqlx::Executor::execute(&mut **conn, "ROLLBACK").await;
+    conn.close_on_drop();
+    Err(Error::InvalidQuery(
+        "refused by the host: transactions are begun with db.begin, not in SQL; the statement was rolled back".into(),
+    ))
 }
 
 async fn query(pool: &Pool, sql: &str, params: Vec<Value>) -> Result<Rows, Error> {
-    permitted(sql, pool.dialect())?;
+    no_control_characters(sql)?;
     match pool {
         Pool::Sqlite(p) => {
-            rows_of(bound::<Sqlite>(sql, params).fetch_all(p).await.map_err(map_err)?, sqlite_value)
+            let mut conn = p.acquire().await.map_err(map_err)?;
+            let rows = bound::<Sqlite>(sql, params).fetch_all(&mut *conn).await.map_err(map_err);
+            sqlite_left_open(&mut conn).await?;
+            rows_of(rows?, sqlite_value)
         }
         Pool::Mysql(p) => {
             rows_of(bound::<MySql>(sql, params).fetch_all(p).await.map_err(map_err)?, mysql_value)
@@ -241,12 +264,15 @@ async fn query(pool: &Pool, sql: &str, params: Vec<Value>) -> Result<Rows, Error
     }
 }
 
-async fn execute(db: &Database, sql: &str, params: Vec<Value>) -> Result<ExecResult, Error> {
-    permitted(sql, db.dialect())?;
-    match &db.pool {
+async fn execute(ctx: &DbCtx, sql: &str, params: Vec<Value>) -> Result<ExecResult, Error> {
+    no_control_characters(sql)?;
+    match &ctx.plugins {
         Pool::Sqlite(p) => {
-            let _turn = db.writer_turn().await.map_err(writer_busy)?;
-            let done = bound::<Sqlite>(sql, params).execute(p).await.map_err(map_err)?;
+            let _turn = ctx.db.writer_turn().await.map_err(writer_busy)?;
+            let mut conn = p.acquire().await.map_err(map_err)?;
+            let done = bound::<Sqlite>(sql, params).execute(&mut *conn).await.map_err(map_err);
+            sqlite_left_open(&mut conn).await?;
+            let done = done?;
             Ok(exec_result(done.rows_affected(), done.last_insert_rowid()))
         }
         Pool::Mysql(p) => {
@@ -257,7 +283,7 @@ async fn execute(db: &Database, sql: &str, params: Vec<Value>) -> Result<ExecRes
 }
 
 async fn tx_query(tx: &mut OpenTransaction, sql: &str, params: Vec<Value>) -> Result<Rows, Error> {
-    permitted(sql, tx.dialect())?;
+    no_control_characters(sql)?;
     match tx {
         OpenTransaction::Sqlite(t, _) => {
             rows_of(bound::<Sqlite>(sql, params).fetch_all(&mut **t).await.map_err(map_err)?, sqlite_value)
@@ -269,7 +295,7 @@ async fn tx_query(tx: &mut OpenTransaction, sql: &str, params: Vec<Value>) -> Re
 }
 
 async fn tx_execute(tx: &mut OpenTransaction, sql: &str, params: Vec<Value>) -> Result<ExecResult, Error> {
-    permitted(sql, tx.dialect())?;
+    no_control_characters(sql)?;
     match tx {
         OpenTransaction::Sqlite(t, _) => {
             let done = bound::<Sqlite>(sql, params).execute(&mut **t).await.map_err(map_err)?;
@@ -290,6 +316,9 @@ fn exec_result(rows_affected: u64, last_insert_id: i64) -> ExecResult {
 fn map_err(e: sqlx::Error) -> Error {
     use sqlx::error::ErrorKind;
     match &e {
+        sqlx::Error::Database(d) if refused_by_engine(d.as_ref()) => {
+            Error::InvalidQuery(format!("refused by the database: {}", refusal_reason(d.message())))
+        }
         sqlx::Error::Database(d) => match d.kind() {
             ErrorKind::UniqueViolation
             | ErrorKind::ForeignKeyViolation
@@ -307,6 +336,26 @@ fn map_err(e: sqlx::Error) -> Error {
         | sqlx::Error::ColumnNotFound(_)
         | sqlx::Error::TypeNotFound { .. } => Error::InvalidQuery(e.to_string()),
         _ => Error::Other(crate::database::redact_db_error(&e)),
+    }
+}
+
+/// The engine's own refusal: SQLite's authorizer (SQLITE_AUTH, 23) or a
+/// MySQL privilege check (1142 table, 1143 column, 1044 database, 1045 and
+/// 1227 a global privilege such as FILE, 1370 a routine).
+fn refused_by_engine(e: &dyn sqlx::error::DatabaseError) -> bool {
+    match e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        Some(mysql) => matches!(mysql.number(), 1142 | 1143 | 1044 | 1045 | 1227 | 1370),
+        None => e.code().as_deref() == Some("23") || e.message() == sqlite_guard::REFUSED_MESSAGE,
+    }
+}
+
+fn refusal_reason(message: &str) -> String {
+    if message == sqlite_guard::REFUSED_MESSAGE {
+        "plugin SQL reads and writes only the plugin tables (no host table, schema change, ATTACH, \
+         PRAGMA or extension)"
+            .into()
+    } else {
+        message.to_string()
     }
 }
 
@@ -328,11 +377,10 @@ impl wit::Host for DbView<'_> {
     }
 
     async fn query(&mut self, sql: String, params: Vec<Value>) -> wasmtime::Result<Result<Rows, Error>> {
-        let db = match self.db() {
-            Ok(db) => db,
-            Err(e) => return Ok(Err(e)),
-        };
-        Ok(query(&db.pool, &sql, params).await)
+        Ok(match self.ctx() {
+            Ok(ctx) => query(&ctx.plugins, &sql, params).await,
+            Err(e) => Err(e),
+        })
     }
 
     async fn execute(
@@ -340,25 +388,24 @@ impl wit::Host for DbView<'_> {
         sql: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<ExecResult, Error>> {
-        let db = match self.db() {
-            Ok(db) => db,
-            Err(e) => return Ok(Err(e)),
-        };
-        Ok(execute(&db, &sql, params).await)
+        Ok(match self.ctx() {
+            Ok(ctx) => execute(ctx, &sql, params).await,
+            Err(e) => Err(e),
+        })
     }
 
     async fn begin(&mut self) -> wasmtime::Result<Result<Resource<Transaction>, Error>> {
-        let db = match self.db() {
-            Ok(db) => db,
+        let ctx = match self.ctx() {
+            Ok(ctx) => ctx,
             Err(e) => return Ok(Err(e)),
         };
-        let tx = match &db.pool {
+        let tx = match &ctx.plugins {
             // SQLite: the writer turn first (writers queue in arrival order), then
             // IMMEDIATE takes SQLite's write lock up front; a deferred transaction
             // that reads, then writes, fails at once with "database is locked"
             // when another writer got in between.
             Pool::Sqlite(p) => {
-                let turn = match db.writer_turn().await {
+                let turn = match ctx.db.writer_turn().await {
                     Ok(turn) => turn,
                     Err(e) => return Ok(Err(writer_busy(e))),
                 };
