@@ -34,11 +34,12 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # Settings that never reach a web process (secrets and settings of the app role).
 WEB_FORBIDDEN=(DATABASE_URL WECHAT_APPSECRET WECHATPAY_PRIVATE_KEY WECHATPAY_MCHID WECHATPAY_SERIAL
-               WECHATPAY_API_BASE WECHATPAY_NOTIFY_URL WECHATPAY_API_VERSION WECHATPAY_APIV2_SIGN_TYPE
+               WECHATPAY_API_BASE WECHATPAY_NOTIFY_URL WECHATPAY_API_VERSION
                SESSION_SECRET WXHOST_ADMIN_TOKEN WECHAT_API_BASE WECHAT_QRCODE_BASE
                WECHAT_OAUTH_AUTHORIZE_URL WXHOST_DEV_SIMULATOR_URL)
-# Callback secrets the app role has no use for.
-APP_FORBIDDEN=(WECHAT_TOKEN WECHAT_AES_KEY)
+# Nothing of the web role's is kept from the app role: it checks WeChat's
+# signatures again itself (WECHAT_TOKEN, WECHAT_AES_KEY).
+APP_FORBIDDEN=()
 
 # The environment a cluster process starts from: these names and prefixes of
 # the caller's environment (the rest of it is not passed on).

@@ -10,6 +10,8 @@ wasmtime::component::bindgen!({
         "wxhost:plugin/wechat-api": async | trappable,
         "wxhost:plugin/wechat-pay": async | trappable,
         "wxhost:plugin/session": async | trappable,
+        // verify-push may consult the database (the app role's signature ledger).
+        "wxhost:plugin/callback-crypto": async | trappable,
         default: trappable,
     },
     exports: { default: async },

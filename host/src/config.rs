@@ -146,7 +146,7 @@ impl Role {
         use Capability::*;
         match self {
             Role::Web => &[Log, Config, CallbackCrypto, InternalCall],
-            Role::App => &[Log, Config, Db, WechatApi, WechatPay, Session],
+            Role::App => &[Log, Config, Db, WechatApi, WechatPay, Session, CallbackCrypto],
         }
     }
 

@@ -176,8 +176,10 @@ pub fn mysql_session(options: MySqlConnectOptions) -> MySqlConnectOptions {
 
 /// Tables only the host reads and writes: the shared access token, the host's
 /// keys (the session signing key, the plugin database user's password), login
-/// sessions and the migration log. Every other table is a plugin table.
-pub const HOST_TABLES: [&str; 4] = ["token_cache", "host_keys", "sessions", "_sqlx_migrations"];
+/// sessions, the plaintext push signatures seen and the migration log. Every
+/// other table is a plugin table.
+pub const HOST_TABLES: [&str; 5] =
+    ["token_cache", "host_keys", "sessions", "callback_signatures", "_sqlx_migrations"];
 
 /// Whether `table` (any case) is one of [`HOST_TABLES`].
 pub fn is_host_table(table: &str) -> bool {

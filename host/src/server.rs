@@ -185,10 +185,14 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
         None => None,
     };
     let db = plugin_db;
-    let callback_crypto = if options.roles.contains(&Role::Web) {
+    // Both roles check WeChat's signatures: the web role at the edge, the app
+    // role again before it changes anything (it never takes the web role's word).
+    let callback_crypto = {
         let s = &options.settings;
         if s.wechat_token.is_none() {
-            tracing::warn!("WECHAT_TOKEN is not set: WeChat server verification will answer 503");
+            tracing::warn!(
+                "WECHAT_TOKEN is not set: WeChat's pushes and server verification will be refused"
+            );
         }
         let crypto = CallbackCrypto::new(
             s.wechat_token.clone(),
@@ -197,12 +201,14 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
             config.timestamp_window_secs,
         )?
         .accept_plaintext_with_aes_key(config.accept_plaintext_with_aes_key);
-        Some(match s.pay_notify_keys()? {
+        let crypto = match s.pay_notify_keys()? {
             Some(keys) => crypto.with_pay(keys),
             None => crypto,
+        };
+        Some(match &database {
+            Some(db) => crypto.with_shared_ledger(db.clone()),
+            None => crypto,
         })
-    } else {
-        None
     };
     let internal_call = if options.roles.contains(&Role::Web) {
         match (&options.settings.app_internal_url, &options.settings.internal_secret) {

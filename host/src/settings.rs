@@ -140,7 +140,18 @@ impl Settings {
             apiv3_key,
             platform: platform.unwrap_or_default(),
             apiv2_key: self.wechatpay_apiv2_key.clone(),
+            apiv2_sign_type: self.apiv2_sign_type()?,
         }))
+    }
+
+    /// `WECHATPAY_APIV2_SIGN_TYPE`: HMAC-SHA256 (the default) or MD5.
+    pub fn apiv2_sign_type(&self) -> anyhow::Result<crate::pay_crypto::V2SignType> {
+        use crate::pay_crypto::V2SignType;
+        match self.wechatpay_apiv2_sign_type.as_deref() {
+            None | Some("HMAC-SHA256") => Ok(V2SignType::HmacSha256),
+            Some("MD5") => Ok(V2SignType::Md5),
+            Some(_) => anyhow::bail!("WECHATPAY_APIV2_SIGN_TYPE must be HMAC-SHA256 or MD5"),
+        }
     }
 }
 
@@ -165,6 +176,9 @@ pub fn secrets_read_by(role: crate::config::Role) -> &'static [&'static str] {
         crate::config::Role::App => &[
             "DATABASE_URL",
             "PLUGIN_DATABASE_URL",
+            // The app role checks WeChat's signatures on pushes again itself.
+            "WECHAT_TOKEN",
+            "WECHAT_AES_KEY",
             "WECHAT_APPID",
             "WECHAT_APPSECRET",
             "WECHATPAY_MCHID",
@@ -292,7 +306,7 @@ mod tests {
     #[test]
     fn an_app_process_keeps_no_callback_secrets_and_both_roles_keep_everything() {
         let mut app = everything();
-        assert_eq!(app.retain_for(&[Role::App]), ["WECHAT_TOKEN", "WECHAT_AES_KEY", "APP_INTERNAL_URL"]);
+        assert_eq!(app.retain_for(&[Role::App]), ["APP_INTERNAL_URL"]);
         let mut both = everything();
         assert!(both.retain_for(&[Role::Web, Role::App]).is_empty());
     }

@@ -11,17 +11,19 @@ use serde_json::json;
 use wxhost::config::Role;
 use wxhost::pay_crypto::{V2SignType, private_key_from_pem, rsa_sign, v2_sign, v3_encrypt};
 use wxhost::server::RunningServer;
+use wxhost::settings::Settings;
 
 fn config() -> TestConfig {
-    let toml = base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "session", "wechat-pay""#)
-        + NOTIFY_PLUGIN
-        + r#"
+    let toml =
+        base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "session", "wechat-pay", "callback-crypto""#)
+            + NOTIFY_PLUGIN
+            + r#"
 [[plugins]]
 name = "payment"
 role = "app"
 wasm = "payment.wasm"
 routes = ["PUT /api/v1/internal/payment/order/update"]
-capabilities = ["log", "config", "db", "session", "wechat-pay"]
+capabilities = ["log", "config", "db", "session", "wechat-pay", "callback-crypto"]
 "#;
     TestConfig::new(&toml, &[("notify.wasm", "notify.wasm"), ("payment.wasm", "payment.wasm")])
 }
@@ -35,17 +37,23 @@ struct Pay {
     client: reqwest::Client,
 }
 
+/// What checking WeChat Pay's notifies takes; both roles hold it (the app
+/// role verifies every notify again).
+fn with_notify_keys(mut s: Settings) -> Settings {
+    s.wechatpay_apiv3_key = Some(APIV3_KEY.to_string().into());
+    s.wechatpay_apiv2_key = Some(APIV2_KEY.to_string().into());
+    s.wechatpay_platform_public_key = Some(fixture("wechatpay_platform_test_pub.pem"));
+    s.wechatpay_public_key_id = Some(KEY_ID.into());
+    s
+}
+
 impl Pay {
     async fn start(db_url: &str) -> Pay {
         let config = config();
-        let app = start_with(&config, &[Role::App], settings(Some(db_url)), false).await;
+        let app = start_with(&config, &[Role::App], with_notify_keys(settings(Some(db_url))), false).await;
         let app_addr = app.role_addrs[&Role::App];
-        let mut s = settings(None);
+        let mut s = with_notify_keys(settings(None));
         s.app_internal_url = Some(format!("http://{app_addr}"));
-        s.wechatpay_apiv3_key = Some(APIV3_KEY.to_string().into());
-        s.wechatpay_apiv2_key = Some(APIV2_KEY.to_string().into());
-        s.wechatpay_platform_public_key = Some(fixture("wechatpay_platform_test_pub.pem"));
-        s.wechatpay_public_key_id = Some(KEY_ID.into());
         let web = start_with(&config, &[Role::Web], s, false).await;
         Pay { config, db_url: db_url.into(), app: Some(app), app_addr, web, client: reqwest::Client::new() }
     }
@@ -264,7 +272,7 @@ async fn with_the_app_role_down_the_notify_fails_and_its_retry_credits_once_on_b
         assert!(status >= 500, "{which}: a failure while the app role is down: {status} {body}");
         assert!(body.contains("FAIL"), "{which}");
 
-        let mut s = settings(Some(&db.url));
+        let mut s = with_notify_keys(settings(Some(&db.url)));
         s.app_listen = Some(pay.app_addr);
         pay.app = Some(start_with(&pay.config, &[Role::App], s, false).await);
         for _ in 0..3 {
@@ -275,9 +283,12 @@ async fn with_the_app_role_down_the_notify_fails_and_its_retry_credits_once_on_b
     }
 }
 
+/// An APIv2 notify signed with `sign_with` as `sign_type` says (MD5 when absent).
 fn v2_xml(fields: &[(&str, &str)], sign_with: &str) -> String {
     let owned: Vec<(String, String)> = fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let sign = v2_sign(&owned, sign_with, V2SignType::Md5);
+    let sign_type =
+        V2SignType::parse(fields.iter().find(|(k, _)| *k == "sign_type").map(|(_, v)| *v)).unwrap();
+    let sign = v2_sign(&owned, sign_with, sign_type);
     let inner: String = fields.iter().map(|(k, v)| format!("<{k}><![CDATA[{v}]]></{k}>")).collect();
     format!("<xml>{inner}<sign>{sign}</sign></xml>")
 }
@@ -294,10 +305,16 @@ async fn apiv2_notifies_answer_success_or_fail_xml() {
         ("out_trade_no", "WX_D1"),
         ("result_code", "SUCCESS"),
         ("return_code", "SUCCESS"),
+        ("sign_type", "HMAC-SHA256"),
         ("total_fee", "990"),
         ("transaction_id", "4200099"),
     ];
     let (status, body) = pay.send_v2(v2_xml(&fields, "not-the-key")).await;
+    assert!(status == 200 && body.contains("<return_code><![CDATA[FAIL]]>"), "{body}");
+    assert_eq!(pay.state("WX_D1", "oOld").await, ("pending".to_string(), 0));
+    // Signed with the right key but MD5 while HMAC-SHA256 is configured: a downgrade, refused.
+    let md5: Vec<(&str, &str)> = fields.iter().copied().filter(|(k, _)| *k != "sign_type").collect();
+    let (status, body) = pay.send_v2(v2_xml(&md5, APIV2_KEY)).await;
     assert!(status == 200 && body.contains("<return_code><![CDATA[FAIL]]>"), "{body}");
     assert_eq!(pay.state("WX_D1", "oOld").await, ("pending".to_string(), 0));
 
@@ -317,7 +334,7 @@ name = "payment"
 role = "app"
 wasm = "payment.wasm"
 routes = ["GET /api/v1/payment/products"]
-capabilities = ["log", "config", "db", "session", "wechat-pay"]
+capabilities = ["log", "config", "db", "session", "wechat-pay", "callback-crypto"]
 [[plugins.config.products]]
 id = "p10"
 name = "10 次"
@@ -326,7 +343,11 @@ credits = 10
 "#;
     let db = sqlite_database().await;
     let config = TestConfig::new(
-        &(base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "session", "wechat-pay""#) + good),
+        &(base_toml(
+            2000,
+            WEB_GRANTS,
+            r#""log", "config", "db", "session", "wechat-pay", "callback-crypto""#,
+        ) + good),
         &[("payment.wasm", "payment.wasm")],
     );
     let app = start(&config, &[Role::App], Some(&db.url), false).await;
@@ -338,7 +359,7 @@ credits = 10
     // A misconfigured catalog is a clear 500, not a guess at prices.
     std::fs::write(
         config.path(),
-        base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "session", "wechat-pay""#)
+        base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "session", "wechat-pay", "callback-crypto""#)
             + &good.replace("990", "-1"),
     )
     .unwrap();
@@ -348,4 +369,63 @@ credits = 10
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"]["code"], "catalog_invalid");
     app.shutdown();
     app.wait().await;
+}
+
+/// Anyone holding INTERNAL_SECRET (it lives on the public-facing web host)
+/// can sign an internal call, but only WeChat Pay can sign a notify: the app
+/// role verifies the notify itself before it credits anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hmac_signed_internal_call_carrying_a_forged_notify_credits_nothing_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let pay = Pay::start(&db.url).await;
+        pay.order("WX_F1", "oForger").await;
+        let path = "/api/v1/internal/payment/order/update";
+        let passed_on = |n: &V3| {
+            let (headers, body) = n.build();
+            let h = |k: &str| headers.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap();
+            json!({"v3": {
+                "timestamp": h("wechatpay-timestamp"), "nonce": h("wechatpay-nonce"),
+                "signature": h("wechatpay-signature"), "serial": h("wechatpay-serial"), "body": body,
+            }})
+        };
+        let code = |body: &serde_json::Value| body["error"]["code"].as_str().unwrap_or_default().to_string();
+
+        // Signed with a key that is not WeChat Pay's.
+        let forged = V3 { signer: "merchant_test_key.pem", ..V3::paid("WX_F1") };
+        let (status, body) = signed_internal_call(pay.app_addr, "PUT", path, passed_on(&forged)).await;
+        assert_eq!((status, code(&body)), (401, "forged_notify".into()), "{which}: {body}");
+        // The web role's word alone (the decoded fields) is not accepted at all.
+        let word = json!({"out_trade_no": "WX_F1", "transaction_id": "4200X", "amount_fen": 990,
+                          "appid": APPID, "mchid": MCHID});
+        let (status, body) = signed_internal_call(pay.app_addr, "PUT", path, word).await;
+        assert_eq!((status, code(&body)), (400, "invalid_body".into()), "{which}: {body}");
+        // An APIv2 notify signed with the wrong key.
+        let fields = [
+            ("appid", APPID),
+            ("mch_id", MCHID),
+            ("out_trade_no", "WX_F1"),
+            ("result_code", "SUCCESS"),
+            ("return_code", "SUCCESS"),
+            ("sign_type", "HMAC-SHA256"),
+            ("total_fee", "990"),
+            ("transaction_id", "4200X"),
+        ];
+        let (status, body) =
+            signed_internal_call(pay.app_addr, "PUT", path, json!({"v2": v2_xml(&fields, "not-the-key")}))
+                .await;
+        assert_eq!((status, code(&body)), (401, "forged_notify".into()), "{which}: {body}");
+        assert_eq!(
+            pay.state("WX_F1", "oForger").await,
+            ("pending".to_string(), 0),
+            "{which}: nothing credited"
+        );
+
+        // WeChat Pay's own notify, passed on as it came, credits once.
+        let (status, body) =
+            signed_internal_call(pay.app_addr, "PUT", path, passed_on(&V3::paid("WX_F1"))).await;
+        assert_eq!((status, body["applied"].clone()), (200, json!(true)), "{which}: {body}");
+        assert_eq!(pay.state("WX_F1", "oForger").await, ("paid".to_string(), 10), "{which}");
+        pay.shutdown().await;
+    }
 }

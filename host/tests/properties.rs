@@ -10,7 +10,7 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use wxhost::bindings::wxhost::plugin::callback_crypto::{CryptoError, PayNotifyHeaders};
-use wxhost::caps::callback_crypto::{CallbackCrypto, PayNotifyKeys, flat_xml, sorted_sha1};
+use wxhost::caps::callback_crypto::{CallbackCrypto, PayNotifyKeys, flat_xml, push_xml, sorted_sha1};
 use wxhost::pay_crypto::{PlatformKeys, RsaSigner, public_key_from_pem, signed_message, v3_encrypt};
 
 const TOKEN: &str = "test";
@@ -37,6 +37,7 @@ fn crypto() -> CallbackCrypto {
         apiv3_key: Some(secrecy::SecretBox::new(Box::new(*APIV3_KEY))),
         platform,
         apiv2_key: Some("192006250b4c09247ec02edce69f6a2d".to_string().into()),
+        apiv2_sign_type: wxhost::pay_crypto::V2SignType::HmacSha256,
     })
 }
 
@@ -69,6 +70,7 @@ proptest! {
     #[test]
     fn any_xml_flattens_or_is_a_clean_error(text in xmlish()) {
         let _ = flat_xml(&text);
+        let _ = push_xml(&text);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use wxhost::internal_auth::{InternalAuth, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use wxhost::server::RunningServer;
 
 const WEB_GRANTS: &str = r#""log", "config", "callback-crypto", "internal-call""#;
-const APP_GRANTS: &str = r#""log", "config", "db""#;
+const APP_GRANTS: &str = r#""log", "config", "db", "callback-crypto""#;
 
 fn config() -> TestConfig {
     let toml = base_toml(2000, WEB_GRANTS, APP_GRANTS)
@@ -73,13 +73,17 @@ impl Pair {
         self.app = Some(start_with(&self.config, &[Role::App], s, false).await);
     }
 
+    /// A plaintext push with a fresh nonce, as WeChat signs each push.
     async fn push(&self, xml: &str) -> (u16, String) {
         let ts = unix_now().to_string();
-        let signature = sorted_sha1(&[TOKEN, &ts, "nonce1"]);
+        let nonce = format!("{:x}", rand::random::<u64>());
+        let signature = sorted_sha1(&[TOKEN, &ts, &nonce]);
         let url = url(
             &self.web,
             Role::Web,
-            &format!("/api/v1/auth/wechat/verify?signature={signature}&timestamp={ts}&nonce=nonce1&openid=x"),
+            &format!(
+                "/api/v1/auth/wechat/verify?signature={signature}&timestamp={ts}&nonce={nonce}&openid=x"
+            ),
         );
         let r = self.client.post(url).body(xml.to_string()).send().await.unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
@@ -107,20 +111,7 @@ impl Pair {
 
     /// A signed call to the app role's internal API, as the web role makes it.
     async fn internal(&self, method: &str, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-        let body = body.to_string();
-        let ts = unix_now().to_string();
-        let sig =
-            InternalAuth::new(INTERNAL_SECRET.to_string().into()).sign(method, path, &ts, body.as_bytes());
-        let r = self
-            .client
-            .request(method.parse().unwrap(), format!("http://{}{path}", self.app_addr))
-            .header(TIMESTAMP_HEADER, ts)
-            .header(SIGNATURE_HEADER, sig)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or_default())
+        signed_internal_call(self.app_addr, method, path, body).await
     }
 
     async fn create_scene(&self, scene: &str, expires_in: i64) {
@@ -329,19 +320,121 @@ async fn a_push_the_app_role_cannot_take_is_not_acknowledged_and_its_retry_appli
     }
 }
 
+/// Plaintext proof of a push, as the web role passes it on.
+fn plaintext_proof(body: &str, timestamp: &str, nonce: &str) -> serde_json::Value {
+    json!({
+        "signature": sorted_sha1(&[TOKEN, timestamp, nonce]), "timestamp": timestamp, "nonce": nonce,
+        "msg_signature": null, "body": body,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hmac_signed_internal_call_carrying_a_forged_or_altered_push_changes_nothing_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let pair = Pair::start(&db.url).await;
+        pair.create_scene("scene-victim", 600).await;
+        let before = snapshot(&db.url).await;
+        let t = unix_now();
+        let ts = t.to_string();
+        let alice_scan = event("oAlice", t, "SCAN", "scene-victim");
+        let bind = |openid: &str, scene: &str, wechat: serde_json::Value| json!({"scene": scene, "openid": openid, "event_id": format!("bind:{openid}:{t}"), "wechat": wechat});
+        let code = |body: &serde_json::Value| body["error"]["code"].as_str().unwrap_or_default().to_string();
+
+        // Whoever holds INTERNAL_SECRET but not WeChat's token cannot sign a push.
+        let forged = json!({"signature": "0".repeat(40), "timestamp": ts, "nonce": "n", "msg_signature": null, "body": alice_scan});
+        let (status, body) = pair
+            .internal("PUT", "/api/v1/internal/binding/update", bind("oAlice", "scene-victim", forged))
+            .await;
+        assert_eq!((status, code(&body)), (401, "forged_push".into()), "{which}: {body}");
+        let unsigned =
+            json!({"openid": "oAlice", "subscribed": true, "event_id": format!("subscribe:oAlice:{t}")});
+        let (status, body) = pair.internal("POST", "/api/v1/internal/user/create-or-update", unsigned).await;
+        assert_eq!((status, code(&body)), (401, "unsigned_event".into()), "{which}: {body}");
+
+        // WeChat's real push of Alice's scan, made to say something else.
+        let real = plaintext_proof(&alice_scan, &ts, "n-real");
+        for (path, altered) in [
+            ("/api/v1/internal/binding/update", bind("oMallory", "scene-victim", real.clone())),
+            ("/api/v1/internal/binding/update", bind("oAlice", "scene-other", real.clone())),
+            (
+                "/api/v1/internal/user/create-or-update",
+                json!({"openid": "oAlice", "subscribed": false, "event_id": format!("unsubscribe:oAlice:{t}"), "wechat": real}),
+            ),
+            (
+                "/api/v1/internal/user/create-or-update",
+                json!({"openid": "oAlice", "subscribed": true, "event_id": format!("subscribe:oAlice:{t}"),
+                       "nickname": "forged", "wechat": real}),
+            ),
+        ] {
+            let method = if path.ends_with("update") && path.contains("binding") { "PUT" } else { "POST" };
+            let (status, body) = pair.internal(method, path, altered.clone()).await;
+            assert_eq!((status, code(&body)), (403, "event_mismatch".into()), "{which}: {altered}: {body}");
+        }
+        // Plaintext: the seen signature with another body (Mallory's scan) is refused.
+        let mallory_scan = event("oMallory", t, "SCAN", "scene-victim");
+        let reused = plaintext_proof(&mallory_scan, &ts, "n-real");
+        let (status, body) = pair
+            .internal("PUT", "/api/v1/internal/binding/update", bind("oMallory", "scene-victim", reused))
+            .await;
+        assert_eq!((status, code(&body)), (401, "forged_push".into()), "{which}: {body}");
+        assert_eq!(snapshot(&db.url).await, before, "{which}: nothing changed");
+
+        // The real push, passed on as it came, binds Alice.
+        let (status, body) = pair
+            .internal("PUT", "/api/v1/internal/binding/update", bind("oAlice", "scene-victim", real.clone()))
+            .await;
+        assert_eq!((status, body["applied"].clone()), (200, json!(true)), "{which}: {body}");
+        pair.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_signature_seen_once_carries_only_its_own_body_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let pair = Pair::start(&db.url).await;
+        let ts = unix_now().to_string();
+        let query = format!("signature={}&timestamp={ts}&nonce=n-once", sorted_sha1(&[TOKEN, &ts, "n-once"]));
+        let post = |body: String| {
+            let url = url(&pair.web, Role::Web, &format!("/api/v1/auth/wechat/verify?{query}"));
+            async move {
+                let r = reqwest::Client::new().post(url).body(body).send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            }
+        };
+        let subscribe = event("oOnce", unix_now(), "subscribe", "");
+        // WeChat's retry: the same signature with the same body, answered as before.
+        for _ in 0..2 {
+            let (status, body) = post(subscribe.clone()).await;
+            assert_eq!((status, reply_content(&body).as_str()), (200, "欢迎关注 🎉"), "{which}");
+        }
+        // The same signed query with another body: refused, nothing applied.
+        let other = event("oIntruder", unix_now(), "subscribe", "");
+        let (status, body) = post(other).await;
+        assert_eq!(status, 403, "{which}: {body}");
+        assert!(body.contains("signature_reused"), "{which}: {body}");
+        let snap = snapshot(&db.url).await;
+        assert_eq!(snap.users, vec![("oOnce".to_string(), 1)], "{which}");
+        pair.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_and_expired_scenes_bind_nothing() {
     for db in all_databases().await {
         let which = db.name;
         let pair = Pair::start(&db.url).await;
-        let (status, _) = pair
+        let (status, body) = pair
             .internal(
                 "PUT",
                 "/api/v1/internal/binding/update",
                 json!({"scene": "scene-nope", "openid": "oX"}),
             )
             .await;
-        assert_eq!(status, 404, "{which}");
+        assert_eq!((status, &body["error"]["code"]), (401, &json!("unsigned_event")), "{which}: {body}");
+        let (status, body) = pair.push(&event("oX", unix_now(), "SCAN", "scene-nope")).await;
+        assert_eq!(status, 200, "{which}: an unknown scene binds nothing, acknowledged: {body}");
         pair.create_scene("scene-old", 60).await;
         expire_scene(&db.url, "scene-old").await;
         let (status, body) = pair.push(&event("oLate", unix_now(), "SCAN", "scene-old")).await;

@@ -11,8 +11,9 @@ use subtle::ConstantTimeEq;
 use wasmtime::component::{HasData, Linker};
 
 use crate::bindings::wxhost::plugin::callback_crypto::{
-    self as wit, CryptoError, EncryptedReply, PayNotifyHeaders, PayNotifyV3,
+    self as wit, CryptoError, EncryptedReply, PayNotifyHeaders, PayNotifyV3, PushProof,
 };
+use crate::database::{Database, Pool};
 use crate::pay_crypto::{self, PlatformKeys, SignatureError, V2SignType};
 
 type Aes256CbcEnc = cbc::Encryptor<aes::Aes256>;
@@ -38,6 +39,79 @@ pub struct CallbackCrypto {
     /// Plaintext pushes accepted although an EncodingAESKey is set (a switch of mode).
     accept_plaintext_with_aes_key: bool,
     pay: Option<PayNotifyKeys>,
+    /// Plaintext-mode signatures seen, each bound to its body.
+    seen: SignatureLedger,
+}
+
+/// Plaintext-mode push signatures already accepted, each with a hash of the
+/// body it came with: the signature covers token, timestamp and nonce but not
+/// the body, so a signed query seen once (a log line, a GET verify URL) could
+/// otherwise carry any body until its timestamp goes stale.
+pub enum SignatureLedger {
+    /// This process's own (the web role has no database).
+    Memory(std::sync::Mutex<std::collections::HashMap<String, ([u8; 32], i64)>>),
+    /// Shared by every app process (`callback_signatures`, a host table).
+    Database(Database),
+}
+
+impl SignatureLedger {
+    /// Records `signature` with `body` until `expires_at`; false if it was
+    /// already recorded with another body.
+    async fn bind(&self, signature: &str, body: &[u8], expires_at: i64) -> Result<bool, CryptoError> {
+        let digest: [u8; 32] = sha2::Sha256::digest(body).into();
+        let now = now_unix();
+        match self {
+            SignatureLedger::Memory(seen) => {
+                let mut seen = seen.lock().expect("signature ledger lock");
+                seen.retain(|_, (_, until)| *until >= now);
+                let (first, _) = *seen.entry(signature.to_string()).or_insert((digest, expires_at));
+                Ok(first == digest)
+            }
+            SignatureLedger::Database(db) => {
+                let unavailable =
+                    |e: sqlx::Error| CryptoError::Unavailable(crate::database::redact_db_error(&e));
+                let digest = hex::encode(digest);
+                let insert = match db.pool {
+                    Pool::Sqlite(_) => {
+                        "INSERT INTO callback_signatures (signature, body_sha256, expires_at) VALUES (?, ?, ?) \
+                         ON CONFLICT (signature) DO NOTHING"
+                    }
+                    Pool::Mysql(_) => {
+                        "INSERT IGNORE INTO callback_signatures (signature, body_sha256, expires_at) VALUES (?, ?, ?)"
+                    }
+                };
+                let turn = db.writer_turn().await.map_err(|e| CryptoError::Unavailable(e.to_string()))?;
+                let inserted = crate::on_pool!(&db.pool, |p| sqlx::query(insert)
+                    .bind(signature)
+                    .bind(&digest)
+                    .bind(expires_at)
+                    .execute(p)
+                    .await
+                    .map(|r| r.rows_affected()))
+                .map_err(unavailable)?;
+                if inserted == 1 {
+                    // Plaintext pushes are few: the table is pruned as they come.
+                    crate::on_pool!(&db.pool, |p| sqlx::query(
+                        "DELETE FROM callback_signatures WHERE expires_at < ?"
+                    )
+                    .bind(now)
+                    .execute(p)
+                    .await
+                    .map(|_| ()))
+                    .map_err(unavailable)?;
+                }
+                drop(turn);
+                let first: String = crate::on_pool!(&db.pool, |p| sqlx::query_scalar(
+                    "SELECT body_sha256 FROM callback_signatures WHERE signature = ?"
+                )
+                .bind(signature)
+                .fetch_one(p)
+                .await)
+                .map_err(unavailable)?;
+                Ok(first == digest)
+            }
+        }
+    }
 }
 
 /// What checking WeChat Pay's notifies takes: the APIv3 key, the platform's
@@ -46,6 +120,9 @@ pub struct PayNotifyKeys {
     pub apiv3_key: Option<SecretBox<[u8; 32]>>,
     pub platform: PlatformKeys,
     pub apiv2_key: Option<SecretString>,
+    /// The APIv2 sign type the merchant uses: a notify signed otherwise is
+    /// refused (no downgrade from HMAC-SHA256 to MD5).
+    pub apiv2_sign_type: V2SignType,
 }
 
 /// A bad EncodingAESKey setting (never includes the key).
@@ -81,6 +158,7 @@ impl CallbackCrypto {
             window_secs,
             accept_plaintext_with_aes_key: false,
             pay: None,
+            seen: SignatureLedger::Memory(Default::default()),
         })
     }
 
@@ -89,6 +167,44 @@ impl CallbackCrypto {
     pub fn accept_plaintext_with_aes_key(mut self, accept: bool) -> Self {
         self.accept_plaintext_with_aes_key = accept;
         self
+    }
+
+    /// Keeps the plaintext-mode signatures in the database, shared by every
+    /// process (the app role).
+    pub fn with_shared_ledger(mut self, db: Database) -> Self {
+        self.seen = SignatureLedger::Database(db);
+        self
+    }
+
+    /// A push as WeChat sent it (see `verify-push` in wit/crypto.wit): its
+    /// message's fields, or why it is refused.
+    pub async fn verify_push(&self, proof: &PushProof) -> Result<Vec<(String, String)>, CryptoError> {
+        let xml = match &proof.msg_signature {
+            Some(msg_signature) => {
+                let envelope = push_xml(&proof.body).map_err(CryptoError::Malformed)?;
+                let encrypt = envelope
+                    .iter()
+                    .find(|(k, _)| k == "Encrypt")
+                    .map(|(_, v)| v.as_str())
+                    .ok_or_else(|| CryptoError::Malformed("safe mode needs an Encrypt field".into()))?;
+                self.decrypt_message(msg_signature, &proof.timestamp, &proof.nonce, encrypt)?
+            }
+            None => {
+                self.verify_plaintext_push(&proof.signature, &proof.timestamp, &proof.nonce)?;
+                // Kept while the timestamp is accepted (a day when the check is off).
+                let window = self.window_secs.unwrap_or(86_400) as i64;
+                let expires_at = proof.timestamp.parse::<i64>().unwrap_or_else(|_| now_unix()) + window + 60;
+                if !self
+                    .seen
+                    .bind(&proof.signature.to_ascii_lowercase(), proof.body.as_bytes(), expires_at)
+                    .await?
+                {
+                    return Err(CryptoError::SignatureReused);
+                }
+                proof.body.clone()
+            }
+        };
+        push_xml(&xml).map_err(CryptoError::Malformed)
     }
 
     /// Adds WeChat Pay notify verification.
@@ -163,6 +279,9 @@ impl CallbackCrypto {
         let sign = get("sign").ok_or(CryptoError::BadSignature)?;
         let sign_type = V2SignType::parse(get("sign_type"))
             .ok_or_else(|| CryptoError::Malformed("unknown sign_type".into()))?;
+        if sign_type != self.pay()?.apiv2_sign_type {
+            return Err(CryptoError::BadSignature);
+        }
         let expected = pay_crypto::v2_sign(&fields, key.expose_secret(), sign_type);
         if !bool::from(expected.as_bytes().ct_eq(sign.to_ascii_uppercase().as_bytes())) {
             return Err(CryptoError::BadSignature);
@@ -320,49 +439,85 @@ pub fn sorted_sha1(parts: &[&str]) -> String {
     hex::encode(h.finalize())
 }
 
-/// The fields of a flat `<xml>` message (APIv2); DOCTYPE and entities refused.
+/// The fields of a flat `<xml>` message (APIv2): nothing nested.
 pub fn flat_xml(xml: &str) -> Result<Vec<(String, String)>, String> {
+    xml_leaves(xml, 2)
+}
+
+/// The fields of a pushed message: the leaf elements, a few events nesting
+/// one level deeper (`<xml><ScanCodeInfo><ScanType>` is 3).
+pub fn push_xml(xml: &str) -> Result<Vec<(String, String)>, String> {
+    xml_leaves(xml, 4)
+}
+
+/// Most fields accepted in one message.
+const MAX_XML_FIELDS: usize = 100;
+
+/// The leaf elements of one `<xml>` root, in document order, nested at most
+/// `max_depth` deep. DOCTYPE and entity declarations are refused outright, so
+/// no XXE or entity expansion can happen.
+fn xml_leaves(xml: &str, max_depth: usize) -> Result<Vec<(String, String)>, String> {
     use quick_xml::events::Event;
     let mut reader = quick_xml::Reader::from_str(xml);
-    let (mut depth, mut fields, mut text) = (0usize, Vec::new(), String::new());
+    // Open elements, and whether each has child elements (only leaves are fields).
+    let mut open: Vec<(String, bool)> = Vec::new();
+    let (mut fields, mut text, mut roots) = (Vec::new(), String::new(), 0);
+    let name_of = |e: &quick_xml::events::BytesStart<'_>| e.local_name().into_inner().to_string();
     loop {
         match reader.read_event().map_err(|e| format!("malformed XML: {e}"))? {
-            Event::DocType(_) => return Err("DOCTYPE is not accepted".into()),
-            Event::Start(_) => {
-                depth += 1;
+            Event::DocType(_) => return Err("DOCTYPE and entity declarations are not accepted".into()),
+            Event::Start(e) => {
+                if open.is_empty() {
+                    roots += 1;
+                }
+                if open.len() >= max_depth {
+                    return Err("XML nested too deeply".into());
+                }
+                if let Some(parent) = open.last_mut() {
+                    parent.1 = true;
+                }
+                open.push((name_of(&e), false));
                 text.clear();
-                if depth > 2 {
-                    return Err("nested XML is not an APIv2 message".into());
+            }
+            Event::Empty(e) => {
+                if open.is_empty() {
+                    roots += 1;
+                } else {
+                    fields.push((name_of(&e), String::new()));
                 }
             }
-            Event::End(e) => {
-                if depth == 2 {
-                    let name = e.local_name().into_inner().to_string();
+            Event::End(_) => {
+                let (name, has_children) = open.pop().ok_or("unbalanced end tag")?;
+                if !open.is_empty() && !has_children {
                     fields.push((name, std::mem::take(&mut text)));
                 }
-                depth = depth.checked_sub(1).ok_or("unbalanced XML")?;
+                text.clear();
             }
             Event::Text(t) => text.push_str(&t.xml10_content()),
             Event::CData(c) => text.push_str(&c.xml10_content()),
             Event::GeneralRef(r) => match r.resolve_char_ref() {
                 Ok(Some(c)) => text.push(c),
-                _ => match &*r.into_inner() {
-                    "lt" => text.push('<'),
-                    "gt" => text.push('>'),
-                    "amp" => text.push('&'),
-                    "apos" => text.push('\''),
-                    "quot" => text.push('"'),
+                Ok(None) => text.push_str(match &*r.into_inner() {
+                    "lt" => "<",
+                    "gt" => ">",
+                    "amp" => "&",
+                    "apos" => "'",
+                    "quot" => "\"",
                     other => return Err(format!("unknown entity &{other};")),
-                },
+                }),
+                Err(e) => return Err(format!("bad character reference: {e}")),
             },
             Event::Eof => break,
-            _ => {}
+            Event::Decl(_) | Event::Comment(_) | Event::PI(_) => {}
         }
-        if fields.len() > 100 {
+        if fields.len() > MAX_XML_FIELDS {
             return Err("too many fields".into());
         }
     }
-    if depth != 0 || fields.is_empty() {
+    if roots != 1 || !open.is_empty() {
+        return Err("expected exactly one root element".into());
+    }
+    if fields.is_empty() {
         return Err("expected <xml> with fields".into());
     }
     Ok(fields)
@@ -404,7 +559,17 @@ pub fn add_to_linker<T: Send + 'static>(
 }
 
 impl wit::Host for CallbackCryptoView<'_> {
-    fn verify_server_signature(
+    async fn verify_push(
+        &mut self,
+        proof: PushProof,
+    ) -> wasmtime::Result<Result<Vec<(String, String)>, CryptoError>> {
+        Ok(match self.ctx() {
+            Ok(c) => c.verify_push(&proof).await,
+            Err(e) => Err(e),
+        })
+    }
+
+    async fn verify_server_signature(
         &mut self,
         signature: String,
         timestamp: String,
@@ -413,7 +578,7 @@ impl wit::Host for CallbackCryptoView<'_> {
         Ok(self.ctx().and_then(|c| c.verify_server_signature(&signature, &timestamp, &nonce)))
     }
 
-    fn verify_plaintext_push(
+    async fn verify_plaintext_push(
         &mut self,
         signature: String,
         timestamp: String,
@@ -422,7 +587,7 @@ impl wit::Host for CallbackCryptoView<'_> {
         Ok(self.ctx().and_then(|c| c.verify_plaintext_push(&signature, &timestamp, &nonce)))
     }
 
-    fn decrypt_message(
+    async fn decrypt_message(
         &mut self,
         msg_signature: String,
         timestamp: String,
@@ -432,7 +597,7 @@ impl wit::Host for CallbackCryptoView<'_> {
         Ok(self.ctx().and_then(|c| c.decrypt_message(&msg_signature, &timestamp, &nonce, &encrypt)))
     }
 
-    fn encrypt_reply(
+    async fn encrypt_reply(
         &mut self,
         reply: String,
         timestamp: String,
@@ -441,7 +606,7 @@ impl wit::Host for CallbackCryptoView<'_> {
         Ok(self.ctx().and_then(|c| c.encrypt_reply(&reply, &timestamp, &nonce)))
     }
 
-    fn verify_pay_notify_v3(
+    async fn verify_pay_notify_v3(
         &mut self,
         headers: PayNotifyHeaders,
         body: Vec<u8>,
@@ -449,7 +614,7 @@ impl wit::Host for CallbackCryptoView<'_> {
         Ok(self.ctx().and_then(|c| c.verify_pay_notify_v3(&headers, &body)))
     }
 
-    fn verify_pay_notify_v2(
+    async fn verify_pay_notify_v2(
         &mut self,
         xml: String,
     ) -> wasmtime::Result<Result<Vec<(String, String)>, CryptoError>> {
@@ -460,6 +625,40 @@ impl wit::Host for CallbackCryptoView<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_push_with_cdata_entities_and_nesting_parses() {
+        let f = push_xml(
+            "<?xml version=\"1.0\"?><xml><ToUserName><![CDATA[gh_1]]></ToUserName><Content>a &amp; b &#x4f60;</Content>\
+             <CreateTime>123</CreateTime><ScanCodeInfo><ScanType><![CDATA[qrcode]]></ScanType></ScanCodeInfo></xml>",
+        )
+        .unwrap();
+        let get = |k: &str| f.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("ToUserName"), Some("gh_1"));
+        assert_eq!(get("Content"), Some("a & b 你"));
+        assert_eq!(get("CreateTime"), Some("123"));
+        assert_eq!(get("ScanType"), Some("qrcode"));
+        assert!(
+            flat_xml("<xml><ScanCodeInfo><ScanType>x</ScanType></ScanCodeInfo></xml>").is_err(),
+            "APIv2 is flat"
+        );
+    }
+
+    #[test]
+    fn doctype_entities_and_broken_xml_are_refused() {
+        for bad in [
+            "<?xml version=\"1.0\"?><!DOCTYPE x [<!ENTITY a \"aaaa\">]><xml><C>&a;</C></xml>",
+            "<!DOCTYPE xml SYSTEM \"file:///etc/passwd\"><xml/>",
+            "<xml><C>&xxe;</C></xml>",
+            "<xml><C>unclosed</xml>",
+            "<xml></xml><xml></xml>",
+            "",
+            "not xml at all",
+            "<a><b><c><d><e>deep</e></d></c></b></a>",
+        ] {
+            assert!(push_xml(bad).is_err(), "{bad}");
+        }
+    }
     use serde_json::Value;
 
     fn vectors() -> Value {
@@ -588,6 +787,7 @@ mod tests {
                 apiv3_key: Some(SecretBox::new(Box::new(*APIV3_KEY))),
                 platform,
                 apiv2_key: Some("192006250b4c09247ec02edce69f6a2d".to_string().into()),
+                apiv2_sign_type: V2SignType::Md5,
             })
         }
 
@@ -691,6 +891,12 @@ mod tests {
             let mut extra = fields.clone();
             extra.insert(0, ("attach".into(), "x".into()));
             assert!(matches!(c.verify_pay_notify_v2(&xml(&extra)), Err(CryptoError::BadSignature)));
+            // Correctly signed, but with another sign type than the merchant's.
+            let mut other: Vec<(String, String)> = fields[..fields.len() - 1].to_vec();
+            other.push(("sign_type".into(), "HMAC-SHA256".into()));
+            let sign = v2_sign(&other, key, V2SignType::HmacSha256);
+            other.push(("sign".into(), sign));
+            assert!(matches!(c.verify_pay_notify_v2(&xml(&other)), Err(CryptoError::BadSignature)));
             let unsigned: Vec<_> = fields.iter().filter(|(k, _)| k != "sign").cloned().collect();
             assert!(matches!(c.verify_pay_notify_v2(&xml(&unsigned)), Err(CryptoError::BadSignature)));
             for bad in ["<xml><a>1</xml>", "<!DOCTYPE x [<!ENTITY e \"e\">]><xml><a>&e;</a></xml>", "nope"] {

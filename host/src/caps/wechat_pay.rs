@@ -135,14 +135,7 @@ impl WechatPay {
                 }
             }
             "v2" => {
-                let sign_type = match s.wechatpay_apiv2_sign_type.as_deref() {
-                    None | Some("HMAC-SHA256") => Some(V2SignType::HmacSha256),
-                    Some("MD5") => Some(V2SignType::Md5),
-                    Some(_) => {
-                        problems.push("WECHATPAY_APIV2_SIGN_TYPE must be HMAC-SHA256 or MD5".into());
-                        None
-                    }
-                };
+                let sign_type = s.apiv2_sign_type().map_err(|e| problems.push(e.to_string())).ok();
                 match (&s.wechatpay_apiv2_key, sign_type) {
                     (Some(key), Some(sign_type)) => Some(PayApi::V2 { key: key.clone(), sign_type }),
                     (None, _) => {

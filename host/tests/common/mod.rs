@@ -96,7 +96,7 @@ name = "internal"
 role = "app"
 wasm = "internal.wasm"
 routes = ["POST /api/v1/internal/user/create-or-update", "POST /api/v1/internal/binding/create", "PUT /api/v1/internal/binding/update"]
-capabilities = ["log", "db"]
+capabilities = ["log", "db", "callback-crypto"]
 "#;
 
 /// A web role serving only the `verify` plugin.
@@ -204,6 +204,29 @@ pub fn verify_query(echostr: &str) -> String {
     let nonce = "1234567";
     let signature = wxhost::caps::callback_crypto::sorted_sha1(&[TOKEN, &ts, nonce]);
     format!("/api/v1/auth/wechat/verify?signature={signature}&timestamp={ts}&nonce={nonce}&echostr={echostr}")
+}
+
+/// A call to the app role's internal API signed with the HMAC key, as the web
+/// role makes it (or anyone holding INTERNAL_SECRET).
+pub async fn signed_internal_call(
+    app: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    use wxhost::internal_auth::{InternalAuth, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+    let body = body.to_string();
+    let ts = unix_now().to_string();
+    let sig = InternalAuth::new(INTERNAL_SECRET.to_string().into()).sign(method, path, &ts, body.as_bytes());
+    let r = reqwest::Client::new()
+        .request(method.parse().unwrap(), format!("http://{app}{path}"))
+        .header(TIMESTAMP_HEADER, ts)
+        .header(SIGNATURE_HEADER, sig)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or_default())
 }
 
 /// A database for one test, dropped afterwards (MariaDB) or deleted with its folder (SQLite).

@@ -29,8 +29,11 @@ pub fn fixture(f: &str) -> PathBuf {
 /// Every shipped plugin with the routes of plugins.toml, and a two-product catalog.
 pub fn full_config() -> TestConfig {
     let frontend = Path::new(env!("CARGO_MANIFEST_DIR")).join("../frontend");
-    let toml = base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "wechat-api", "wechat-pay", "session""#)
-        + &format!("[frontend]\nroot = {:?}\n", frontend.display().to_string())
+    let toml = base_toml(
+        2000,
+        WEB_GRANTS,
+        r#""log", "config", "db", "wechat-api", "wechat-pay", "session", "callback-crypto""#,
+    ) + &format!("[frontend]\nroot = {:?}\n", frontend.display().to_string())
         + VERIFY_PLUGIN
         + r#"
 [plugins.config]
@@ -58,7 +61,7 @@ routes = [
   "GET /api/v1/payment/products", "POST /api/v1/payment/create-order",
   "GET /api/v1/user/orders/{out_trade_no}", "PUT /api/v1/internal/payment/order/update",
 ]
-capabilities = ["log", "config", "db", "session", "wechat-pay"]
+capabilities = ["log", "config", "db", "session", "wechat-pay", "callback-crypto"]
 
 [plugins.config]
 order_ttl_secs = 600

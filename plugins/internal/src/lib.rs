@@ -1,6 +1,11 @@
 //! App role plugin: the internal API that the web role calls when WeChat
 //! pushes an event (the host has already checked the caller's HMAC).
 //!
+//! The HMAC only says the web role sent it. What changes a user or binds a
+//! login is WeChat's own signature: every event comes with the push as WeChat
+//! sent it (`wechat`: signature parameters and raw body), which is verified
+//! again here, and the update must be exactly what that push says.
+//!
 //! Every state change runs in one transaction together with the record of the
 //! event that caused it (`processed_events`), so a push that WeChat retries,
 //! or that reaches several web processes, changes the database once.
@@ -10,6 +15,7 @@ wit_bindgen::generate!({ world: "app-plugin", path: "../../wit" });
 use exports::wxhost::plugin::handler::Guest;
 use serde::Deserialize;
 use serde_json::json;
+use wxhost::plugin::callback_crypto::{self, CryptoError, PushProof};
 use wxhost::plugin::db::{self, SqlDialect, Transaction, Value};
 use wxhost::plugin::types::{Request, Response};
 
@@ -43,10 +49,88 @@ struct UserUpdate {
     avatar_url: Option<String>,
     /// The WeChat event this update comes from, for de-duplication.
     event_id: Option<String>,
+    /// The push as WeChat sent it.
+    wechat: Option<Proof>,
+}
+
+/// A push as WeChat sent it, passed on by the web role.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Proof {
+    signature: String,
+    timestamp: String,
+    nonce: String,
+    msg_signature: Option<String>,
+    body: String,
+}
+
+/// What a verified push says.
+struct Push {
+    from: String,
+    create_time: String,
+    event: String,
+    event_key: String,
+}
+
+/// Checks WeChat's signature on the push again (and decrypts it) in the host.
+fn verified(proof: Option<Proof>) -> Result<Push, Response> {
+    let Some(p) = proof else {
+        return Err(failure(401, "unsigned_event", "an event changes state only with WeChat's signed push"));
+    };
+    let proof = PushProof {
+        signature: p.signature,
+        timestamp: p.timestamp,
+        nonce: p.nonce,
+        msg_signature: p.msg_signature,
+        body: p.body,
+    };
+    let fields = callback_crypto::verify_push(&proof).map_err(|e| {
+        let (status, code) = match e {
+            CryptoError::Unavailable(_) | CryptoError::NotConfigured(_) => (503, "push_unverifiable"),
+            CryptoError::Malformed(_) => (400, "malformed_push"),
+            _ => (401, "forged_push"),
+        };
+        wxhost::plugin::log::log(
+            wxhost::plugin::log::Level::Warn,
+            &format!("an event passed on by the web role was refused: {e:?}"),
+        );
+        failure(status, code, "the push does not verify as WeChat's")
+    })?;
+    let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    if get("MsgType") != "event" {
+        return Err(mismatch());
+    }
+    Ok(Push {
+        from: get("FromUserName"),
+        create_time: get("CreateTime"),
+        event: get("Event"),
+        event_key: get("EventKey"),
+    })
+}
+
+fn mismatch() -> Response {
+    failure(403, "event_mismatch", "the update is not what WeChat's push says")
 }
 
 fn create_or_update_user(u: UserUpdate) -> Answer {
     check_openid(&u.openid)?;
+    let push = verified(u.wechat)?;
+    let kind = match push.event.as_str() {
+        "subscribe" | "SCAN" => "subscribe",
+        "unsubscribe" => "unsubscribe",
+        _ => return Err(mismatch()),
+    };
+    let expected_id = format!("{kind}:{}:{}", push.from, push.create_time);
+    // Pushes carry no profile: only what the signed event says may change.
+    if push.from != u.openid
+        || u.subscribed != Some(kind == "subscribe")
+        || u.event_id.as_deref() != Some(expected_id.as_str())
+        || u.unionid.is_some()
+        || u.nickname.is_some()
+        || u.avatar_url.is_some()
+    {
+        return Err(mismatch());
+    }
     if let Some(unionid) = &u.unionid {
         check_openid(unionid).map_err(|_| failure(400, "invalid_unionid", "unionid is malformed"))?;
     }
@@ -145,11 +229,23 @@ struct BindingUpdate {
     scene: String,
     openid: String,
     event_id: Option<String>,
+    /// The push as WeChat sent it.
+    wechat: Option<Proof>,
 }
 
 fn update_binding(b: BindingUpdate) -> Answer {
     check_scene(&b.scene)?;
     check_openid(&b.openid)?;
+    let push = verified(b.wechat)?;
+    let scanned = match push.event.as_str() {
+        "SCAN" => push.event_key == b.scene,
+        "subscribe" => push.event_key.strip_prefix("qrscene_") == Some(b.scene.as_str()),
+        _ => false,
+    };
+    let expected_id = format!("bind:{}:{}", push.from, push.create_time);
+    if !scanned || push.from != b.openid || b.event_id.as_deref() != Some(expected_id.as_str()) {
+        return Err(mismatch());
+    }
     let tx = begin()?;
     if !claim_event(&tx, b.event_id.as_deref(), "binding")? {
         return duplicate(tx);

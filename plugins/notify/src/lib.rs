@@ -1,10 +1,12 @@
 //! Web role plugin: `POST /api/v1/payment/notify`, WeChat Pay's payment result.
 //!
 //! The host verifies the notify (APIv3: SHA256-RSA signature, clock skew,
-//! probes, AES-256-GCM resource; APIv2: the `sign`); this plugin passes a
-//! successful payment to the app role's internal API, which marks the order
-//! paid and credits the user exactly once. Only when the app role has taken it
-//! is WeChat Pay told "success"; otherwise it is told to retry.
+//! probes, AES-256-GCM resource; APIv2: the `sign`), so nothing forged goes
+//! further; this plugin then passes the notify *as it came* to the app role's
+//! internal API, which verifies it again (the web role's word never credits
+//! money), marks a paid order paid and credits the user exactly once. Only
+//! when the app role has taken it is WeChat Pay told "success"; otherwise it
+//! is told to retry.
 
 wit_bindgen::generate!({ world: "web-plugin", path: "../../wit" });
 
@@ -28,14 +30,6 @@ impl Guest for Notify {
 
 export!(Notify);
 
-/// An order update for the app role, or why there is none.
-enum Outcome {
-    /// Paid: tell the app role.
-    Paid(Value),
-    /// Not a successful payment (closed, refund, …): nothing to apply.
-    Ignore(String),
-}
-
 fn apiv3(req: &Request) -> Response {
     let headers = PayNotifyHeaders {
         timestamp: header(req, "wechatpay-timestamp").unwrap_or_default().to_string(),
@@ -43,30 +37,15 @@ fn apiv3(req: &Request) -> Response {
         signature: header(req, "wechatpay-signature").unwrap_or_default().to_string(),
         serial: header(req, "wechatpay-serial").unwrap_or_default().to_string(),
     };
-    let notify = match callback_crypto::verify_pay_notify_v3(&headers, &req.body) {
-        Ok(n) => n,
-        Err(e) => return crypto_failure(e, v3_fail),
-    };
-    let Ok(resource) = serde_json::from_str::<Value>(&notify.resource_json) else {
-        return v3_fail(400, "the resource is not JSON");
-    };
-    let outcome = if notify.event_type == "TRANSACTION.SUCCESS" && resource["trade_state"] == "SUCCESS" {
-        let paid_at = resource["success_time"]
-            .as_str()
-            .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
-            .map(|t| t.unix_timestamp());
-        Outcome::Paid(json!({
-            "out_trade_no": resource["out_trade_no"],
-            "transaction_id": resource["transaction_id"],
-            "amount_fen": resource["amount"]["total"],
-            "appid": resource["appid"],
-            "mchid": resource["mchid"],
-            "paid_at": paid_at,
-        }))
-    } else {
-        Outcome::Ignore(format!("{} / {}", notify.event_type, resource["trade_state"]))
-    };
-    match apply(outcome, &req.request_id) {
+    if let Err(e) = callback_crypto::verify_pay_notify_v3(&headers, &req.body) {
+        return crypto_failure(e, v3_fail);
+    }
+    let Ok(body) = std::str::from_utf8(&req.body) else { return v3_fail(400, "the body is not UTF-8") };
+    let notified = json!({ "v3": {
+        "timestamp": headers.timestamp, "nonce": headers.nonce,
+        "signature": headers.signature, "serial": headers.serial, "body": body,
+    }});
+    match pass_on(&notified, &req.request_id) {
         Ok(()) => Response { status: 204, headers: vec![], body: vec![] },
         Err((status, message)) => v3_fail(status, &message),
     }
@@ -74,46 +53,19 @@ fn apiv3(req: &Request) -> Response {
 
 fn apiv2(req: &Request) -> Response {
     let Ok(xml) = std::str::from_utf8(&req.body) else { return v2_fail("the body is not UTF-8") };
-    let fields = match callback_crypto::verify_pay_notify_v2(xml) {
-        Ok(f) => f,
-        Err(e) => return crypto_failure(e, |_, m| v2_fail(m)),
-    };
-    let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str()).unwrap_or_default();
-    let outcome = if get("return_code") == "SUCCESS" && get("result_code") == "SUCCESS" {
-        let amount: i64 = match get("total_fee").parse() {
-            Ok(a) => a,
-            Err(_) => return v2_fail("total_fee is not a number"),
-        };
-        Outcome::Paid(json!({
-            "out_trade_no": get("out_trade_no"),
-            "transaction_id": get("transaction_id"),
-            "amount_fen": amount,
-            "appid": get("appid"),
-            "mchid": get("mch_id"),
-        }))
-    } else {
-        Outcome::Ignore(format!("{} / {}", get("return_code"), get("result_code")))
-    };
-    match apply(outcome, &req.request_id) {
+    if let Err(e) = callback_crypto::verify_pay_notify_v2(xml) {
+        return crypto_failure(e, |_, m| v2_fail(m));
+    }
+    match pass_on(&json!({ "v2": xml }), &req.request_id) {
         Ok(()) => v2_answer("SUCCESS", "OK"),
         Err((_, message)) => v2_fail(&message),
     }
 }
 
-/// Hands a payment to the app role. `Err` carries the status and message for WeChat Pay.
-fn apply(outcome: Outcome, request_id: &str) -> Result<(), (u16, String)> {
-    let update = match outcome {
-        Outcome::Paid(update) => update,
-        Outcome::Ignore(what) => {
-            log::log(
-                Level::Info,
-                &format!("payment notify without a successful payment ({what}); acknowledged"),
-            );
-            return Ok(());
-        }
-    };
+/// Hands a verified notify to the app role. `Err` carries the status and message for WeChat Pay.
+fn pass_on(notified: &Value, request_id: &str) -> Result<(), (u16, String)> {
     let answer =
-        internal_call::call("PUT", "/api/v1/internal/payment/order/update", update.to_string().as_bytes());
+        internal_call::call("PUT", "/api/v1/internal/payment/order/update", notified.to_string().as_bytes());
     match answer {
         Ok(a) if (200..300).contains(&a.status) => Ok(()),
         Ok(a) if a.status < 500 => {
@@ -159,8 +111,12 @@ fn crypto_failure(e: CryptoError, answer: fn(u16, &str) -> Response) -> Response
             log::log(Level::Error, &format!("payment notify not configured: {what}"));
             answer(503, "payment notify is not configured")
         }
-        // Only plaintext pushes to the callback URL get this.
-        CryptoError::PlaintextRefused => answer(400, "request rejected"),
+        CryptoError::Unavailable(what) => {
+            log::log(Level::Error, &format!("payment notify could not be checked: {what}"));
+            answer(503, "the notify could not be checked; retry later")
+        }
+        // Only pushes to the callback URL get these.
+        CryptoError::PlaintextRefused | CryptoError::SignatureReused => answer(400, "request rejected"),
     }
 }
 

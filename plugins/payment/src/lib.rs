@@ -6,7 +6,8 @@
 //! - `POST /api/v1/payment/create-order`: an order row, a JSAPI order at WeChat
 //!   Pay (signed by the host), and the frontend's pay parameters.
 //! - `PUT /api/v1/internal/payment/order/update`: the web role's notify plugin
-//!   reports a verified payment.
+//!   passes on WeChat Pay's notify as it came; it is verified again here
+//!   (the web role's word, or its HMAC key, never credits money).
 //! - `GET /api/v1/user/orders/{out_trade_no}`: the caller's order; a pending
 //!   one is checked with WeChat Pay (a lost notify is caught here) and an
 //!   unpaid one past its expiry is closed.
@@ -20,6 +21,7 @@ wit_bindgen::generate!({ world: "app-plugin", path: "../../wit" });
 use exports::wxhost::plugin::handler::Guest;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
+use wxhost::plugin::callback_crypto::{self, CryptoError, PayNotifyHeaders};
 use wxhost::plugin::config;
 use wxhost::plugin::db::{self, SqlDialect, Value};
 use wxhost::plugin::log::{self, Level};
@@ -34,14 +36,7 @@ impl Guest for Payment {
         let result = match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/api/v1/payment/products") => products(),
             ("POST", "/api/v1/payment/create-order") => create_order(&req),
-            ("PUT", "/api/v1/internal/payment/order/update") => parse(&req.body).and_then(|p| {
-                let outcome = apply_paid(&p)?;
-                // Applied vs duplicate, for the host's metrics.
-                let what = if outcome["applied"] == true { "applied" } else { "duplicate" };
-                let mut response = reply(200, outcome);
-                response.headers.push(("x-wxhost-outcome".into(), what.into()));
-                Ok(response)
-            }),
+            ("PUT", "/api/v1/internal/payment/order/update") => parse(&req.body).and_then(notified),
             ("GET", p) if p.starts_with("/api/v1/user/orders/") => {
                 let no = req.params.iter().find(|(k, _)| k == "out_trade_no").map(|(_, v)| v.as_str());
                 order_status(&req, no.unwrap_or_default())
@@ -294,6 +289,86 @@ fn mark_closed(out_trade_no: &str, now: i64) {
     ) {
         log::log(Level::Error, &format!("closing order {out_trade_no}: {e:?}"));
     }
+}
+
+/// WeChat Pay's notify as the web role received it: APIv3 (the `Wechatpay-*`
+/// headers and the raw body) or APIv2 (the raw XML).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+enum Notified {
+    V3 { timestamp: String, nonce: String, signature: String, serial: String, body: String },
+    V2(String),
+}
+
+/// A notify: verified here with WeChat Pay's keys, then applied if it reports
+/// a successful payment (anything else is acknowledged and changes nothing).
+fn notified(n: Notified) -> Answer {
+    let refused = |e: CryptoError| {
+        let (status, code) = match e {
+            CryptoError::Malformed(_) => (400, "malformed_notify"),
+            CryptoError::NotConfigured(_) | CryptoError::Unavailable(_) => (503, "notify_unverifiable"),
+            _ => (401, "forged_notify"),
+        };
+        log::log(Level::Warn, &format!("a payment notify passed on by the web role was refused: {e:?}"));
+        failure(status, code, "the notify does not verify as WeChat Pay's")
+    };
+    let paid = match n {
+        Notified::V3 { timestamp, nonce, signature, serial, body } => {
+            let headers = PayNotifyHeaders { timestamp, nonce, signature, serial };
+            let notify = callback_crypto::verify_pay_notify_v3(&headers, body.as_bytes()).map_err(refused)?;
+            let resource: Json = serde_json::from_str(&notify.resource_json)
+                .map_err(|_| failure(400, "malformed_notify", "the resource is not JSON"))?;
+            if notify.event_type != "TRANSACTION.SUCCESS" || resource["trade_state"] != "SUCCESS" {
+                return ignored(&format!("{} / {}", notify.event_type, resource["trade_state"]));
+            }
+            let text = |v: &Json| v.as_str().unwrap_or_default().to_string();
+            OrderPaid {
+                out_trade_no: text(&resource["out_trade_no"]),
+                transaction_id: text(&resource["transaction_id"]),
+                amount_fen: resource["amount"]["total"].as_i64().unwrap_or(-1),
+                appid: text(&resource["appid"]),
+                mchid: text(&resource["mchid"]),
+                paid_at: resource["success_time"].as_str().and_then(rfc3339_unix),
+            }
+        }
+        Notified::V2(xml) => {
+            let fields = callback_crypto::verify_pay_notify_v2(&xml).map_err(refused)?;
+            let get =
+                |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone()).unwrap_or_default();
+            if get("return_code") != "SUCCESS" || get("result_code") != "SUCCESS" {
+                return ignored(&format!("{} / {}", get("return_code"), get("result_code")));
+            }
+            let amount_fen = get("total_fee")
+                .parse()
+                .map_err(|_| failure(400, "malformed_notify", "total_fee is not a number"))?;
+            OrderPaid {
+                out_trade_no: get("out_trade_no"),
+                transaction_id: get("transaction_id"),
+                amount_fen,
+                appid: get("appid"),
+                mchid: get("mch_id"),
+                paid_at: None,
+            }
+        }
+    };
+    let outcome = apply_paid(&paid)?;
+    // Applied vs duplicate, for the host's metrics.
+    let what = if outcome["applied"] == true { "applied" } else { "duplicate" };
+    let mut response = reply(200, outcome);
+    response.headers.push(("x-wxhost-outcome".into(), what.into()));
+    Ok(response)
+}
+
+fn ignored(what: &str) -> Answer {
+    log::log(Level::Info, &format!("payment notify without a successful payment ({what}); acknowledged"));
+    Ok(reply(200, json!({ "applied": false, "ignored": what })))
+}
+
+/// `2018-06-08T10:34:56+08:00` as Unix seconds (WeChat Pay's `success_time`).
+fn rfc3339_unix(t: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp())
 }
 
 #[derive(Deserialize)]

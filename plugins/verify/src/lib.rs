@@ -15,7 +15,7 @@ wit_bindgen::generate!({ world: "web-plugin", path: "../../wit" });
 
 use exports::wxhost::plugin::handler::Guest;
 use serde_json::json;
-use wxhost::plugin::callback_crypto::{self, CryptoError};
+use wxhost::plugin::callback_crypto::{self, CryptoError, PushProof};
 use wxhost::plugin::config;
 use wxhost::plugin::internal_call::{self, CallError};
 use wxhost::plugin::log::{self, Level};
@@ -68,24 +68,31 @@ fn push(req: &Request) -> Step<Response> {
     let body =
         std::str::from_utf8(&req.body).map_err(|_| error(400, "malformed", "the body is not UTF-8"))?;
     let safe_mode = query.get("encrypt_type") == Some("aes");
-    let plaintext = if safe_mode {
-        let msg_signature = query
-            .get("msg_signature")
-            .ok_or_else(|| error(400, "missing_parameter", "msg_signature is required"))?;
-        let envelope = xml::parse(body).map_err(|e| error(400, "malformed_xml", &e))?;
-        let encrypt = envelope
-            .get("Encrypt")
-            .ok_or_else(|| error(400, "malformed_xml", "safe mode needs an Encrypt field"))?;
-        callback_crypto::decrypt_message(msg_signature, timestamp, nonce, encrypt).map_err(crypto_error)?
-    } else {
-        let signature =
-            query.get("signature").ok_or_else(|| error(400, "missing_parameter", "signature is required"))?;
-        callback_crypto::verify_plaintext_push(signature, timestamp, nonce).map_err(crypto_error)?;
-        body.to_string()
+    let msg_signature = match safe_mode {
+        true => Some(
+            query
+                .get("msg_signature")
+                .ok_or_else(|| error(400, "missing_parameter", "msg_signature is required"))?
+                .to_string(),
+        ),
+        false => None,
     };
-    let fields = xml::parse(&plaintext).map_err(|e| error(400, "malformed_xml", &e))?;
+    let signature = query.get("signature");
+    if !safe_mode && signature.is_none() {
+        return Err(error(400, "missing_parameter", "signature is required"));
+    }
+    // WeChat's own signed word, passed on with every event: the app role checks it again.
+    let proof = PushProof {
+        signature: signature.unwrap_or_default().to_string(),
+        timestamp: timestamp.to_string(),
+        nonce: nonce.to_string(),
+        msg_signature,
+        body: body.to_string(),
+    };
+    let fields = xml::Fields::from(callback_crypto::verify_push(&proof).map_err(crypto_error)?);
+    let pushed = Pushed { proof: &proof, request_id: &req.request_id };
     let message = Message::from_fields(&fields)?;
-    let reply = handle_message(&message, &fields, &req.request_id)?;
+    let reply = handle_message(&message, &fields, &pushed)?;
     let Some(text) = reply else { return Ok(plain(200, "success")) };
     let reply_xml = xml::build(&[
         ("ToUserName", xml::Value::Text(&message.from)),
@@ -139,8 +146,24 @@ impl Message {
     }
 }
 
+/// The push being handled, as the app role needs it to check WeChat's signature.
+struct Pushed<'a> {
+    proof: &'a PushProof,
+    request_id: &'a str,
+}
+
+impl Pushed<'_> {
+    fn proof_json(&self) -> serde_json::Value {
+        let p = self.proof;
+        json!({
+            "signature": p.signature, "timestamp": p.timestamp, "nonce": p.nonce,
+            "msg_signature": p.msg_signature, "body": p.body,
+        })
+    }
+}
+
 /// Applies the push; returns the passive reply text, if any.
-fn handle_message(m: &Message, f: &xml::Fields, request_id: &str) -> Step<Option<String>> {
+fn handle_message(m: &Message, f: &xml::Fields, pushed: &Pushed<'_>) -> Step<Option<String>> {
     if m.msg_type != "event" {
         return Ok(match m.msg_type.as_str() {
             "text" => f
@@ -155,19 +178,19 @@ fn handle_message(m: &Message, f: &xml::Fields, request_id: &str) -> Step<Option
     let event_key = f.get("EventKey").unwrap_or_default();
     match event {
         "subscribe" => {
-            update_user(m, true, request_id)?;
+            update_user(m, true, pushed)?;
             if let Some(scene) = event_key.strip_prefix("qrscene_") {
-                bind_scene(m, scene, request_id)?;
+                bind_scene(m, scene, pushed)?;
             }
             Ok(config::get("welcome"))
         }
         "SCAN" => {
-            update_user(m, true, request_id)?;
-            bind_scene(m, event_key, request_id)?;
+            update_user(m, true, pushed)?;
+            bind_scene(m, event_key, pushed)?;
             Ok(config::get("scan_reply"))
         }
         "unsubscribe" => {
-            update_user(m, false, request_id)?;
+            update_user(m, false, pushed)?;
             Ok(None)
         }
         "CLICK" => Ok(lookup("click_replies", event_key)),
@@ -176,11 +199,13 @@ fn handle_message(m: &Message, f: &xml::Fields, request_id: &str) -> Step<Option
     }
 }
 
-fn update_user(m: &Message, subscribed: bool, request_id: &str) -> Step<()> {
+fn update_user(m: &Message, subscribed: bool, pushed: &Pushed<'_>) -> Step<()> {
     let kind = if subscribed { "subscribe" } else { "unsubscribe" };
-    let body =
-        json!({ "openid": m.from, "subscribed": subscribed, "event_id": format!("{kind}:{}", m.event_id()) });
-    let answer = internal("POST", "/api/v1/internal/user/create-or-update", &body, request_id)?;
+    let body = json!({
+        "openid": m.from, "subscribed": subscribed, "event_id": format!("{kind}:{}", m.event_id()),
+        "wechat": pushed.proof_json(),
+    });
+    let answer = internal("POST", "/api/v1/internal/user/create-or-update", &body, pushed.request_id)?;
     if !(200..300).contains(&answer.status) {
         log::log(
             Level::Error,
@@ -194,12 +219,15 @@ fn update_user(m: &Message, subscribed: bool, request_id: &str) -> Step<()> {
 /// Binds a QR scene to the user. A scene the app role does not know, or that
 /// has expired, binds nothing; the push is still acknowledged (a retry would
 /// not change that).
-fn bind_scene(m: &Message, scene: &str, request_id: &str) -> Step<()> {
+fn bind_scene(m: &Message, scene: &str, pushed: &Pushed<'_>) -> Step<()> {
     if scene.is_empty() {
         return Ok(());
     }
-    let body = json!({ "scene": scene, "openid": m.from, "event_id": format!("bind:{}", m.event_id()) });
-    let answer = internal("PUT", "/api/v1/internal/binding/update", &body, request_id)?;
+    let body = json!({
+        "scene": scene, "openid": m.from, "event_id": format!("bind:{}", m.event_id()),
+        "wechat": pushed.proof_json(),
+    });
+    let answer = internal("PUT", "/api/v1/internal/binding/update", &body, pushed.request_id)?;
     match answer.status {
         200..=299 => Ok(()),
         404 | 409 | 410 => {
@@ -274,6 +302,13 @@ fn crypto_error(e: CryptoError) -> Response {
             "plaintext_refused",
             "this account receives encrypted pushes (encrypt_type=aes); a plaintext push is refused",
         ),
+        CryptoError::SignatureReused => {
+            error(403, "signature_reused", "this signature was already used with another body")
+        }
+        CryptoError::Unavailable(what) => {
+            log::log(Level::Error, &format!("a push could not be checked: {what}"));
+            error(503, "unavailable", "the push could not be checked; retry later")
+        }
         other => {
             log::log(Level::Warn, &format!("unexpected crypto error: {other:?}"));
             error(400, "rejected", "request rejected")
