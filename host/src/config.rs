@@ -42,12 +42,24 @@ struct RawConfig {
     roles: BTreeMap<String, RawRole>,
     #[serde(default)]
     plugins: Vec<RawPlugin>,
+    /// `"METHOD /route" = { per_minute, burst }`: per-client limits.
+    #[serde(default)]
+    rate_limits: BTreeMap<String, RawRateLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    per_minute: u32,
+    burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawHost {
     max_instances: Option<u32>,
+    /// Peers whose `X-Forwarded-For` names the client (the nginx in front).
+    trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -62,6 +74,8 @@ struct RawWechat {
     timestamp_window_secs: Option<u64>,
     accept_plaintext_with_aes_key: Option<bool>,
     token_endpoint: Option<String>,
+    /// How long the menu (`cgi-bin/menu/get`) is served from this process's copy.
+    menu_cache_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -184,6 +198,19 @@ pub struct Config {
     pub frontend_root: Option<PathBuf>,
     pub roles: BTreeMap<Role, RoleConfig>,
     pub plugins: Vec<PluginSpec>,
+    /// Per-client limits of routes (`[rate_limits]`), checked before the plugin runs.
+    pub rate_limits: Vec<(RouteSpec, RateLimit)>,
+    /// Peers whose `X-Forwarded-For` is believed (`[host] trusted_proxies`).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// How long the menu is served from a process's copy (0: always asked).
+    pub menu_cache: std::time::Duration,
+}
+
+/// Requests one client may make to a route: `per_minute` on average, `burst` at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    pub per_minute: u32,
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -460,10 +487,42 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         problems.push(format!("[frontend] root {} has no index.html", root.display()));
     }
 
+    let mut rate_limits = Vec::new();
+    for (route, limit) in &raw.rate_limits {
+        let at = format!("[rate_limits] \"{route}\"");
+        match parse_route(route) {
+            Err(e) => problems.push(format!("{at}: {e}")),
+            Ok(spec) if !plugins.iter().any(|p: &PluginSpec| p.routes.contains(&spec)) => {
+                problems.push(format!("{at}: no plugin serves this route"))
+            }
+            Ok(spec) => {
+                let burst = limit.burst.unwrap_or(limit.per_minute);
+                if !(1..=100_000).contains(&limit.per_minute) || !(1..=100_000).contains(&burst) {
+                    problems.push(format!("{at}: per_minute and burst must be between 1 and 100000"));
+                }
+                rate_limits.push((spec, RateLimit { per_minute: limit.per_minute, burst }));
+            }
+        }
+    }
+    let mut trusted_proxies = Vec::new();
+    for proxy in raw.host.trusted_proxies.iter().flatten() {
+        match proxy.parse() {
+            Ok(ip) => trusted_proxies.push(ip),
+            Err(_) => problems.push(format!("[host] trusted_proxies: `{proxy}` is not an IP address")),
+        }
+    }
+    let menu_cache_secs = raw.wechat.menu_cache_secs.unwrap_or(60);
+    if menu_cache_secs > 3600 {
+        problems.push(format!("[wechat] menu_cache_secs = {menu_cache_secs} must be at most 3600"));
+    }
+
     if !problems.is_empty() {
         return Err(ConfigErrors { path: path.to_path_buf(), problems });
     }
     Ok(Config {
+        rate_limits,
+        trusted_proxies,
+        menu_cache: std::time::Duration::from_secs(menu_cache_secs),
         path: path.to_path_buf(),
         max_instances,
         admin_listen: admin_listen.expect("checked above"),
@@ -594,6 +653,10 @@ mod tests {
             wasm = "missing.wasm"
             routes = ["GET /x", "GET /items/{id}", "GET /items/me"]
             requests_per_instance = 0
+
+            [rate_limits]
+            "POST /nowhere" = { per_minute = 5 }
+            "GET /x" = { per_minute = 0 }
         "#;
         let err = parse(text, &dir.path().join("plugins.toml")).unwrap_err();
         let all = err.problems.join("\n");
@@ -609,10 +672,12 @@ mod tests {
             "route `GET /x` of plugin `b` duplicates",
             "overlaps route `GET /items/{id}`",
             "requests_per_instance must be 1 (a fresh instance per request) to 10000",
+            "[rate_limits] \"POST /nowhere\": no plugin serves this route",
+            "[rate_limits] \"GET /x\": per_minute and burst must be between 1 and 100000",
         ] {
             assert!(all.contains(expected), "missing problem {expected:?} in:\n{all}");
         }
-        assert_eq!(err.problems.len(), 11, "{all}");
+        assert_eq!(err.problems.len(), 13, "{all}");
     }
 
     #[test]
@@ -628,6 +693,10 @@ mod tests {
         let config = load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert!(config.roles.contains_key(&Role::Web) && config.roles.contains_key(&Role::App));
         assert!(!config.roles[&Role::Web].grants.contains(&Capability::Db));
+        assert!(
+            config.rate_limits.iter().any(|(r, _)| r.to_string() == "POST /api/v1/auth/wechat/qrcode"),
+            "QR creation is limited per client"
+        );
     }
 
     #[test]

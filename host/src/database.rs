@@ -174,6 +174,26 @@ pub fn mysql_session(options: MySqlConnectOptions) -> MySqlConnectOptions {
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1))
 }
 
+/// How long an expired QR binding is kept (its poll answers "expired" meanwhile).
+pub const EXPIRED_BINDING_KEPT_SECS: i64 = 24 * 3600;
+
+/// Deletes QR bindings expired for a day and sessions past their expiry;
+/// returns how many of each.
+pub async fn prune_expired(db: &Database, now: i64) -> anyhow::Result<(u64, u64)> {
+    let _turn = db.writer_turn().await?;
+    let bindings = on_pool!(&db.pool, |p| sqlx::query("DELETE FROM bindings WHERE expires_at < ?")
+        .bind(now - EXPIRED_BINDING_KEPT_SECS)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+    let sessions = on_pool!(&db.pool, |p| sqlx::query("DELETE FROM sessions WHERE expires_at < ?")
+        .bind(now)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+    Ok((bindings, sessions))
+}
+
 /// Tables only the host reads and writes: the shared access token, the host's
 /// keys (the session signing key, the plugin database user's password), login
 /// sessions, the plaintext push signatures seen and the migration log. Every

@@ -27,6 +27,8 @@ pub struct Host {
     reload_lock: tokio::sync::Mutex<()>,
     /// The engine's pool size (`[host] max_instances` at start).
     instance_slots: u32,
+    /// Per-client limits of routes (`[rate_limits]` at start).
+    pub client_limits: crate::client_limit::ClientLimits,
 }
 
 /// The outcome of the last reload, for the admin API.
@@ -60,6 +62,7 @@ impl Host {
             }),
             reload_lock: tokio::sync::Mutex::new(()),
             instance_slots: config.max_instances,
+            client_limits: crate::client_limit::ClientLimits::new(config),
         };
         let loaded = host.load(config, roles).await.map_err(|errors| {
             anyhow::anyhow!("plugins could not be loaded:\n  - {}", errors.join("\n  - "))

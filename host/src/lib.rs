@@ -7,6 +7,7 @@
 pub mod bindings;
 pub mod caps;
 pub mod check;
+pub mod client_limit;
 pub mod config;
 pub mod database;
 pub mod engine;

@@ -132,6 +132,9 @@ pub async fn start(mut options: ServeOptions) -> anyhow::Result<RunningServer> {
     if options.watch {
         tasks.spawn(watch_files(host.clone(), shutdown.clone()));
     }
+    if let Some(db) = host.services.db.as_ref().map(|d| d.db.clone()) {
+        tasks.spawn(prune_periodically(db, shutdown.clone()));
+    }
     Ok(RunningServer { role_addrs, admin_addr, host, shutdown, tasks })
 }
 
@@ -149,14 +152,17 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
     };
     let (database, plugin_db) = database.unzip();
     let wechat_api = match (&database, &options.settings.wechat_appid, &options.settings.wechat_appsecret) {
-        (Some(db), Some(appid), Some(secret)) => Some(WechatApi::new(
-            options.settings.wechat_api_base.as_deref(),
-            options.settings.wechat_qrcode_base.as_deref(),
-            appid.clone(),
-            secret.clone(),
-            config.token_endpoint,
-            db.clone(),
-        )?),
+        (Some(db), Some(appid), Some(secret)) => Some(
+            WechatApi::new(
+                options.settings.wechat_api_base.as_deref(),
+                options.settings.wechat_qrcode_base.as_deref(),
+                appid.clone(),
+                secret.clone(),
+                config.token_endpoint,
+                db.clone(),
+            )?
+            .with_menu_cache(config.menu_cache),
+        ),
         (Some(_), _, _) => {
             tracing::warn!("WECHAT_APPID or WECHAT_APPSECRET is not set: calls to the WeChat API will fail");
             None
@@ -354,6 +360,16 @@ async fn route_and_run(
     }
     let (plugin, params) = match routed {
         RouteMatch::Found { plugin, params, route, .. } => {
+            let limits = &state.host.client_limits;
+            if !limits.is_empty() {
+                let peer = parts.extensions.get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+                if let Some(client) = limits.client_of(peer, &parts.headers)
+                    && let Err(wait) = limits.check(parts.method.as_str(), &route.pattern, client)
+                {
+                    *served = Served::Route(route);
+                    return Err(ApiError::too_many_requests(wait));
+                }
+            }
             *served = Served::Route(route);
             (plugin.clone(), params)
         }
@@ -619,6 +635,25 @@ const SETTLE: Duration = Duration::from_millis(200);
 
 /// Reloads when plugins.toml or a plugin's wasm changes. Folders are watched,
 /// not files, so an editor's or a deploy's rename-over is seen too.
+/// Expired QR bindings and sessions are deleted every few minutes (every app
+/// process does it; the deletes are idempotent).
+async fn prune_periodically(db: database::Database, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match database::prune_expired(&db, crate::caps::session::unix_now()).await {
+            Ok((bindings, sessions)) if bindings + sessions > 0 => {
+                tracing::info!(bindings, sessions, "expired QR bindings and sessions deleted")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("pruning expired bindings and sessions failed: {e:#}"),
+        }
+    }
+}
+
 async fn watch_files(host: Arc<Host>, shutdown: CancellationToken) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {

@@ -392,3 +392,53 @@ async fn wxhost_migrate_creates_the_plugin_database_user_and_is_idempotent() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_bindings_and_sessions_are_pruned_and_live_ones_kept_on_both_databases() {
+    for test_db in all_databases().await {
+        let which = test_db.name;
+        let db = database::connect(&test_db.url, &Default::default()).await.unwrap();
+        database::migrate(&db).await.unwrap();
+        let now = 1_900_000_000_i64;
+        let day = database::EXPIRED_BINDING_KEPT_SECS;
+        for (scene, expires_at) in [("s-old", now - day - 1), ("s-recent", now - 10), ("s-live", now + 600)] {
+            wxhost::on_pool!(&db.pool, |p| sqlx::query(
+                "INSERT INTO bindings (scene, status, expires_at, created_at, updated_at) VALUES (?, 'pending', ?, 0, 0)"
+            )
+            .bind(scene)
+            .bind(expires_at)
+            .execute(p)
+            .await
+            .map(|_| ()))
+            .unwrap();
+        }
+        for (id, expires_at) in [("sess-old", now - 1), ("sess-live", now + 600)] {
+            wxhost::on_pool!(&db.pool, |p| sqlx::query(
+                "INSERT INTO sessions (session_id, openid, expires_at, created_at) VALUES (?, 'o1', ?, 0)"
+            )
+            .bind(id)
+            .bind(expires_at)
+            .execute(p)
+            .await
+            .map(|_| ()))
+            .unwrap();
+        }
+        assert_eq!(database::prune_expired(&db, now).await.unwrap(), (1, 1), "{which}");
+        assert_eq!(database::prune_expired(&db, now).await.unwrap(), (0, 0), "{which}: idempotent");
+        let scenes: Vec<String> =
+            wxhost::on_pool!(&db.pool, |p| sqlx::query_scalar("SELECT scene FROM bindings ORDER BY scene")
+                .fetch_all(p)
+                .await)
+            .unwrap();
+        assert_eq!(
+            scenes,
+            ["s-live", "s-recent"],
+            "{which}: an expired code still polls as expired for a day"
+        );
+        assert_eq!(
+            db_count(&test_db.url, "SELECT COUNT(*) FROM sessions WHERE session_id = 'sess-live'").await,
+            1,
+            "{which}"
+        );
+    }
+}

@@ -334,3 +334,89 @@ async fn two_app_processes_on_one_mariadb_share_one_token_per_lifetime() {
         app.wait().await;
     }
 }
+
+/// The whole product with a per-client limit on QR codes, behind a "proxy"
+/// at 127.0.0.1 whose X-Forwarded-For names the client.
+fn limited_config(per_minute: u32) -> TestConfig {
+    let config = full_config();
+    let toml = std::fs::read_to_string(config.path()).unwrap().replacen(
+        "[host]\n",
+        "[host]\ntrusted_proxies = [\"127.0.0.1\"]\n",
+        1,
+    ) + &format!(
+        "\n[rate_limits]\n\"POST /api/v1/auth/wechat/qrcode\" = {{ per_minute = {per_minute}, burst = {per_minute} }}\n"
+    );
+    std::fs::write(config.path(), toml).unwrap();
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_qr_requests_from_one_address_get_429_past_the_limit_while_another_still_gets_codes() {
+    let db = sqlite_database().await;
+    let stack = Stack::start_with(&db.url, limited_config(5), PayApi::V3).await;
+    let calls_before = stack.sim.api_calls();
+    let qr = |client: &'static str| {
+        let request =
+            stack.client.post(stack.app_url("/api/v1/auth/wechat/qrcode")).header("x-forwarded-for", client);
+        async move {
+            let r = request.send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok()),
+            )
+        }
+    };
+    let mut created = 0;
+    let mut limited = 0;
+    for _ in 0..20 {
+        let batch = futures::future::join_all((0..50).map(|_| qr("203.0.113.5"))).await;
+        for (status, retry_after) in batch {
+            match status {
+                201 => created += 1,
+                429 => {
+                    limited += 1;
+                    assert!(
+                        retry_after.is_some_and(|s| (1..=60).contains(&s)),
+                        "Retry-After: {retry_after:?}"
+                    );
+                }
+                other => panic!("unexpected {other}"),
+            }
+        }
+    }
+    // 5 at once, then one every 12 s: the run takes far less than a minute.
+    assert!((5..=7).contains(&created), "created {created}");
+    assert_eq!(created + limited, 1000);
+    let (status, _) = qr("203.0.113.6").await;
+    assert_eq!(status, 201, "another address still gets a code");
+    let calls = stack.sim.api_calls() - calls_before;
+    assert!(
+        calls <= created + 1 + 1,
+        "WeChat saw {calls} calls for {created} + 1 codes (and at most one token)"
+    );
+    stack.shutdown().await;
+}
+
+/// The menu needs no login: it is served from the process's copy, which a
+/// create-menu through the same process drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_menu_is_served_from_a_short_cache_that_create_menu_refreshes() {
+    let db = sqlite_database().await;
+    let stack = Stack::start(&db.url).await;
+    let menu = json!({"button": [{"type": "click", "name": "今日歌曲", "key": "V1001_TODAY_MUSIC"}]});
+    let (status, body) = stack.post("/api/v1/auth/wechat/create-menu", Some(ADMIN), &menu.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    let calls = stack.sim.api_calls();
+    for _ in 0..20 {
+        let (status, body) = stack.get("/api/v1/auth/wechat/get-menu", None).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["menu"]["button"][0]["key"], "V1001_TODAY_MUSIC", "{body}");
+    }
+    assert!(stack.sim.api_calls() - calls <= 2, "20 reads, at most one asked WeChat (plus a token)");
+    let changed = json!({"button": [{"type": "click", "name": "新", "key": "NEW"}]});
+    let (status, _) = stack.post("/api/v1/auth/wechat/create-menu", Some(ADMIN), &changed.to_string()).await;
+    assert_eq!(status, 200);
+    let (_, body) = stack.get("/api/v1/auth/wechat/get-menu", None).await;
+    assert_eq!(body["menu"]["button"][0]["key"], "NEW", "the change shows at once: {body}");
+    stack.shutdown().await;
+}

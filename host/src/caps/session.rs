@@ -154,7 +154,7 @@ fn writer_busy(e: crate::database::WriterBusy) -> SessionError {
     SessionError::Unavailable(e.to_string())
 }
 
-fn unix_now() -> i64 {
+pub fn unix_now() -> i64 {
     crate::internal_auth::unix_now() as i64
 }
 

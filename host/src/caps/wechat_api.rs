@@ -67,7 +67,20 @@ pub struct WechatApi {
     db: Database,
     /// This process's copy of the shared token: (token, refresh-by Unix time).
     cached: Mutex<Option<(String, i64)>>,
+    /// The menu as last read, and when: `get-menu` needs no login, so every
+    /// anonymous page view would otherwise spend WeChat's daily API quota.
+    menu: Mutex<Option<(std::time::Instant, Value)>>,
+    menu_ttl: Duration,
 }
+
+/// The menu is read here, and changed (which drops the copy) by these.
+const MENU_GET: &str = "cgi-bin/menu/get";
+const MENU_CHANGES: [&str; 4] = [
+    "cgi-bin/menu/create",
+    "cgi-bin/menu/delete",
+    "cgi-bin/menu/addconditional",
+    "cgi-bin/menu/delconditional",
+];
 
 impl WechatApi {
     pub fn new(
@@ -85,7 +98,25 @@ impl WechatApi {
         );
         let qrcode_base = qrcode_base.unwrap_or(DEFAULT_QRCODE_BASE).to_string();
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build()?;
-        Ok(WechatApi { base, qrcode_base, appid, secret, endpoint, http, db, cached: Mutex::new(None) })
+        Ok(WechatApi {
+            base,
+            qrcode_base,
+            appid,
+            secret,
+            endpoint,
+            http,
+            db,
+            cached: Mutex::new(None),
+            menu: Mutex::new(None),
+            menu_ttl: Duration::ZERO,
+        })
+    }
+
+    /// Serves `cgi-bin/menu/get` from this process's copy for `ttl` (a change
+    /// through this process drops it; another process's change shows within `ttl`).
+    pub fn with_menu_cache(mut self, ttl: Duration) -> Self {
+        self.menu_ttl = ttl;
+        self
     }
 
     pub fn appid(&self) -> &str {
@@ -100,6 +131,30 @@ impl WechatApi {
     /// Calls `path` with the access_token added; retries once with a fresh
     /// token if WeChat says the token is not valid.
     pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(String, String)],
+        body: Option<&str>,
+        deadline: Instant,
+    ) -> Result<Value, ApiError> {
+        let menu_read = path == MENU_GET && query.is_empty() && !self.menu_ttl.is_zero();
+        if menu_read
+            && let Some((at, menu)) = self.menu.lock().expect("menu cache lock").as_ref()
+            && at.elapsed() < self.menu_ttl
+        {
+            return Ok(menu.clone());
+        }
+        let answer = self.call_with_token(method, path, query, body, deadline).await;
+        if menu_read && let Ok(menu) = &answer {
+            *self.menu.lock().expect("menu cache lock") = Some((std::time::Instant::now(), menu.clone()));
+        } else if MENU_CHANGES.contains(&path) {
+            *self.menu.lock().expect("menu cache lock") = None;
+        }
+        answer
+    }
+
+    async fn call_with_token(
         &self,
         method: Method,
         path: &str,

@@ -140,6 +140,11 @@ impl Sim {
         self.data.lock().expect("sim lock").tokens_issued
     }
 
+    /// Calls of the official-account API (QR codes, menus, users) so far.
+    pub fn api_calls(&self) -> u64 {
+        self.data.lock().expect("sim lock").api_calls
+    }
+
     /// Every access token stops working (as when another server called `cgi-bin/token`).
     pub fn invalidate_tokens(&self) {
         let mut d = self.data.lock().expect("sim lock");
