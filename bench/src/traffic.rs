@@ -23,18 +23,19 @@ pub fn push_openid(n: u64) -> String {
 }
 
 /// Subscribe pushes from distinct users, numbered by `counter` (shared by every
-/// phase against one database, so no event repeats). Plaintext mode: the
-/// signature covers token, timestamp and nonce only, so one signed query
-/// serves every body; it is signed now, for the 5-minute window.
+/// phase against one database, so no event repeats). Plaintext mode, each
+/// push signed with its own nonce as WeChat does (the host binds a plaintext
+/// signature to the first body it came with).
 pub fn push_source(web_url: &str, counter: Arc<AtomicU64>) -> Source {
     let ts = unix_now().to_string();
-    let nonce = "benchnonce";
-    let url = format!(
-        "{web_url}/api/v1/auth/wechat/verify?signature={}&timestamp={ts}&nonce={nonce}&openid=oBench",
-        sorted_sha1(&[TOKEN, &ts, nonce])
-    );
+    let web_url = web_url.to_string();
     Arc::new(move |client, _| {
         let n = counter.fetch_add(1, Ordering::Relaxed);
+        let nonce = format!("bench{n}");
+        let url = format!(
+            "{web_url}/api/v1/auth/wechat/verify?signature={}&timestamp={ts}&nonce={nonce}&openid=oBench",
+            sorted_sha1(&[TOKEN, &ts, &nonce])
+        );
         let xml = format!(
             "<xml><ToUserName><![CDATA[gh_bench]]></ToUserName><FromUserName><![CDATA[{}]]></FromUserName>\
              <CreateTime>{ts}</CreateTime><MsgType><![CDATA[event]]></MsgType>\

@@ -6,3 +6,4 @@ CREATE TABLE callback_signatures (
     body_sha256  TEXT NOT NULL,
     expires_at   INTEGER NOT NULL
 );
+CREATE INDEX callback_signatures_expires_at ON callback_signatures (expires_at);

@@ -49,10 +49,22 @@ pub struct CallbackCrypto {
 /// otherwise carry any body until its timestamp goes stale.
 pub enum SignatureLedger {
     /// This process's own (the web role has no database).
-    Memory(std::sync::Mutex<std::collections::HashMap<String, ([u8; 32], i64)>>),
+    Memory(std::sync::Mutex<MemoryLedger>),
     /// Shared by every app process (`callback_signatures`, a host table).
     Database(Database),
 }
+
+/// Signatures by body hash, and the order they expire in (timestamps are
+/// close to arrival order, so expired ones leave from the front).
+#[derive(Default)]
+pub struct MemoryLedger {
+    bodies: std::collections::HashMap<String, [u8; 32]>,
+    expiry: std::collections::VecDeque<(i64, String)>,
+}
+
+/// Most signatures one process remembers; past it the oldest go first (the
+/// app role's shared ledger still holds them).
+const MEMORY_LEDGER_MAX: usize = 200_000;
 
 impl SignatureLedger {
     /// Records `signature` with `body` until `expires_at`; false if it was
@@ -61,10 +73,19 @@ impl SignatureLedger {
         let digest: [u8; 32] = sha2::Sha256::digest(body).into();
         let now = now_unix();
         match self {
-            SignatureLedger::Memory(seen) => {
-                let mut seen = seen.lock().expect("signature ledger lock");
-                seen.retain(|_, (_, until)| *until >= now);
-                let (first, _) = *seen.entry(signature.to_string()).or_insert((digest, expires_at));
+            SignatureLedger::Memory(ledger) => {
+                let mut ledger = ledger.lock().expect("signature ledger lock");
+                let MemoryLedger { bodies, expiry } = &mut *ledger;
+                while let Some((until, _)) = expiry.front()
+                    && (*until < now || expiry.len() > MEMORY_LEDGER_MAX)
+                {
+                    let (_, gone) = expiry.pop_front().expect("a front entry");
+                    bodies.remove(&gone);
+                }
+                let first = *bodies.entry(signature.to_string()).or_insert_with(|| {
+                    expiry.push_back((expires_at, signature.to_string()));
+                    digest
+                });
                 Ok(first == digest)
             }
             SignatureLedger::Database(db) => {
@@ -89,8 +110,8 @@ impl SignatureLedger {
                     .await
                     .map(|r| r.rows_affected()))
                 .map_err(unavailable)?;
-                if inserted == 1 {
-                    // Plaintext pushes are few: the table is pruned as they come.
+                // Now and then (one new signature in 64), expired rows are deleted.
+                if inserted == 1 && rand::random::<u8>() < 4 {
                     crate::on_pool!(&db.pool, |p| sqlx::query(
                         "DELETE FROM callback_signatures WHERE expires_at < ?"
                     )
@@ -625,6 +646,17 @@ impl wit::Host for CallbackCryptoView<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_memory_ledger_binds_a_plaintext_signature_to_its_first_body_until_it_expires() {
+        let ledger = SignatureLedger::Memory(Default::default());
+        let now = now_unix();
+        assert!(ledger.bind("old", b"x", now - 1).await.unwrap());
+        assert!(ledger.bind("s1", b"a", now + 100).await.unwrap());
+        assert!(ledger.bind("s1", b"a", now + 100).await.unwrap(), "the same body again: a retry");
+        assert!(!ledger.bind("s1", b"b", now + 100).await.unwrap(), "another body: refused");
+        assert!(ledger.bind("old", b"y", now + 100).await.unwrap(), "an expired signature is forgotten");
+    }
 
     #[test]
     fn a_push_with_cdata_entities_and_nesting_parses() {
