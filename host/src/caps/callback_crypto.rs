@@ -356,7 +356,7 @@ impl CallbackCrypto {
     /// A plaintext-mode push: its signature covers token, timestamp and nonce
     /// but not the body, so with an EncodingAESKey set (WeChat encrypts every
     /// push) it is refused before anything else.
-    pub fn verify_plaintext_push(
+    fn verify_plaintext_push(
         &self,
         signature: &str,
         timestamp: &str,
@@ -597,15 +597,6 @@ impl wit::Host for CallbackCryptoView<'_> {
         nonce: String,
     ) -> wasmtime::Result<Result<(), CryptoError>> {
         Ok(self.ctx().and_then(|c| c.verify_server_signature(&signature, &timestamp, &nonce)))
-    }
-
-    async fn verify_plaintext_push(
-        &mut self,
-        signature: String,
-        timestamp: String,
-        nonce: String,
-    ) -> wasmtime::Result<Result<(), CryptoError>> {
-        Ok(self.ctx().and_then(|c| c.verify_plaintext_push(&signature, &timestamp, &nonce)))
     }
 
     async fn decrypt_message(
