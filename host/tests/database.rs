@@ -174,15 +174,7 @@ async fn the_capability_queries_executes_commits_and_rolls_back_on_both_database
 }
 
 fn probe_config() -> TestConfig {
-    let toml = base_toml(2000, r#""log""#, r#""log", "config", "db""#)
-        + r#"
-[[plugins]]
-name = "db-probe"
-role = "app"
-wasm = "db-probe.wasm"
-routes = ["POST /probe/db"]
-capabilities = ["log", "db"]
-"#;
+    let toml = base_toml(2000, r#""log""#, r#""log", "config", "db""#) + DB_PROBE_PLUGIN;
     TestConfig::new(&toml, &[("db-probe.wasm", "fixtures/db-probe.wasm")])
 }
 

@@ -87,21 +87,11 @@ async fn a_replaced_plugin_is_swapped_in_without_failing_a_request_and_a_corrupt
     assert_eq!(plugin_version(&server).await, version_after, "the last good version keeps serving");
 
     // The admin endpoint reloads on demand and reports the same refusal.
-    let r = reqwest::Client::new()
-        .post(admin_url(&server, "/admin/reload"))
-        .bearer_auth(CONTROL_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 422);
+    let reload =
+        || reqwest::Client::new().post(admin_url(&server, "/admin/reload")).bearer_auth(CONTROL_TOKEN).send();
+    assert_eq!(reload().await.unwrap().status(), 422);
     config.replace("verify.wasm", &std::fs::read(dist("verify.wasm")).unwrap());
-    let r = reqwest::Client::new()
-        .post(admin_url(&server, "/admin/reload"))
-        .bearer_auth(CONTROL_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(reload().await.unwrap().status(), 200);
     assert_eq!(plugin_version(&server).await, version_before);
     server.shutdown();
     server.wait().await;

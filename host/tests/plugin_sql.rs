@@ -13,19 +13,10 @@ use common::*;
 use proptest::prelude::*;
 use serde_json::{Value as Json, json};
 
-const DB_PROBE: &str = r#"
-[[plugins]]
-name = "db-probe"
-role = "app"
-wasm = "db-probe.wasm"
-routes = ["POST /probe/db"]
-capabilities = ["log", "db"]
-"#;
-
 /// Every shipped plugin, plus the probe that runs whatever SQL it is sent.
 fn config_with_probe() -> TestConfig {
     let config = full_config();
-    let toml = std::fs::read_to_string(config.path()).unwrap() + DB_PROBE;
+    let toml = std::fs::read_to_string(config.path()).unwrap() + DB_PROBE_PLUGIN;
     std::fs::write(config.path(), toml).unwrap();
     std::fs::copy(dist("fixtures/db-probe.wasm"), config.file("db-probe.wasm")).unwrap();
     config

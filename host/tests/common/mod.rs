@@ -89,6 +89,16 @@ routes = ["POST /api/v1/payment/notify"]
 capabilities = ["log", "callback-crypto", "internal-call"]
 "#;
 
+/// The test fixture that runs whatever SQL it is sent through the db capability.
+pub const DB_PROBE_PLUGIN: &str = r#"
+[[plugins]]
+name = "db-probe"
+role = "app"
+wasm = "db-probe.wasm"
+routes = ["POST /probe/db"]
+capabilities = ["log", "db"]
+"#;
+
 /// The app role's internal API for the web role's pushes, as shipped.
 pub const INTERNAL_PLUGIN: &str = r#"
 [[plugins]]
