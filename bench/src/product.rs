@@ -213,9 +213,9 @@ impl Product {
         let web_url = format!("http://{}", web.role_addrs[&Role::Web]);
         sim.set_web_url(&web_url);
 
-        // Each role gets only its own secrets, as in production.
+        // Each role gets only its own secrets, as in production (the app role
+        // holds the token too: it verifies every push again).
         let mut app_settings = merchant;
-        app_settings.wechat_token = None;
         app_settings.wechat_appsecret = Some(APPSECRET.to_string().into());
         app_settings.wechat_api_base = Some(format!("http://{sim_addr}"));
         app_settings.wechat_qrcode_base = Some(format!("http://{sim_addr}/cgi-bin/showqrcode"));
