@@ -45,6 +45,7 @@ fn main() {
     }
     println!("cargo:rustc-env=WXHOST_PLUGIN_DIST={}", dist.display());
 
+    ensure_target(&root);
     let target_dir = plugin_target_dir(&root);
     let mut by_features: Vec<(&str, Vec<&str>)> = Vec::new();
     for (package, features, _) in PLUGINS {
@@ -65,6 +66,39 @@ fn main() {
     }
     set_mtime(&dist, started);
     set_mtime(&dist.join("fixtures"), started);
+}
+
+/// The plugins need the `wasm32-wasip2` standard library. rustup adds the
+/// targets of rust-toolchain.toml only when it installs the toolchain itself,
+/// so a toolchain installed before may lack it: add it through rustup (one
+/// line says so), or stop with the exact command when rustup is not there.
+fn ensure_target(root: &Path) {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let sysroot = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    if sysroot.is_some_and(|s| s.join("lib/rustlib").join(TARGET).is_dir()) {
+        return;
+    }
+    let mut rustup = Command::new("rustup");
+    rustup.current_dir(root).args(["target", "add", TARGET]);
+    if let Ok(toolchain) = std::env::var("RUSTUP_TOOLCHAIN") {
+        rustup.args(["--toolchain", &toolchain]);
+    }
+    match rustup.status() {
+        Ok(status) if status.success() => {
+            println!(
+                "cargo:warning=installed the {TARGET} target with rustup (the wasm plugins are built for it)"
+            )
+        }
+        _ => panic!(
+            "the wasm plugins need the {TARGET} target, which this Rust toolchain lacks and rustup \
+             could not add: install it with `rustup target add {TARGET}` (or your toolchain's equivalent)"
+        ),
+    }
 }
 
 fn build(root: &Path, target_dir: &Path, packages: &[&str], features: &str) {
