@@ -5,25 +5,16 @@
 //! shared one would deadlock on cargo's lock) and copied to `plugins/dist/`,
 //! where `plugins.toml` points and where a running server's file watcher
 //! picks up a rebuilt plugin.
+//!
+//! Which plugins there are is written once: the workspace members under
+//! `plugins/` whose library is a `cdylib` (`wxhost new plugin` adds one). A
+//! member's wasm goes to the same place under `plugins/dist/`
+//! (`plugins/fixtures/db-probe` → `plugins/dist/fixtures/db-probe.wasm`);
+//! `[package.metadata.wxhost] builds` names extra builds with features.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
-
-/// Plugin packages built for the default configuration and the tests:
-/// (package, extra cargo features, file name in plugins/dist).
-const PLUGINS: &[(&str, &str, &str)] = &[
-    ("verify", "", "verify.wasm"),
-    ("internal", "", "internal.wasm"),
-    ("account", "", "account.wasm"),
-    ("notify", "", "notify.wasm"),
-    ("payment", "", "payment.wasm"),
-    ("sandbox-probe", "", "fixtures/sandbox-probe.wasm"),
-    ("db-probe", "", "fixtures/db-probe.wasm"),
-    // A build of `verify` whose answers carry a marker header: the hot-swap tests
-    // swap it in to tell old answers from new ones.
-    ("verify", "marked-build", "fixtures/verify-marked.wasm"),
-];
 
 const TARGET: &str = "wasm32-wasip2";
 const PROFILE: &str = "plugin";
@@ -40,32 +31,89 @@ fn main() {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-changed={}", dist.display());
-    for (_, _, file) in PLUGINS {
-        println!("cargo:rerun-if-changed={}", dist.join(file).display());
+    let plugins = plugin_builds(&root);
+    for plugin in &plugins {
+        println!("cargo:rerun-if-changed={}", dist.join(&plugin.file).display());
     }
     println!("cargo:rustc-env=WXHOST_PLUGIN_DIST={}", dist.display());
 
     ensure_target(&root);
     let target_dir = plugin_target_dir(&root);
+    println!("cargo:rustc-env=WXHOST_PLUGIN_TARGET_DIR={}", target_dir.display());
     let mut by_features: Vec<(&str, Vec<&str>)> = Vec::new();
-    for (package, features, _) in PLUGINS {
-        match by_features.iter_mut().find(|(f, _)| f == features) {
-            Some((_, packages)) => packages.push(package),
-            None => by_features.push((features, vec![package])),
+    for plugin in &plugins {
+        match by_features.iter_mut().find(|(f, _)| *f == plugin.features) {
+            Some((_, packages)) => packages.push(&plugin.package),
+            None => by_features.push((&plugin.features, vec![&plugin.package])),
         }
     }
     for (features, packages) in &by_features {
         build(&root, &target_dir, packages, features);
-        for (package, f, file) in PLUGINS {
-            if f == features {
-                let built =
-                    target_dir.join(TARGET).join(PROFILE).join(format!("{}.wasm", package.replace('-', "_")));
-                copy_if_changed(&built, &dist.join(file), started);
-            }
+        for plugin in plugins.iter().filter(|p| p.features == *features) {
+            let built = target_dir
+                .join(TARGET)
+                .join(PROFILE)
+                .join(format!("{}.wasm", plugin.package.replace('-', "_")));
+            copy_if_changed(&built, &dist.join(&plugin.file), started);
         }
     }
     set_mtime(&dist, started);
     set_mtime(&dist.join("fixtures"), started);
+}
+
+/// One wasm build of a plugin package.
+struct PluginBuild {
+    package: String,
+    /// Cargo features of this build (empty: the default build).
+    features: String,
+    /// Where it goes, relative to `plugins/dist`.
+    file: PathBuf,
+}
+
+/// The plugin builds: every workspace member under `plugins/` with a
+/// `cdylib` library, and the extra builds its metadata names.
+fn plugin_builds(root: &Path) -> Vec<PluginBuild> {
+    let read = |path: &Path| -> toml::Table {
+        let text =
+            std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        text.parse().unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let workspace = read(&root.join("Cargo.toml"));
+    let members = workspace["workspace"]["members"].as_array().expect("[workspace] members is a list");
+    let mut builds = Vec::new();
+    for member in members.iter().filter_map(|m| m.as_str()) {
+        let Some(under_plugins) = member.strip_prefix("plugins/") else { continue };
+        let manifest = read(&root.join(member).join("Cargo.toml"));
+        let cdylib = manifest
+            .get("lib")
+            .and_then(|l| l.get("crate-type"))
+            .and_then(|t| t.as_array())
+            .is_some_and(|t| t.iter().any(|t| t.as_str() == Some("cdylib")));
+        if !cdylib {
+            continue;
+        }
+        let package = manifest["package"]["name"].as_str().expect("package.name").to_string();
+        builds.push(PluginBuild {
+            package: package.clone(),
+            features: String::new(),
+            file: PathBuf::from(format!("{under_plugins}.wasm")),
+        });
+        let extra = manifest
+            .get("package")
+            .and_then(|p| p.get("metadata"))
+            .and_then(|m| m.get("wxhost"))
+            .and_then(|w| w.get("builds"))
+            .and_then(|b| b.as_table());
+        for (features, file) in extra.into_iter().flatten() {
+            let file = file.as_str().unwrap_or_else(|| panic!("{member}: builds.{features} names a file"));
+            builds.push(PluginBuild {
+                package: package.clone(),
+                features: features.clone(),
+                file: file.into(),
+            });
+        }
+    }
+    builds
 }
 
 /// The plugins need the `wasm32-wasip2` standard library. rustup adds the

@@ -420,6 +420,7 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     // Per-request sandbox cost, one thread: the plugin's invoke vs the same work natively.
     let request = Request {
         method: "GET".into(),
+        route: "/api/v1/auth/wechat/verify".into(),
         path: "/api/v1/auth/wechat/verify".into(),
         query: query.clone(),
         params: vec![],
@@ -429,7 +430,12 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     };
     let (mut fresh_us, mut reused_us, mut native_us, mut floor_us) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let probe_request = Request { path: "/probe/ok".into(), query: String::new(), ..request.clone() };
+    let probe_request = Request {
+        route: "/probe/ok".into(),
+        path: "/probe/ok".into(),
+        query: String::new(),
+        ..request.clone()
+    };
     // Alternating slices, so that both modes and the native loop see the same noise.
     let slices = 5;
     let per_slice = (opts.sandbox_iterations / slices).max(1);

@@ -700,6 +700,28 @@ mod tests {
     }
 
     #[test]
+    fn what_each_role_may_grant_is_exactly_its_world_in_wit() {
+        let worlds = include_str!("../../wit/worlds.wit");
+        for role in Role::ALL {
+            let world = format!("world {}-plugin {{", role.name());
+            let body = worlds.split(&world).nth(1).unwrap_or_else(|| panic!("wit has no {world}"));
+            let body = body.split('}').next().unwrap();
+            let mut imports: Vec<Capability> = body
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("import "))
+                .map(|i| {
+                    let name = i.trim_end_matches(';').trim();
+                    Capability::parse(name).unwrap_or_else(|| panic!("{world} imports unknown `{name}`"))
+                })
+                .collect();
+            let mut grantable = role.grantable().to_vec();
+            imports.sort();
+            grantable.sort();
+            assert_eq!(imports, grantable, "role {role}: host grants vs {world}");
+        }
+    }
+
+    #[test]
     fn overlap_detection_tells_disjoint_from_overlapping_patterns() {
         assert!(patterns_overlap("/a/{x}", "/a/b"));
         assert!(patterns_overlap("/a/{x}", "/a/{y}"));

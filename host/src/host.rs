@@ -29,6 +29,11 @@ pub struct Host {
     instance_slots: u32,
     /// Per-client limits of routes (`[rate_limits]` at start).
     pub client_limits: crate::client_limit::ClientLimits,
+    /// The wasm files the last readable plugins.toml names, loaded or not:
+    /// a plugin added before its first build is loaded when the build writes it.
+    named_wasm: Mutex<Vec<PathBuf>>,
+    /// Where plugin calls run (a runtime apart from the server's).
+    pub plugins: crate::runtime::PluginExecutor,
 }
 
 /// The outcome of the last reload, for the admin API.
@@ -63,6 +68,11 @@ impl Host {
             reload_lock: tokio::sync::Mutex::new(()),
             instance_slots: config.max_instances,
             client_limits: crate::client_limit::ClientLimits::new(config),
+            named_wasm: Mutex::new(config.plugins.iter().map(|p| p.wasm.clone()).collect()),
+            plugins: crate::runtime::PluginExecutor::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+                config.max_instances,
+            )?,
         };
         let loaded = host.load(config, roles).await.map_err(|errors| {
             anyhow::anyhow!("plugins could not be loaded:\n  - {}", errors.join("\n  - "))
@@ -83,6 +93,15 @@ impl Host {
         self.runtimes[&role].load_full()
     }
 
+    /// Runs one request on `plugin` (on the plugin runtime, within the pool's slots).
+    pub async fn call(
+        &self,
+        plugin: Arc<LoadedPlugin>,
+        request: crate::bindings::wxhost::plugin::types::Request,
+    ) -> Result<crate::bindings::wxhost::plugin::types::Response, crate::runtime::PluginFailure> {
+        self.plugins.run(&self.engine, &self.services, plugin, request).await
+    }
+
     pub fn status(&self) -> ReloadStatus {
         self.status.lock().expect("status lock").clone()
     }
@@ -93,6 +112,9 @@ impl Host {
         for role in self.roles() {
             files.extend(self.runtime(role).plugins.iter().map(|p| p.wasm.clone()));
         }
+        files.extend(self.named_wasm.lock().expect("named wasm lock").iter().cloned());
+        files.sort();
+        files.dedup();
         files
     }
 
@@ -103,7 +125,11 @@ impl Host {
         let roles: Vec<Role> = self.roles().collect();
         let result = match config::load(&self.config_path) {
             Err(e) => Err(e.problems.iter().map(|p| format!("{}: {p}", e.path.display())).collect()),
-            Ok(config) => self.load(&config, &roles).await,
+            Ok(config) => {
+                *self.named_wasm.lock().expect("named wasm lock") =
+                    config.plugins.iter().map(|p| p.wasm.clone()).collect();
+                self.load(&config, &roles).await
+            }
         };
         let status = match result {
             Ok(loaded) => {

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod pay_crypto;
 pub mod plugin;
 pub mod runtime;
+pub mod scaffold;
 pub mod server;
 pub mod settings;
 pub mod sim;

@@ -54,11 +54,38 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9300")]
         sim_listen: std::net::SocketAddr,
     },
+    /// Start something new in this workspace.
+    New {
+        #[command(subcommand)]
+        what: NewCommand,
+    },
     /// WeChat simulator: serve it, or drive a running one.
     Sim {
         #[command(subcommand)]
         command: SimCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum NewCommand {
+    /// A plugin crate on the guest SDK with one example route and its test,
+    /// added to the workspace (so the build compiles it to plugins/dist/NAME.wasm)
+    /// and to plugins.toml.
+    Plugin {
+        /// Crate and plugin name: a-z, 0-9 and -.
+        name: String,
+        /// The role that serves it: web (WeChat's callbacks, no database) or app.
+        #[arg(long, value_enum)]
+        role: PluginRole,
+        #[arg(long, default_value = config::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PluginRole {
+    Web,
+    App,
 }
 
 #[derive(Subcommand)]
@@ -208,6 +235,18 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Sim { command } => sim(command).await,
         Command::Dev { config, sim_listen } => dev(config, sim_listen).await,
+        Command::New { what: NewCommand::Plugin { name, role, config } } => {
+            let role = match role {
+                PluginRole::Web => Role::Web,
+                PluginRole::App => Role::App,
+            };
+            let made = wxhost::scaffold::new_plugin(&config, &name, role)?;
+            println!("plugin `{name}` ({role} role) written to {}", made.crate_dir.display());
+            println!("  route: GET {}  (plugins.toml and src/lib.rs)", made.route);
+            println!("  the next `cargo build` or `cargo run -- dev` compiles it to {}", made.wasm);
+            println!("  a running `wxhost dev` loads it when the build writes it");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve { role, config, no_watch } => {
             let options = server::ServeOptions {
                 config_path: config,

@@ -23,9 +23,12 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 const LATENCY_BUCKETS: [f64; 14] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
-/// The response header through which a plugin reports what a request did
-/// (`applied`, `duplicate`, …); the host counts it and strips it.
-pub const OUTCOME_HEADER: &str = "x-wxhost-outcome";
+/// Whether a plugin's reported outcome may be a label value: a short word,
+/// so a plugin cannot grow the metric without bound.
+pub fn is_outcome_label(outcome: &str) -> bool {
+    (1..=32).contains(&outcome.len())
+        && outcome.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

@@ -131,6 +131,76 @@ pub enum PluginFailure {
     Busy,
 }
 
+/// Where plugin calls run: a tokio runtime of their own, so however many
+/// plugins spin (each yields only at epoch ticks), the server's runtime keeps
+/// accepting connections, routing, refusing and answering `/healthz` at once.
+/// The instance slots are counted here too: a request that finds none taken
+/// is refused `Busy` before it ever reaches the plugin runtime.
+pub struct PluginExecutor {
+    runtime: Option<tokio::runtime::Runtime>,
+    slots: Arc<tokio::sync::Semaphore>,
+    capacity: usize,
+}
+
+impl PluginExecutor {
+    /// `threads` workers for plugin calls; `slots` calls at once at most
+    /// (the pooling allocator's instance count).
+    pub fn new(threads: usize, slots: u32) -> std::io::Result<PluginExecutor> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("wxhost-plugin")
+            .enable_all()
+            .build()?;
+        let capacity = slots as usize;
+        Ok(PluginExecutor {
+            runtime: Some(runtime),
+            slots: Arc::new(tokio::sync::Semaphore::new(capacity)),
+            capacity,
+        })
+    }
+
+    /// Plugin calls running now.
+    pub fn in_flight(&self) -> usize {
+        self.capacity - self.slots.available_permits()
+    }
+
+    /// Runs `request` on `plugin` on the plugin runtime (see [`invoke`]). A
+    /// call the client gave up on still ends within the plugin's deadline,
+    /// holding its slot until then.
+    pub async fn run(
+        &self,
+        engine: &Engine,
+        services: &Arc<Services>,
+        plugin: Arc<LoadedPlugin>,
+        request: Request,
+    ) -> Result<Response, PluginFailure> {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            return Err(PluginFailure::Busy);
+        };
+        let (engine, services) = (engine.clone(), services.clone());
+        let runtime = self.runtime.as_ref().expect("the plugin runtime lives as long as the executor");
+        let call = runtime.spawn(async move {
+            let outcome = invoke(&engine, &services, &plugin, request).await;
+            drop(slot);
+            outcome
+        });
+        match call.await {
+            Ok(outcome) => outcome,
+            // A panic in the host's own code while serving the plugin.
+            Err(e) => Err(PluginFailure::Trap(format!("the host's plugin task failed: {e}"))),
+        }
+    }
+}
+
+impl Drop for PluginExecutor {
+    fn drop(&mut self) {
+        // Dropped from async code too (tests, shutdown): never block there.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// Runs one request of `plugin` within its deadline and memory limit: on a
 /// fresh instance, or on one kept from an earlier request of the same plugin
 /// version when the plugin allows it (`requests_per_instance`).

@@ -30,7 +30,6 @@ use crate::error::ApiError;
 use crate::frontend::Frontend;
 use crate::host::{self, Host};
 use crate::internal_auth::{INTERNAL_PREFIX, InternalAuth, SIGNATURE_HEADER, TIMESTAMP_HEADER};
-use crate::metrics::OUTCOME_HEADER;
 use crate::runtime::{self, PluginFailure, RouteMatch};
 use crate::settings::Settings;
 
@@ -71,6 +70,9 @@ impl RunningServer {
 /// for the app role, loads every plugin (refusing the start if any is refused),
 /// then binds the listeners.
 pub async fn start(mut options: ServeOptions) -> anyhow::Result<RunningServer> {
+    // Before anything registers a metric (plugin loading registers the route
+    // histograms): a handle registered without a recorder records nothing.
+    crate::metrics::handle();
     let unneeded = options.settings.retain_for(&options.roles);
     if !unneeded.is_empty() {
         let roles: Vec<&str> = options.roles.iter().map(|r| r.name()).collect();
@@ -90,7 +92,6 @@ pub async fn start(mut options: ServeOptions) -> anyhow::Result<RunningServer> {
         tracing::warn!("INTERNAL_SECRET is not set: the app role's internal API answers 503");
     }
     let shutdown = CancellationToken::new();
-    crate::metrics::handle();
     crate::metrics::spawn_upkeep(shutdown.clone());
     let mut tasks = JoinSet::new();
 
@@ -358,7 +359,7 @@ async fn route_and_run(
     if internal {
         authenticate_internal(state, &parts, &body)?;
     }
-    let (plugin, params) = match routed {
+    let (plugin, params, pattern) = match routed {
         RouteMatch::Found { plugin, params, route, .. } => {
             let limits = &state.host.client_limits;
             if !limits.is_empty() {
@@ -370,8 +371,9 @@ async fn route_and_run(
                     return Err(ApiError::too_many_requests(wait));
                 }
             }
+            let pattern = route.pattern.to_string();
             *served = Served::Route(route);
-            (plugin.clone(), params)
+            (plugin.clone(), params, pattern)
         }
         RouteMatch::MethodNotAllowed => return Err(ApiError::method_not_allowed()),
         RouteMatch::NotFound => return Err(ApiError::not_found()),
@@ -383,6 +385,7 @@ async fn route_and_run(
         .collect();
     let wit_request = wit::Request {
         method: parts.method.as_str().to_string(),
+        route: pattern.clone(),
         path: parts.uri.path().to_string(),
         query: parts.uri.query().unwrap_or_default().to_string(),
         params,
@@ -391,20 +394,22 @@ async fn route_and_run(
         request_id: request_id.to_string(),
     };
     let started = std::time::Instant::now();
-    let outcome = runtime::invoke(&state.host.engine, &state.host.services, &plugin, wit_request).await;
+    let outcome = state.host.call(plugin.clone(), wit_request).await;
     let identity = &plugin.identity;
     Ok(match outcome {
-        Ok(mut r) => {
+        Ok(r) => {
             // What the plugin says it did (applied, duplicate, …): counted, not passed on.
-            if let Some(i) = r.headers.iter().position(|(k, _)| k.eq_ignore_ascii_case(OUTCOME_HEADER)) {
-                let (_, outcome) = r.headers.remove(i);
-                let route = match served {
-                    Served::Route(r) => r.pattern.to_string(),
-                    Served::Other(what) => what.to_string(),
-                };
-                metrics::counter!("wxhost_plugin_outcomes_total", "plugin" => identity.name.clone(),
-                    "route" => route, "outcome" => outcome)
-                .increment(1);
+            match r.outcome.as_deref() {
+                Some(outcome) if crate::metrics::is_outcome_label(outcome) => {
+                    metrics::counter!("wxhost_plugin_outcomes_total", "plugin" => identity.name.clone(),
+                        "route" => pattern, "outcome" => outcome.to_string())
+                    .increment(1);
+                }
+                Some(outcome) => tracing::warn!(
+                    plugin = %identity.name, request_id, outcome = %outcome.escape_debug(),
+                    "outcome dropped: 1-32 of a-z, 0-9 and _ are counted"
+                ),
+                None => {}
             }
             let response = to_http(r);
             // Refusals are worth a line (never the query or body: they may carry user data).
@@ -726,6 +731,7 @@ mod tests {
                 ("bad header".into(), "dropped".into()),
             ],
             body: b"ok".to_vec(),
+            outcome: None,
         });
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers().get("x-kept").unwrap(), "yes");
@@ -733,7 +739,8 @@ mod tests {
         assert!(response.headers().get("transfer-encoding").is_none());
         assert_eq!(response.headers().len(), 1);
 
-        let impossible = to_http(wit::Response { status: 1000, headers: vec![], body: vec![] });
+        let impossible =
+            to_http(wit::Response { status: 1000, headers: vec![], body: vec![], outcome: None });
         assert_eq!(impossible.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 

@@ -109,6 +109,7 @@ async fn a_request_in_flight_finishes_on_the_version_it_started_with() {
     // The old snapshot is still whole and usable by whoever holds it.
     let request = wxhost::bindings::wxhost::plugin::types::Request {
         method: "GET".into(),
+        route: "/api/v1/auth/wechat/verify".into(),
         path: "/api/v1/auth/wechat/verify".into(),
         query: verify_query("old").split_once('?').unwrap().1.to_string(),
         params: vec![],

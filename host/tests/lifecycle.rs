@@ -22,15 +22,13 @@ capabilities = []
     TestConfig::new(&toml, &[("sandbox-probe.wasm", "fixtures/sandbox-probe.wasm")])
 }
 
-/// Starts `wxhost serve --role web` and waits for its listeners.
-fn serve(config: &TestConfig, extra: &[&str]) -> (Child, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wxhost"))
-        .args(["serve", "--role", "web", "--config"])
-        .arg(config.path())
-        .args(extra)
-        .env("WECHAT_TOKEN", TOKEN)
+/// Starts `command` (the real binary) logging JSON at info; its log lines
+/// arrive on the receiver, parsed.
+fn spawn_logged(command: &mut Command) -> (Child, std::sync::mpsc::Receiver<serde_json::Value>) {
+    let mut child = command
         .env("RUST_LOG", "info")
         .env("WXHOST_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -38,23 +36,37 @@ fn serve(config: &TestConfig, extra: &[&str]) -> (Child, String, String) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
+            let _ = tx.send(serde_json::from_str(&line).unwrap_or_default());
         }
     });
-    let (mut web, mut admin) = (None, None);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while web.is_none() || admin.is_none() {
-        let line = rx.recv_timeout(deadline - Instant::now()).expect("wxhost announces its listeners");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        let addr = v["fields"]["addr"].as_str().map(str::to_string);
-        match v["fields"]["message"].as_str() {
-            Some("listening") => web = addr,
-            Some("admin listening") => admin = addr,
-            _ => {}
+    (child, rx)
+}
+
+/// The `addr` of the first log line saying `message`, as a base URL.
+fn announced(logs: &std::sync::mpsc::Receiver<serde_json::Value>, message: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = logs
+            .recv_timeout(deadline - Instant::now())
+            .unwrap_or_else(|_| panic!("never logged {message:?}"));
+        if line["fields"]["message"] == message {
+            return format!("http://{}", line["fields"]["addr"].as_str().unwrap());
         }
     }
-    std::thread::spawn(move || for _ in rx {});
-    (child, format!("http://{}", web.unwrap()), format!("http://{}", admin.unwrap()))
+}
+
+/// Starts `wxhost serve --role web` and waits for its listeners.
+fn serve(config: &TestConfig, extra: &[&str]) -> (Child, String, String) {
+    let (child, logs) = spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_wxhost"))
+            .args(["serve", "--role", "web", "--config"])
+            .arg(config.path())
+            .args(extra)
+            .env("WECHAT_TOKEN", TOKEN),
+    );
+    let (web, admin) = (announced(&logs, "listening"), announced(&logs, "admin listening"));
+    std::thread::spawn(move || for _ in logs {});
+    (child, web, admin)
 }
 
 fn signal(child: &Child, name: &str) {
@@ -132,4 +144,189 @@ fn migrate_applies_the_schema_and_is_idempotent() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("cannot connect") && !stderr.contains("secret-password"), "{stderr}");
+}
+
+/// A free loopback port (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A fresh `wxhost dev` process (both roles and the simulator) exports every
+/// documented metric family once requests have exercised it: nothing here
+/// relies on a recorder another test installed in this process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_process_exports_every_documented_metric_family() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let shipped = std::fs::read_to_string(root.join("plugins.toml")).unwrap();
+    let toml = shipped
+        .replace("wasm = \"plugins/dist/", &format!("wasm = \"{}/", env!("WXHOST_PLUGIN_DIST")))
+        .replace("root = \"frontend\"", &format!("root = \"{}\"", root.join("frontend").display()))
+        .replace("listen = \"127.0.0.1:9090\"", "listen = \"127.0.0.1:0\"")
+        + &format!(
+            r#"
+[[plugins]]
+name = "sandbox-probe"
+role = "web"
+wasm = "{}"
+routes = ["GET /probe/trap"]
+capabilities = []
+"#,
+            dist("fixtures/sandbox-probe.wasm").display()
+        );
+    std::fs::write(dir.path().join("plugins.toml"), toml).unwrap();
+    let (web_port, app_port, sim_port) = (free_port(), free_port(), free_port());
+    let (mut child, logs) = spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_wxhost"))
+            .args(["dev", "--config", "plugins.toml", "--sim-listen"])
+            .arg(format!("127.0.0.1:{sim_port}"))
+            .current_dir(dir.path())
+            .env("WXHOST_WEB_LISTEN", format!("127.0.0.1:{web_port}"))
+            .env("WXHOST_APP_LISTEN", format!("127.0.0.1:{app_port}")),
+    );
+    let admin = announced(&logs, "admin listening");
+    std::thread::spawn(move || for _ in logs {});
+    let (web, app, sim) = (
+        format!("http://127.0.0.1:{web_port}"),
+        format!("http://127.0.0.1:{app_port}"),
+        format!("http://127.0.0.1:{sim_port}"),
+    );
+    let client = reqwest::Client::new();
+
+    // A login QR code (an outbound call, an access token), scanned (a push,
+    // an internal call the app role applies: an outcome), a trapping plugin
+    // (a failure), and a reload.
+    let qr: serde_json::Value =
+        client.post(format!("{app}/api/v1/auth/wechat/qrcode")).send().await.unwrap().json().await.unwrap();
+    let ticket = qr["ticket"].as_str().unwrap_or_else(|| panic!("no ticket: {qr}"));
+    let scan = Command::new(env!("CARGO_BIN_EXE_wxhost"))
+        .args(["sim", "scan", "--sim-url", &sim, "--ticket", ticket, "--user", "metrics-user"])
+        .output()
+        .unwrap();
+    assert!(scan.status.success(), "{}", String::from_utf8_lossy(&scan.stderr));
+    let trap = client.get(format!("{web}/probe/trap")).send().await.unwrap();
+    assert_eq!(trap.status(), 500);
+    // Scraped before any reload: a reload registers every route's metrics
+    // again, which would hide handles registered before the recorder.
+    let scrape =
+        || async { client.get(format!("{admin}/metrics")).send().await.unwrap().text().await.unwrap() };
+    let before_reload = scrape().await;
+    let dev_env = std::fs::read_to_string(dir.path().join("data/dev.env")).unwrap();
+    let control = dev_env.lines().find_map(|l| l.strip_prefix("WXHOST_CONTROL_TOKEN=")).unwrap();
+    let reload =
+        client.post(format!("{admin}/admin/reload")).bearer_auth(control.trim()).send().await.unwrap();
+    assert_eq!(reload.status(), 200);
+    let after_reload = scrape().await;
+    signal(&child, "TERM");
+    assert!(child.wait().unwrap().success());
+    // Every family of host/src/metrics.rs's table; histograms by their buckets.
+    let documented = include_str!("../src/metrics.rs");
+    let families: Vec<&str> = documented
+        .lines()
+        .filter(|l| l.starts_with("//! | `"))
+        .flat_map(|l| l.split('`').skip(1).step_by(2))
+        .filter(|name| name.starts_with("wxhost_"))
+        .collect();
+    assert!(families.len() >= 11, "the table lists the families: {families:?}");
+    for family in families {
+        let metrics = if family == "wxhost_plugin_reloads_total" { &after_reload } else { &before_reload };
+        let sample =
+            if family.ends_with("_seconds") { format!("{family}_bucket{{") } else { format!("{family}{{") };
+        let bare = format!("{family} ");
+        assert!(
+            metrics.contains(&sample) || metrics.lines().any(|l| l.starts_with(&bare)),
+            "{family} is missing from a fresh process's /metrics:\n{metrics}"
+        );
+    }
+}
+
+/// Copies the workspace's sources (not build output or local data) to `to`.
+fn copy_workspace(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if ["target", "data", "node_modules", ".git"].iter().any(|skip| name == *skip) {
+            continue;
+        }
+        let (source, dest) = (entry.path(), to.join(&name));
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&dest).unwrap();
+            copy_workspace(&source, &dest);
+        } else {
+            std::fs::copy(&source, &dest).unwrap();
+        }
+    }
+}
+
+/// `wxhost new plugin` in a scratch copy of the workspace: the new crate
+/// builds as the build script builds every plugin, `wxhost check` accepts
+/// the result, and the app role serves its example route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_plugin_builds_passes_check_and_serves_its_example_route() {
+    let scratch = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    copy_workspace(root, scratch.path());
+    let config = scratch.path().join("plugins.toml");
+    let wxhost = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_wxhost"))
+            .args(args)
+            .current_dir(scratch.path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    let (ok, said) = wxhost(&["new", "plugin", "greeter", "--role", "app"]);
+    assert!(ok, "{said}");
+    assert!(said.contains("GET /api/v1/greeter/hello"), "{said}");
+    let (again, said) = wxhost(&["new", "plugin", "greeter", "--role", "app"]);
+    assert!(!again && said.contains("already"), "a second plugin of that name is refused: {said}");
+    let (bad, said) = wxhost(&["new", "plugin", "Bad_Name", "--role", "web"]);
+    assert!(!bad && said.contains("a-z"), "{said}");
+
+    let manifest = std::fs::read_to_string(scratch.path().join("Cargo.toml")).unwrap();
+    assert!(manifest.contains("\"plugins/greeter\""), "added to the workspace members:\n{manifest}");
+    // The build script's own command for every plugin (host/build.rs), into its target folder.
+    let target_dir = env!("WXHOST_PLUGIN_TARGET_DIR");
+    let mut build = Command::new(option_env!("CARGO").unwrap_or("cargo"));
+    build
+        .current_dir(scratch.path())
+        .args(["build", "--target", "wasm32-wasip2", "--profile", "plugin", "-p", "greeter", "--target-dir"])
+        .arg(target_dir);
+    for var in ["CARGO_TARGET_DIR", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_TARGET"] {
+        build.env_remove(var);
+    }
+    let built = build.output().unwrap();
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    std::fs::copy(
+        std::path::Path::new(target_dir).join("wasm32-wasip2/plugin/greeter.wasm"),
+        scratch.path().join("plugins/dist/greeter.wasm"),
+    )
+    .unwrap();
+    let (ok, report) = wxhost(&["check", "--config", "plugins.toml"]);
+    assert!(ok, "wxhost check accepts the workspace with the new plugin:\n{report}");
+    assert!(report.contains("plugin greeter (role app"), "{report}");
+
+    // Serve the app role on its own database and ask the example route.
+    let toml = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("listen = \"127.0.0.1:9090\"", "listen = \"127.0.0.1:0\"");
+    std::fs::write(&config, toml).unwrap();
+    let port = free_port();
+    let (mut child, logs) = spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_wxhost"))
+            .args(["serve", "--role", "app", "--no-watch", "--config", "plugins.toml"])
+            .current_dir(scratch.path())
+            .env("WXHOST_APP_LISTEN", format!("127.0.0.1:{port}"))
+            .env("DATABASE_URL", format!("sqlite://{}?mode=rwc", scratch.path().join("app.db").display())),
+    );
+    let app = announced(&logs, "listening");
+    std::thread::spawn(move || for _ in logs {});
+    let hello: serde_json::Value =
+        reqwest::get(format!("{app}/api/v1/greeter/hello?name=scratch")).await.unwrap().json().await.unwrap();
+    assert_eq!(hello["hello"], "scratch", "{hello}");
+    signal(&child, "TERM");
+    assert!(child.wait().unwrap().success());
 }

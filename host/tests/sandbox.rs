@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use wxhost::config::Role;
@@ -112,29 +112,19 @@ async fn looping_trapping_and_hoarding_plugins_fail_alone_while_other_routes_ans
         let (client, url, stop, answered) =
             (client.clone(), url(&server, Role::Web, &path), stop.clone(), answered.clone());
         streams.push(tokio::spawn(async move {
-            let mut slowest = Duration::ZERO;
             while !stop.load(Ordering::Relaxed) {
-                let started = Instant::now();
                 let r = client.get(&url).send().await.expect("good route answers");
                 assert_eq!(r.status(), 200, "{url}");
                 let body = r.text().await.unwrap();
                 assert!(body == "ok" || body == "still-here", "{body}");
-                slowest = slowest.max(started.elapsed());
                 answered.fetch_add(1, Ordering::Relaxed);
             }
-            slowest
         }));
     }
 
-    let started = Instant::now();
     let (status, code) =
         error_code(client.get(url(&server, Role::Web, "/probe/loop")).send().await.unwrap()).await;
-    let looped_for = started.elapsed();
     assert_eq!((status, code.as_str()), (504, "plugin_timeout"));
-    assert!(
-        looped_for < Duration::from_millis(DEADLINE_MS + 1000),
-        "the loop was stopped after {looped_for:?}"
-    );
 
     let (status, code) =
         error_code(client.get(url(&server, Role::Web, "/probe/trap")).send().await.unwrap()).await;
@@ -144,23 +134,31 @@ async fn looping_trapping_and_hoarding_plugins_fail_alone_while_other_routes_ans
         error_code(client.get(url(&server, Role::Web, "/probe/oom")).send().await.unwrap()).await;
     assert_eq!((status, code.as_str()), (500, "plugin_out_of_memory"));
 
-    // Several spinning requests at once still leave the good routes answering.
+    // Several spinning requests at once still leave the good routes answering:
+    // ten good answers come while every spinner still runs.
     let spinning: Vec<_> = (0..4)
         .map(|_| {
             let (client, url) = (client.clone(), url(&server, Role::Web, "/probe/loop"));
             tokio::spawn(async move { client.get(url).send().await.unwrap().status().as_u16() })
         })
         .collect();
+    until_in_flight(&server, 4).await;
+    let before = answered.load(Ordering::Relaxed);
+    while answered.load(Ordering::Relaxed) < before + 10 && !spinning.iter().any(|t| t.is_finished()) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        answered.load(Ordering::Relaxed) >= before + 10,
+        "the good routes stalled behind the spinners ({} answers while they ran)",
+        answered.load(Ordering::Relaxed) - before
+    );
     for s in spinning {
         assert_eq!(s.await.unwrap(), 504);
     }
 
     stop.store(true, Ordering::Relaxed);
     for s in streams {
-        let slowest = s.await.expect("the good stream never failed");
-        // Spinners on every worker delay others by tokio's I/O polling interval
-        // (61 epoch ticks), never by a spinner's whole deadline.
-        assert!(slowest < Duration::from_millis(DEADLINE_MS / 2), "a good request took {slowest:?}");
+        s.await.expect("the good stream never failed");
     }
     assert!(answered.load(Ordering::Relaxed) > 10, "the good routes kept answering");
 
@@ -193,6 +191,17 @@ async fn unknown_routes_methods_and_oversized_bodies_get_json_errors() {
     server.wait().await;
 }
 
+/// Waits until `n` plugin calls are running (an outcome, not a time).
+async fn until_in_flight(server: &wxhost::server::RunningServer, n: usize) {
+    for _ in 0..1000 {
+        if server.host.plugins.in_flight() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{n} plugin calls never started (in flight: {})", server.host.plugins.in_flight());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_finding_every_instance_slot_taken_gets_503_with_retry_after_not_a_plugin_failure() {
     // Two slots, both held by spinning requests until their deadline.
@@ -207,24 +216,68 @@ async fn a_request_finding_every_instance_slot_taken_gets_503_with_retry_after_n
             tokio::spawn(async move { client.get(url).send().await.unwrap().status().as_u16() })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until_in_flight(&server, 2).await;
 
-    let started = Instant::now();
     let r = client.get(url(&server, Role::Web, "/probe/ok")).send().await.unwrap();
-    let took = started.elapsed();
     let retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
     assert_eq!(error_code(r).await, (503, "busy".to_string()));
     assert_eq!(retry_after.as_deref(), Some("1"));
-    assert!(
-        took < Duration::from_millis(DEADLINE_MS / 2),
-        "refused at once, not after the spinners: {took:?}"
-    );
+    assert!(spinning.iter().all(|t| !t.is_finished()), "refused at once, while both spinners still run");
 
     for task in spinning {
         assert_eq!(task.await.unwrap(), 504, "the spinning requests end at their deadline");
     }
     let r = client.get(url(&server, Role::Web, "/probe/ok")).send().await.unwrap();
     assert_eq!(r.status(), 200, "slots are free again");
+    server.shutdown();
+    server.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_and_busy_answers_do_not_wait_for_spinning_plugins() {
+    // More spinners than the plugin runtime has threads, with a long deadline:
+    // the server's own answers must all come while every spinner still runs.
+    let spinners = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    let toml = base_toml(4500, WEB_GRANTS, r#""log""#)
+        .replace("max_instances = 32", &format!("max_instances = {spinners}"))
+        + r#"
+[[plugins]]
+name = "sandbox-probe"
+role = "web"
+wasm = "sandbox-probe.wasm"
+routes = ["GET /probe/loop", "GET /probe/ok"]
+capabilities = ["log"]
+"#;
+    let config = TestConfig::new(&toml, &[("sandbox-probe.wasm", "fixtures/sandbox-probe.wasm")]);
+    let server = start(&config, &[Role::Web], None, false).await;
+    let client = reqwest::Client::new();
+    let spinning: Vec<_> = (0..spinners)
+        .map(|_| {
+            let (client, url) = (client.clone(), url(&server, Role::Web, "/probe/loop"));
+            tokio::spawn(async move { client.get(url).send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    until_in_flight(&server, spinners).await;
+
+    // Served beside plugins on one runtime, each of these waited for tokio's
+    // I/O poll behind the spinners (61 epoch ticks, ~60 ms): 300 of them
+    // would outlast the spinners' deadline. On a runtime of their own they
+    // take a fraction of a millisecond each.
+    for _ in 0..100 {
+        let health = client.get(url(&server, Role::Web, "/healthz")).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+        let busy = client.get(url(&server, Role::Web, "/probe/ok")).send().await.unwrap();
+        assert_eq!(error_code(busy).await, (503, "busy".to_string()));
+        let unknown = client.get(url(&server, Role::Web, "/no/such/route")).send().await.unwrap();
+        assert_eq!(unknown.status(), 404);
+    }
+    assert!(
+        spinning.iter().all(|t| !t.is_finished()),
+        "the server answered all of that while every spinner still ran"
+    );
+    for task in spinning {
+        assert_eq!(task.await.unwrap(), 504);
+    }
     server.shutdown();
     server.wait().await;
 }

@@ -8,34 +8,29 @@
 //! when the app role has taken it is WeChat Pay told "success"; otherwise it
 //! is told to retry.
 
-wit_bindgen::generate!({ world: "web-plugin", path: "../../wit" });
-
-use exports::wxhost::plugin::handler::Guest;
 use serde_json::{Value, json};
-use wxhost::plugin::callback_crypto::{self, CryptoError, PayNotifyHeaders};
-use wxhost::plugin::internal_call;
-use wxhost::plugin::log::{self, Level};
-use wxhost::plugin::types::{Request, Response};
+use wxhost_sdk::callback_crypto::{self, CryptoError, PayNotifyHeaders};
+use wxhost_sdk::internal_call;
+use wxhost_sdk::{Request, Response, Result, Router, log};
 
-struct Notify;
-
-impl Guest for Notify {
-    fn handle(req: Request) -> Response {
-        if req.method != "POST" {
-            return v3_fail(405, "use POST");
-        }
-        if header(&req, "wechatpay-signature").is_some() { apiv3(&req) } else { apiv2(&req) }
-    }
+fn routes() -> Router {
+    Router::new().post("/api/v1/payment/notify", notify)
 }
 
-export!(Notify);
+wxhost_sdk::plugin!(routes);
+
+/// WeChat Pay answers are its own format (APIv3 JSON `code`/`message`, APIv2
+/// XML), never the API's error contract: every outcome is an `Ok` answer.
+fn notify(req: &Request) -> Result<Response> {
+    Ok(if req.header("wechatpay-signature").is_some() { apiv3(req) } else { apiv2(req) })
+}
 
 fn apiv3(req: &Request) -> Response {
     let headers = PayNotifyHeaders {
-        timestamp: header(req, "wechatpay-timestamp").unwrap_or_default().to_string(),
-        nonce: header(req, "wechatpay-nonce").unwrap_or_default().to_string(),
-        signature: header(req, "wechatpay-signature").unwrap_or_default().to_string(),
-        serial: header(req, "wechatpay-serial").unwrap_or_default().to_string(),
+        timestamp: req.header("wechatpay-timestamp").unwrap_or_default().to_string(),
+        nonce: req.header("wechatpay-nonce").unwrap_or_default().to_string(),
+        signature: req.header("wechatpay-signature").unwrap_or_default().to_string(),
+        serial: req.header("wechatpay-serial").unwrap_or_default().to_string(),
     };
     if let Err(e) = callback_crypto::verify_pay_notify_v3(&headers, &req.body) {
         return crypto_failure(e, v3_fail);
@@ -46,7 +41,7 @@ fn apiv3(req: &Request) -> Response {
         "signature": headers.signature, "serial": headers.serial, "body": body,
     }});
     match pass_on(&notified, &req.request_id) {
-        Ok(()) => Response { status: 204, headers: vec![], body: vec![] },
+        Ok(()) => Response::empty(204),
         Err((status, message)) => v3_fail(status, &message),
     }
 }
@@ -70,27 +65,21 @@ fn pass_on(notified: &Value, request_id: &str) -> Result<(), (u16, String)> {
         Ok(a) if (200..300).contains(&a.status) => Ok(()),
         Ok(a) if a.status < 500 => {
             let body = String::from_utf8_lossy(&a.body).into_owned();
-            log::log(
-                Level::Warn,
-                &format!("payment refused by the app role ({}): {body}, request {request_id}", a.status),
-            );
+            log::warn(&format!(
+                "payment refused by the app role ({}): {body}, request {request_id}",
+                a.status
+            ));
             let code = serde_json::from_str::<Value>(&body).ok();
             let code =
                 code.as_ref().and_then(|v| v["error"]["code"].as_str()).unwrap_or("rejected").to_string();
             Err((a.status, code))
         }
         Ok(a) => {
-            log::log(
-                Level::Error,
-                &format!("the app role failed ({}) on a payment, request {request_id}", a.status),
-            );
+            log::error(&format!("the app role failed ({}) on a payment, request {request_id}", a.status));
             Err((500, "the payment could not be stored; retry later".into()))
         }
         Err(e) => {
-            log::log(
-                Level::Error,
-                &format!("the app role is unreachable for a payment: {e:?}, request {request_id}"),
-            );
+            log::error(&format!("the app role is unreachable for a payment: {e:?}, request {request_id}"));
             Err((503, "the payment could not be stored; retry later".into()))
         }
     }
@@ -102,17 +91,17 @@ fn crypto_failure(e: CryptoError, answer: fn(u16, &str) -> Response) -> Response
         CryptoError::StaleTimestamp => answer(401, "timestamp too far from now"),
         CryptoError::SignatureProbe => answer(401, "signature probe refused"),
         CryptoError::UnknownKey(serial) => {
-            log::log(Level::Warn, &format!("notify signed by an unknown key {serial}"));
+            log::warn(&format!("notify signed by an unknown key {serial}"));
             answer(401, "unknown Wechatpay-Serial")
         }
         CryptoError::Malformed(what) => answer(400, &what),
         CryptoError::WrongAppid => answer(400, "wrong appid"),
         CryptoError::NotConfigured(what) => {
-            log::log(Level::Error, &format!("payment notify not configured: {what}"));
+            log::error(&format!("payment notify not configured: {what}"));
             answer(503, "payment notify is not configured")
         }
         CryptoError::Unavailable(what) => {
-            log::log(Level::Error, &format!("payment notify could not be checked: {what}"));
+            log::error(&format!("payment notify could not be checked: {what}"));
             answer(503, "the notify could not be checked; retry later")
         }
         // Only pushes to the callback URL get these.
@@ -121,11 +110,7 @@ fn crypto_failure(e: CryptoError, answer: fn(u16, &str) -> Response) -> Response
 }
 
 fn v3_fail(status: u16, message: &str) -> Response {
-    Response {
-        status,
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: json!({ "code": "FAIL", "message": message }).to_string().into_bytes(),
-    }
+    Response::json(status, &json!({ "code": "FAIL", "message": message }))
 }
 
 fn v2_answer(code: &str, message: &str) -> Response {
@@ -133,17 +118,9 @@ fn v2_answer(code: &str, message: &str) -> Response {
         "<xml><return_code><![CDATA[{code}]]></return_code><return_msg><![CDATA[{}]]></return_msg></xml>",
         message.replace("]]>", "]]]]><![CDATA[>")
     );
-    Response {
-        status: 200,
-        headers: vec![("content-type".into(), "application/xml".into())],
-        body: body.into_bytes(),
-    }
+    Response::xml(200, body)
 }
 
 fn v2_fail(message: &str) -> Response {
     v2_answer("FAIL", message)
-}
-
-fn header<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
-    req.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }

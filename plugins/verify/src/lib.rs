@@ -11,89 +11,66 @@
 
 mod xml;
 
-wit_bindgen::generate!({ world: "web-plugin", path: "../../wit" });
-
-use exports::wxhost::plugin::handler::Guest;
 use serde_json::json;
-use wxhost::plugin::callback_crypto::{self, CryptoError, PushProof};
-use wxhost::plugin::config;
-use wxhost::plugin::internal_call::{self, CallError};
-use wxhost::plugin::log::{self, Level};
-use wxhost::plugin::types::{Request, Response};
+use wxhost_sdk::callback_crypto::{self, PushProof};
+use wxhost_sdk::config;
+use wxhost_sdk::internal_call::{self, InternalResponse};
+use wxhost_sdk::{Error, Request, Response, Result, Router, log, now};
 
-struct Verify;
+const SERVER_URL: &str = "/api/v1/auth/wechat/verify";
 
-impl Guest for Verify {
-    fn handle(req: Request) -> Response {
-        let mut response = match req.method.as_str() {
-            "GET" => server_verification(&req),
-            "POST" => push(&req).unwrap_or_else(|r| r),
-            _ => error(405, "method_not_allowed", "use GET or POST"),
-        };
-        if cfg!(feature = "marked-build") {
-            response.headers.push(("x-verify-build".into(), "marked".into()));
-        }
-        response
-    }
+fn routes() -> Router {
+    let router = Router::new().get(SERVER_URL, server_verification).post(SERVER_URL, push);
+    if cfg!(feature = "marked-build") { router.default_header("x-verify-build", "marked") } else { router }
 }
 
-export!(Verify);
+wxhost_sdk::plugin!(routes);
 
 /// WeChat's server verification: `signature`, `timestamp`, `nonce`, `echostr`.
-fn server_verification(req: &Request) -> Response {
-    let query = Query::parse(&req.query);
-    let (Some(signature), Some(timestamp), Some(nonce), Some(echostr)) =
-        (query.get("signature"), query.get("timestamp"), query.get("nonce"), query.get("echostr"))
-    else {
-        return error(400, "missing_parameter", "signature, timestamp, nonce and echostr are required");
+fn server_verification(req: &Request) -> Result<Response> {
+    let (Some(signature), Some(timestamp), Some(nonce), Some(echostr)) = (
+        req.query_param("signature"),
+        req.query_param("timestamp"),
+        req.query_param("nonce"),
+        req.query_param("echostr"),
+    ) else {
+        return Err(missing("signature, timestamp, nonce and echostr are required"));
     };
-    match callback_crypto::verify_server_signature(signature, timestamp, nonce) {
-        Ok(()) => Response {
-            status: 200,
-            headers: vec![("content-type".into(), "text/plain; charset=utf-8".into())],
-            body: echostr.as_bytes().to_vec(),
-        },
-        Err(e) => crypto_error(e),
-    }
+    callback_crypto::verify_server_signature(&signature, &timestamp, &nonce)?;
+    Ok(Response::text(200, &echostr))
 }
 
-/// Early answers (errors, or a reply) travel as `Err` through `?`.
-type Step<T> = Result<T, Response>;
+fn missing(what: &str) -> Error {
+    Error::bad_request("missing_parameter", what)
+}
 
-fn push(req: &Request) -> Step<Response> {
-    let query = Query::parse(&req.query);
-    let (Some(timestamp), Some(nonce)) = (query.get("timestamp"), query.get("nonce")) else {
-        return Err(error(400, "missing_parameter", "timestamp and nonce are required"));
+fn push(req: &Request) -> Result<Response> {
+    let (Some(timestamp), Some(nonce)) = (req.query_param("timestamp"), req.query_param("nonce")) else {
+        return Err(missing("timestamp and nonce are required"));
     };
-    let body =
-        std::str::from_utf8(&req.body).map_err(|_| error(400, "malformed", "the body is not UTF-8"))?;
-    let safe_mode = query.get("encrypt_type") == Some("aes");
+    let body = req.text()?;
+    let safe_mode = req.query_param("encrypt_type").as_deref() == Some("aes");
     let msg_signature = match safe_mode {
-        true => Some(
-            query
-                .get("msg_signature")
-                .ok_or_else(|| error(400, "missing_parameter", "msg_signature is required"))?
-                .to_string(),
-        ),
+        true => Some(req.query_param("msg_signature").ok_or_else(|| missing("msg_signature is required"))?),
         false => None,
     };
-    let signature = query.get("signature");
+    let signature = req.query_param("signature");
     if !safe_mode && signature.is_none() {
-        return Err(error(400, "missing_parameter", "signature is required"));
+        return Err(missing("signature is required"));
     }
     // WeChat's own signed word, passed on with every event: the app role checks it again.
     let proof = PushProof {
-        signature: signature.unwrap_or_default().to_string(),
-        timestamp: timestamp.to_string(),
-        nonce: nonce.to_string(),
+        signature: signature.unwrap_or_default(),
+        timestamp: timestamp.clone(),
+        nonce: nonce.clone(),
         msg_signature,
         body: body.to_string(),
     };
-    let fields = xml::Fields::from(callback_crypto::verify_push(&proof).map_err(crypto_error)?);
+    let fields = xml::Fields::from(callback_crypto::verify_push(&proof)?);
     let pushed = Pushed { proof: &proof, request_id: &req.request_id };
     let message = Message::from_fields(&fields)?;
     let reply = handle_message(&message, &fields, &pushed)?;
-    let Some(text) = reply else { return Ok(plain(200, "success")) };
+    let Some(text) = reply else { return Ok(Response::text(200, "success")) };
     let reply_xml = xml::build(&[
         ("ToUserName", xml::Value::Text(&message.from)),
         ("FromUserName", xml::Value::Text(&message.to)),
@@ -102,16 +79,19 @@ fn push(req: &Request) -> Step<Response> {
         ("Content", xml::Value::Text(&text)),
     ]);
     if !safe_mode {
-        return Ok(xml_response(reply_xml));
+        return Ok(Response::xml(200, reply_xml));
     }
-    let sealed = callback_crypto::encrypt_reply(&reply_xml, timestamp, nonce).map_err(crypto_error)?;
+    let sealed = callback_crypto::encrypt_reply(&reply_xml, &timestamp, &nonce)?;
     let timestamp: i64 = sealed.timestamp.parse().unwrap_or_else(|_| now());
-    Ok(xml_response(xml::build(&[
-        ("Encrypt", xml::Value::Text(&sealed.encrypt)),
-        ("MsgSignature", xml::Value::Text(&sealed.msg_signature)),
-        ("TimeStamp", xml::Value::Number(timestamp)),
-        ("Nonce", xml::Value::Text(&sealed.nonce)),
-    ])))
+    Ok(Response::xml(
+        200,
+        xml::build(&[
+            ("Encrypt", xml::Value::Text(&sealed.encrypt)),
+            ("MsgSignature", xml::Value::Text(&sealed.msg_signature)),
+            ("TimeStamp", xml::Value::Number(timestamp)),
+            ("Nonce", xml::Value::Text(&sealed.nonce)),
+        ]),
+    ))
 }
 
 /// The fields every push carries.
@@ -123,15 +103,15 @@ struct Message {
 }
 
 impl Message {
-    fn from_fields(f: &xml::Fields) -> Step<Message> {
+    fn from_fields(f: &xml::Fields) -> Result<Message> {
         let need = |name: &str| {
             f.get(name)
                 .filter(|v| !v.is_empty())
-                .ok_or_else(|| error(400, "malformed_xml", &format!("{name} is missing")))
+                .ok_or_else(|| Error::bad_request("malformed_xml", &format!("{name} is missing")))
         };
         let create_time = need("CreateTime")?
             .parse()
-            .map_err(|_| error(400, "malformed_xml", "CreateTime is not a number"))?;
+            .map_err(|_| Error::bad_request("malformed_xml", "CreateTime is not a number"))?;
         Ok(Message {
             to: need("ToUserName")?.to_string(),
             from: need("FromUserName")?.to_string(),
@@ -163,7 +143,7 @@ impl Pushed<'_> {
 }
 
 /// Applies the push; returns the passive reply text, if any.
-fn handle_message(m: &Message, f: &xml::Fields, pushed: &Pushed<'_>) -> Step<Option<String>> {
+fn handle_message(m: &Message, f: &xml::Fields, pushed: &Pushed<'_>) -> Result<Option<String>> {
     if m.msg_type != "event" {
         return Ok(match m.msg_type.as_str() {
             "text" => f
@@ -199,7 +179,7 @@ fn handle_message(m: &Message, f: &xml::Fields, pushed: &Pushed<'_>) -> Step<Opt
     }
 }
 
-fn update_user(m: &Message, subscribed: bool, pushed: &Pushed<'_>) -> Step<()> {
+fn update_user(m: &Message, subscribed: bool, pushed: &Pushed<'_>) -> Result<()> {
     let kind = if subscribed { "subscribe" } else { "unsubscribe" };
     let body = json!({
         "openid": m.from, "subscribed": subscribed, "event_id": format!("{kind}:{}", m.event_id()),
@@ -207,11 +187,12 @@ fn update_user(m: &Message, subscribed: bool, pushed: &Pushed<'_>) -> Step<()> {
     });
     let answer = internal("POST", "/api/v1/internal/user/create-or-update", &body, pushed.request_id)?;
     if !(200..300).contains(&answer.status) {
-        log::log(
-            Level::Error,
-            &format!("the app role refused a user update ({}): {}", answer.status, lossy(&answer.body)),
-        );
-        return Err(error(502, "rejected_by_app", "the app role refused the event"));
+        log::error(&format!(
+            "the app role refused a user update ({}): {}",
+            answer.status,
+            lossy(&answer.body)
+        ));
+        return Err(rejected_by_app());
     }
     Ok(())
 }
@@ -219,7 +200,7 @@ fn update_user(m: &Message, subscribed: bool, pushed: &Pushed<'_>) -> Step<()> {
 /// Binds a QR scene to the user. A scene the app role does not know, or that
 /// has expired, binds nothing; the push is still acknowledged (a retry would
 /// not change that).
-fn bind_scene(m: &Message, scene: &str, pushed: &Pushed<'_>) -> Step<()> {
+fn bind_scene(m: &Message, scene: &str, pushed: &Pushed<'_>) -> Result<()> {
     if scene.is_empty() {
         return Ok(());
     }
@@ -231,20 +212,18 @@ fn bind_scene(m: &Message, scene: &str, pushed: &Pushed<'_>) -> Step<()> {
     match answer.status {
         200..=299 => Ok(()),
         404 | 409 | 410 => {
-            log::log(
-                Level::Warn,
-                &format!("scene {scene:?} not bound ({}): {}", answer.status, lossy(&answer.body)),
-            );
+            log::warn(&format!("scene {scene:?} not bound ({}): {}", answer.status, lossy(&answer.body)));
             Ok(())
         }
         status => {
-            log::log(
-                Level::Error,
-                &format!("the app role refused a binding ({status}): {}", lossy(&answer.body)),
-            );
-            Err(error(502, "rejected_by_app", "the app role refused the event"))
+            log::error(&format!("the app role refused a binding ({status}): {}", lossy(&answer.body)));
+            Err(rejected_by_app())
         }
     }
+}
+
+fn rejected_by_app() -> Error {
+    Error::new(502, "rejected_by_app", "the app role refused the event")
 }
 
 /// One internal call; anything but an answer means WeChat must retry.
@@ -253,24 +232,17 @@ fn internal(
     path: &str,
     body: &serde_json::Value,
     request_id: &str,
-) -> Step<internal_call::InternalResponse> {
-    let answer = internal_call::call(method, path, body.to_string().as_bytes());
-    match answer {
+) -> Result<InternalResponse> {
+    let retry_later = || Error::new(503, "app_unavailable", "the event could not be stored; retry later");
+    match internal_call::call(method, path, body.to_string().as_bytes()) {
         Ok(a) if a.status >= 500 => {
-            log::log(
-                Level::Error,
-                &format!("{path}: the app role failed ({}), request {request_id}", a.status),
-            );
-            Err(error(503, "app_unavailable", "the event could not be stored; retry later"))
+            log::error(&format!("{path}: the app role failed ({}), request {request_id}", a.status));
+            Err(retry_later())
         }
         Ok(a) => Ok(a),
         Err(e) => {
-            let why = match e {
-                CallError::Timeout => "timed out".to_string(),
-                CallError::Unavailable(m) | CallError::NotAllowed(m) | CallError::NotConfigured(m) => m,
-            };
-            log::log(Level::Error, &format!("{path}: {why}, request {request_id}"));
-            Err(error(503, "app_unavailable", "the event could not be stored; retry later"))
+            log::error(&format!("{path}: {e:?}, request {request_id}"));
+            Err(retry_later())
         }
     }
 }
@@ -285,82 +257,6 @@ fn lookup(table: &str, key: &str) -> Option<String> {
     table.get(key)?.as_str().map(str::to_string)
 }
 
-fn crypto_error(e: CryptoError) -> Response {
-    match e {
-        CryptoError::BadSignature => error(401, "bad_signature", "signature does not verify"),
-        CryptoError::StaleTimestamp => {
-            error(401, "stale_timestamp", "timestamp is outside the accepted window")
-        }
-        CryptoError::WrongAppid => error(401, "wrong_appid", "the message is not for this official account"),
-        CryptoError::Malformed(what) => error(400, "malformed", &what),
-        CryptoError::NotConfigured(what) => {
-            log::log(Level::Error, &format!("callback crypto not configured: {what}"));
-            error(503, "not_configured", "the WeChat callback is not configured")
-        }
-        CryptoError::PlaintextRefused => error(
-            403,
-            "plaintext_refused",
-            "this account receives encrypted pushes (encrypt_type=aes); a plaintext push is refused",
-        ),
-        CryptoError::SignatureReused => {
-            error(403, "signature_reused", "this signature was already used with another body")
-        }
-        CryptoError::Unavailable(what) => {
-            log::log(Level::Error, &format!("a push could not be checked: {what}"));
-            error(503, "unavailable", "the push could not be checked; retry later")
-        }
-        other => {
-            log::log(Level::Warn, &format!("unexpected crypto error: {other:?}"));
-            error(400, "rejected", "request rejected")
-        }
-    }
-}
-
-fn error(status: u16, code: &str, message: &str) -> Response {
-    let body = json!({ "error": { "code": code, "message": message } });
-    Response {
-        status,
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: body.to_string().into_bytes(),
-    }
-}
-
-fn plain(status: u16, text: &str) -> Response {
-    Response {
-        status,
-        headers: vec![("content-type".into(), "text/plain; charset=utf-8".into())],
-        body: text.as_bytes().to_vec(),
-    }
-}
-
-fn xml_response(xml: String) -> Response {
-    Response {
-        status: 200,
-        headers: vec![("content-type".into(), "application/xml; charset=utf-8".into())],
-        body: xml.into_bytes(),
-    }
-}
-
 fn lossy(body: &[u8]) -> String {
     String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned()
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// Decoded query parameters; the first occurrence of a name wins.
-struct Query(Vec<(String, String)>);
-
-impl Query {
-    fn parse(raw: &str) -> Self {
-        Query(form_urlencoded::parse(raw.as_bytes()).into_owned().collect())
-    }
-
-    fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
-    }
 }
