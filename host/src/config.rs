@@ -404,6 +404,9 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
                 {
                     problems.push(format!("{at}: route `{r}`: the internal API belongs to the app role"))
                 }
+                Ok(route) if ["/healthz", crate::openapi::PATH].contains(&route.path.as_str()) => {
+                    problems.push(format!("{at}: route `{r}`: the host answers this path itself"))
+                }
                 Ok(route) => routes.push(route),
                 Err(e) => problems.push(format!("{at}: route `{r}`: {e}")),
             }

@@ -16,6 +16,7 @@ pub mod frontend;
 pub mod host;
 pub mod internal_auth;
 pub mod metrics;
+pub mod openapi;
 pub mod pay_crypto;
 pub mod plugin;
 pub mod runtime;

@@ -260,12 +260,13 @@ pub fn role_router(
     internal_auth: Option<Arc<InternalAuth>>,
     frontend: Option<Arc<Frontend>>,
 ) -> Router {
-    Router::new().route("/healthz", get(healthz)).fallback(dispatch).with_state(RoleState {
-        host,
-        role,
-        internal_auth,
-        frontend,
-    })
+    let router = Router::new().route("/healthz", get(healthz));
+    // The API's description, beside the API (the app role serves it).
+    let router = match role {
+        Role::App => router.route(crate::openapi::PATH, get(crate::openapi::serve)),
+        Role::Web => router,
+    };
+    router.fallback(dispatch).with_state(RoleState { host, role, internal_auth, frontend })
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -151,20 +151,70 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A `wxhost dev` process (both roles and the simulator) on the shipped
+/// plugins.toml, in its own folder (SQLite database, generated secrets), with
+/// `extra` appended to its plugins.toml.
+struct Dev {
+    child: Child,
+    dir: tempfile::TempDir,
+    web: String,
+    app: String,
+    sim: String,
+    admin: String,
+}
+
+impl Dev {
+    fn start(extra: &str) -> Dev {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let shipped = std::fs::read_to_string(root.join("plugins.toml")).unwrap();
+        let toml = shipped
+            .replace("wasm = \"plugins/dist/", &format!("wasm = \"{}/", env!("WXHOST_PLUGIN_DIST")))
+            .replace("root = \"frontend\"", &format!("root = \"{}\"", root.join("frontend").display()))
+            .replace("listen = \"127.0.0.1:9090\"", "listen = \"127.0.0.1:0\"")
+            + extra;
+        std::fs::write(dir.path().join("plugins.toml"), toml).unwrap();
+        let (web_port, app_port, sim_port) = (free_port(), free_port(), free_port());
+        let (child, logs) = spawn_logged(
+            Command::new(env!("CARGO_BIN_EXE_wxhost"))
+                .args(["dev", "--config", "plugins.toml", "--sim-listen"])
+                .arg(format!("127.0.0.1:{sim_port}"))
+                .current_dir(dir.path())
+                .env("WXHOST_WEB_LISTEN", format!("127.0.0.1:{web_port}"))
+                .env("WXHOST_APP_LISTEN", format!("127.0.0.1:{app_port}")),
+        );
+        let admin = announced(&logs, "admin listening");
+        std::thread::spawn(move || for _ in logs {});
+        Dev {
+            child,
+            dir,
+            web: format!("http://127.0.0.1:{web_port}"),
+            app: format!("http://127.0.0.1:{app_port}"),
+            sim: format!("http://127.0.0.1:{sim_port}"),
+            admin,
+        }
+    }
+
+    /// A generated secret of data/dev.env.
+    fn secret(&self, name: &str) -> String {
+        let env = std::fs::read_to_string(self.dir.path().join("data/dev.env")).unwrap();
+        let prefix = format!("{name}=");
+        env.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {name}")).trim().into()
+    }
+
+    fn stop(mut self) {
+        signal(&self.child, "TERM");
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
 /// A fresh `wxhost dev` process (both roles and the simulator) exports every
 /// documented metric family once requests have exercised it: nothing here
 /// relies on a recorder another test installed in this process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_process_exports_every_documented_metric_family() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let shipped = std::fs::read_to_string(root.join("plugins.toml")).unwrap();
-    let toml = shipped
-        .replace("wasm = \"plugins/dist/", &format!("wasm = \"{}/", env!("WXHOST_PLUGIN_DIST")))
-        .replace("root = \"frontend\"", &format!("root = \"{}\"", root.join("frontend").display()))
-        .replace("listen = \"127.0.0.1:9090\"", "listen = \"127.0.0.1:0\"")
-        + &format!(
-            r#"
+    let dev = Dev::start(&format!(
+        r#"
 [[plugins]]
 name = "sandbox-probe"
 role = "web"
@@ -172,25 +222,9 @@ wasm = "{}"
 routes = ["GET /probe/trap"]
 capabilities = []
 "#,
-            dist("fixtures/sandbox-probe.wasm").display()
-        );
-    std::fs::write(dir.path().join("plugins.toml"), toml).unwrap();
-    let (web_port, app_port, sim_port) = (free_port(), free_port(), free_port());
-    let (mut child, logs) = spawn_logged(
-        Command::new(env!("CARGO_BIN_EXE_wxhost"))
-            .args(["dev", "--config", "plugins.toml", "--sim-listen"])
-            .arg(format!("127.0.0.1:{sim_port}"))
-            .current_dir(dir.path())
-            .env("WXHOST_WEB_LISTEN", format!("127.0.0.1:{web_port}"))
-            .env("WXHOST_APP_LISTEN", format!("127.0.0.1:{app_port}")),
-    );
-    let admin = announced(&logs, "admin listening");
-    std::thread::spawn(move || for _ in logs {});
-    let (web, app, sim) = (
-        format!("http://127.0.0.1:{web_port}"),
-        format!("http://127.0.0.1:{app_port}"),
-        format!("http://127.0.0.1:{sim_port}"),
-    );
+        dist("fixtures/sandbox-probe.wasm").display()
+    ));
+    let (web, app, sim, admin) = (&dev.web, &dev.app, &dev.sim, &dev.admin);
     let client = reqwest::Client::new();
 
     // A login QR code (an outbound call, an access token), scanned (a push,
@@ -200,7 +234,7 @@ capabilities = []
         client.post(format!("{app}/api/v1/auth/wechat/qrcode")).send().await.unwrap().json().await.unwrap();
     let ticket = qr["ticket"].as_str().unwrap_or_else(|| panic!("no ticket: {qr}"));
     let scan = Command::new(env!("CARGO_BIN_EXE_wxhost"))
-        .args(["sim", "scan", "--sim-url", &sim, "--ticket", ticket, "--user", "metrics-user"])
+        .args(["sim", "scan", "--sim-url", sim, "--ticket", ticket, "--user", "metrics-user"])
         .output()
         .unwrap();
     assert!(scan.status.success(), "{}", String::from_utf8_lossy(&scan.stderr));
@@ -211,14 +245,11 @@ capabilities = []
     let scrape =
         || async { client.get(format!("{admin}/metrics")).send().await.unwrap().text().await.unwrap() };
     let before_reload = scrape().await;
-    let dev_env = std::fs::read_to_string(dir.path().join("data/dev.env")).unwrap();
-    let control = dev_env.lines().find_map(|l| l.strip_prefix("WXHOST_CONTROL_TOKEN=")).unwrap();
-    let reload =
-        client.post(format!("{admin}/admin/reload")).bearer_auth(control.trim()).send().await.unwrap();
+    let control = dev.secret("WXHOST_CONTROL_TOKEN");
+    let reload = client.post(format!("{admin}/admin/reload")).bearer_auth(control).send().await.unwrap();
     assert_eq!(reload.status(), 200);
     let after_reload = scrape().await;
-    signal(&child, "TERM");
-    assert!(child.wait().unwrap().success());
+    dev.stop();
     // Every family of host/src/metrics.rs's table; histograms by their buckets.
     let documented = include_str!("../src/metrics.rs");
     let families: Vec<&str> = documented
@@ -329,4 +360,77 @@ async fn a_new_plugin_builds_passes_check_and_serves_its_example_route() {
     assert_eq!(hello["hello"], "scratch", "{hello}");
     signal(&child, "TERM");
     assert!(child.wait().unwrap().success());
+}
+
+/// The schemathesis command, installed by .ci/run (`pip install schemathesis`).
+/// In CI a missing one is a failure; elsewhere the test says it did not run.
+fn schemathesis() -> Option<String> {
+    let found = Command::new("schemathesis").arg("--version").output().is_ok_and(|o| o.status.success());
+    if found {
+        return Some("schemathesis".into());
+    }
+    assert!(std::env::var("CI").is_err(), "schemathesis is not installed (.ci/run installs it from PyPI)");
+    eprintln!("SKIPPED: schemathesis is not installed (pip install schemathesis)");
+    None
+}
+
+/// schemathesis, from docs/openapi.json as the app role serves it, against
+/// the app role on the simulator: bounded examples, no 5xx, and every
+/// answer's status, content type and body as the document says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_role_answers_as_its_openapi_document_says() {
+    let Some(schemathesis) = schemathesis() else { return };
+    let dev = Dev::start("");
+    let document = reqwest::get(format!("{}/api/v1/openapi.json", dev.app)).await.unwrap();
+    assert_eq!(document.status(), 200);
+    // A signed-in user, so the session routes are exercised past their 401.
+    let code = Command::new(env!("CARGO_BIN_EXE_wxhost"))
+        .args(["sim", "code", "--sim-url", &dev.sim, "--user", "schemathesis"])
+        .output()
+        .unwrap();
+    let code: serde_json::Value = serde_json::from_slice(&code.stdout).unwrap();
+    let login: serde_json::Value =
+        reqwest::get(format!("{}/api/v1/auth/wechat?code={}", dev.app, code["code"].as_str().unwrap()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let token = login["token"].as_str().unwrap_or_else(|| panic!("no session: {login}")).to_string();
+    let app = dev.app.clone();
+    let runs = tokio::task::spawn_blocking(move || {
+        let run = |extra: &[&str]| {
+            Command::new(&schemathesis)
+                .args(["run", &format!("{app}/api/v1/openapi.json"), "--url", &app])
+                .args([
+                    "--checks",
+                    "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+                ])
+                .args(["--max-examples", "20", "--seed", "20261202", "--workers", "2", "--request-timeout", "15"])
+                .args(extra)
+                .output()
+                .unwrap()
+        };
+        [
+            // Everything on this listener, as anyone (the web role's and the
+            // admin listener's paths are on other listeners).
+            run(&["--exclude-path-regex", "^/(admin/|metrics$|api/v1/auth/wechat/verify$|api/v1/payment/notify$)"]),
+            // What a signed-in user reaches (not logout: it would end the session).
+            run(&[
+                "--include-path-regex",
+                "^/api/v1/(user/|payment/(products|create-order)$)",
+                "-H",
+                &format!("Authorization: Bearer {token}"),
+            ]),
+        ]
+    })
+    .await
+    .unwrap();
+    dev.stop();
+    for run in runs {
+        let report =
+            format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+        assert!(run.status.success(), "schemathesis found answers the document does not allow:\n{report}");
+        assert!(report.contains(" generated, "), "schemathesis generated test cases: {report}");
+    }
 }
