@@ -1,7 +1,7 @@
 //! The public HTTP API as an OpenAPI 3 document (`docs/openapi.json`), served
 //! by the app role at `GET /api/v1/openapi.json`. A test holds it to the
 //! routes of plugins.toml and the host's own; schemathesis holds the running
-//! app role to it (host/tests/openapi.rs).
+//! app role to it (host/tests/e2e/lifecycle.rs).
 
 use axum::http::header;
 use axum::response::IntoResponse;

@@ -10,6 +10,8 @@ const MAX_MESSAGE: usize = 8 * 1024;
 
 pub struct LogView<'a> {
     pub plugin: &'a PluginIdentity,
+    /// Every line of a request carries its id.
+    pub request_id: &'a str,
 }
 
 struct HasLog;
@@ -32,22 +34,22 @@ impl log::Host for LogView<'_> {
             end -= 1;
         }
         let message = &message[..end];
-        let (name, version) = (&*self.plugin.name, &*self.plugin.version);
+        let (name, version, request_id) = (&*self.plugin.name, &*self.plugin.version, self.request_id);
         match level {
             Level::Trace => {
-                tracing::trace!(target: "wxhost::plugin", plugin = name, version, "{message}")
+                tracing::trace!(target: "wxhost::plugin", plugin = name, version, request_id, "{message}")
             }
             Level::Debug => {
-                tracing::debug!(target: "wxhost::plugin", plugin = name, version, "{message}")
+                tracing::debug!(target: "wxhost::plugin", plugin = name, version, request_id, "{message}")
             }
             Level::Info => {
-                tracing::info!(target: "wxhost::plugin", plugin = name, version, "{message}")
+                tracing::info!(target: "wxhost::plugin", plugin = name, version, request_id, "{message}")
             }
             Level::Warn => {
-                tracing::warn!(target: "wxhost::plugin", plugin = name, version, "{message}")
+                tracing::warn!(target: "wxhost::plugin", plugin = name, version, request_id, "{message}")
             }
             Level::Error => {
-                tracing::error!(target: "wxhost::plugin", plugin = name, version, "{message}")
+                tracing::error!(target: "wxhost::plugin", plugin = name, version, request_id, "{message}")
             }
         }
         Ok(())

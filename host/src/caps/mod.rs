@@ -112,6 +112,8 @@ pub struct PluginState {
     pub services: Arc<Services>,
     /// The id the request is logged under, passed on to the app role.
     pub request_id: String,
+    /// The same, for the plugin's output streams.
+    pub current_request: wasi::CurrentRequest,
     /// When the request's deadline passes; outbound calls are bounded by it.
     pub deadline_at: Instant,
 }
@@ -124,13 +126,16 @@ impl PluginState {
         request_id: String,
         deadline_at: Instant,
     ) -> Self {
+        let current_request = wasi::CurrentRequest::default();
+        current_request.set(&request_id);
         PluginState {
-            wasi: wasi::plugin_ctx(&plugin),
+            wasi: wasi::plugin_ctx(&plugin, &current_request),
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(memory_limit_bytes),
             plugin,
             services,
             request_id,
+            current_request,
             deadline_at,
         }
     }
@@ -139,6 +144,7 @@ impl PluginState {
 impl PluginState {
     /// A kept instance takes on its next request.
     pub fn begin_request(&mut self, request_id: String, deadline_at: Instant) {
+        self.current_request.set(&request_id);
         self.request_id = request_id;
         self.deadline_at = deadline_at;
     }
@@ -214,7 +220,7 @@ pub fn linker(engine: &Engine, capabilities: &BTreeSet<Capability>) -> wasmtime:
 }
 
 fn log_view(s: &mut PluginState) -> log::LogView<'_> {
-    log::LogView { plugin: &s.plugin }
+    log::LogView { plugin: &s.plugin, request_id: &s.request_id }
 }
 
 fn config_view(s: &mut PluginState) -> config::ConfigView<'_> {

@@ -82,16 +82,30 @@ pub fn add_to_linker<T: WasiView + 'static>(l: &mut Linker<T>) -> wasmtime::Resu
 
 /// The WASI context of one request: nothing from the host but clocks, random
 /// and the plugin's output streams, which go to the log tagged with the plugin.
-pub fn plugin_ctx(plugin: &Arc<PluginIdentity>) -> WasiCtx {
-    WasiCtxBuilder::new()
-        .stdout(PluginOutput { plugin: plugin.clone(), stream: "stdout" })
-        .stderr(PluginOutput { plugin: plugin.clone(), stream: "stderr" })
-        .build()
+pub fn plugin_ctx(plugin: &Arc<PluginIdentity>, request: &CurrentRequest) -> WasiCtx {
+    let output = |stream| PluginOutput { plugin: plugin.clone(), request: request.clone(), stream };
+    WasiCtxBuilder::new().stdout(output("stdout")).stderr(output("stderr")).build()
+}
+
+/// The request an instance is serving now, shared with its output streams
+/// (which write from tasks of their own): a kept instance serves several.
+#[derive(Clone, Default)]
+pub struct CurrentRequest(Arc<std::sync::Mutex<Arc<str>>>);
+
+impl CurrentRequest {
+    pub fn set(&self, request_id: &str) {
+        *self.0.lock().expect("current request lock") = Arc::from(request_id);
+    }
+
+    pub fn get(&self) -> Arc<str> {
+        self.0.lock().expect("current request lock").clone()
+    }
 }
 
 /// A plugin's stdout or stderr, logged a line at a time.
 struct PluginOutput {
     plugin: Arc<PluginIdentity>,
+    request: CurrentRequest,
     stream: &'static str,
 }
 
@@ -103,7 +117,12 @@ impl IsTerminal for PluginOutput {
 
 impl StdoutStream for PluginOutput {
     fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
-        Box::new(LineLogger { plugin: self.plugin.clone(), stream: self.stream, pending: Vec::new() })
+        Box::new(LineLogger {
+            plugin: self.plugin.clone(),
+            request: self.request.clone(),
+            stream: self.stream,
+            pending: Vec::new(),
+        })
     }
 }
 
@@ -112,6 +131,7 @@ const MAX_LINE: usize = 4096;
 
 struct LineLogger {
     plugin: Arc<PluginIdentity>,
+    request: CurrentRequest,
     stream: &'static str,
     pending: Vec<u8>,
 }
@@ -124,6 +144,7 @@ impl LineLogger {
             target: "wxhost::plugin_output",
             plugin = %self.plugin.name,
             version = %self.plugin.version,
+            request_id = %self.request.get(),
             stream = self.stream,
             "{text}"
         );

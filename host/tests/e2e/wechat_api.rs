@@ -3,12 +3,10 @@
 //! refresh after WeChat invalidates it, OAuth, allow-lists, and a WeChat that
 //! is down or slow.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use wxhost::bindings::wxhost::plugin::wechat_api::{ApiError, Host as _, Method};
 use wxhost::caps::wechat_api::{TokenEndpoint, WechatApi, WechatApiView};
 use wxhost::database;

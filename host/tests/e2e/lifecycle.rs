@@ -1,13 +1,11 @@
 //! The `wxhost` binary's process lifecycle: SIGTERM drains in-flight requests,
 //! SIGHUP reloads, `migrate` migrates.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn probe_config() -> TestConfig {
     let toml = base_toml(2000, WEB_GRANTS, r#""log""#)
@@ -146,11 +144,6 @@ fn migrate_applies_the_schema_and_is_idempotent() {
     assert!(stderr.contains("cannot connect") && !stderr.contains("secret-password"), "{stderr}");
 }
 
-/// A free loopback port (bound and released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A `wxhost dev` process (both roles and the simulator) on the shipped
 /// plugins.toml, in its own folder (SQLite database, generated secrets), with
 /// `extra` appended to its plugins.toml.
@@ -174,7 +167,8 @@ impl Dev {
             .replace("listen = \"127.0.0.1:9090\"", "listen = \"127.0.0.1:0\"")
             + extra;
         std::fs::write(dir.path().join("plugins.toml"), toml).unwrap();
-        let (web_port, app_port, sim_port) = (free_port(), free_port(), free_port());
+        let port = || crate::common::stack::free_addr().port();
+        let (web_port, app_port, sim_port) = (port(), port(), port());
         let (child, logs) = spawn_logged(
             Command::new(env!("CARGO_BIN_EXE_wxhost"))
                 .args(["dev", "--config", "plugins.toml", "--sim-listen"])
@@ -251,7 +245,7 @@ capabilities = []
     let after_reload = scrape().await;
     dev.stop();
     // Every family of host/src/metrics.rs's table; histograms by their buckets.
-    let documented = include_str!("../src/metrics.rs");
+    let documented = include_str!("../../src/metrics.rs");
     let families: Vec<&str> = documented
         .lines()
         .filter(|l| l.starts_with("//! | `"))
@@ -345,7 +339,7 @@ async fn a_new_plugin_builds_passes_check_and_serves_its_example_route() {
         .unwrap()
         .replace("listen = \"127.0.0.1:9090\"", "listen = \"127.0.0.1:0\"");
     std::fs::write(&config, toml).unwrap();
-    let port = free_port();
+    let port = crate::common::stack::free_addr().port();
     let (mut child, logs) = spawn_logged(
         Command::new(env!("CARGO_BIN_EXE_wxhost"))
             .args(["serve", "--role", "app", "--no-watch", "--config", "plugins.toml"])

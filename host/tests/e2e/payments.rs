@@ -5,12 +5,10 @@
 //! order query; expired orders closed; APIv2 merchants; another user's order
 //! neither readable nor payable; WeChat Pay down → the order failed, not half-made.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::stack::*;
-use common::*;
+use crate::common::stack::*;
+use crate::common::*;
 use serde_json::{Value, json};
 use wxhost::pay_crypto::{V2SignType, public_key_from_pem, rsa_verify, v2_sign};
 use wxhost::sim::{PayRequest, openid_of};

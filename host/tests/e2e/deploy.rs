@@ -8,13 +8,11 @@
 //!
 //! Needs nginx and systemd-analyze: installed from Debian's packages if missing.
 
-mod common;
-
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::AsyncBufReadExt as _;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,8 +45,8 @@ async fn the_nginx_cluster_routes_logs_in_pays_and_rolls_updates_without_failing
 /// /healthz, and the child (killed on drop).
 async fn start_web(database_url: Option<&str>) -> (Vec<String>, std::net::SocketAddr, tokio::process::Child) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let web = common::stack::free_addr();
-    let admin = common::stack::free_addr();
+    let web = crate::common::stack::free_addr();
+    let admin = crate::common::stack::free_addr();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_wxhost"));
     command
         .args(["serve", "--role", "web", "--no-watch", "--config"])
@@ -119,9 +117,9 @@ fn a_process_with_a_short_shared_secret_stops_at_start_naming_the_setting() {
         .env("INTERNAL_SECRET", "short-internal-value")
         .env("SESSION_SECRET", "short-session-value")
         .env("WXHOST_CONTROL_TOKEN", "a-control-token-that-is-long-enough-000")
-        .env("WXHOST_WEB_LISTEN", common::stack::free_addr().to_string())
-        .env("WXHOST_APP_LISTEN", common::stack::free_addr().to_string())
-        .env("WXHOST_ADMIN_LISTEN", common::stack::free_addr().to_string())
+        .env("WXHOST_WEB_LISTEN", crate::common::stack::free_addr().to_string())
+        .env("WXHOST_APP_LISTEN", crate::common::stack::free_addr().to_string())
+        .env("WXHOST_ADMIN_LISTEN", crate::common::stack::free_addr().to_string())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -2,13 +2,11 @@
 //! role → the verify plugin → signed internal calls → the app role's internal
 //! plugin → the database. Exactly once, nothing lost, bad input refused.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use wxhost::caps::callback_crypto::{CallbackCrypto, sorted_sha1};
 use wxhost::config::Role;

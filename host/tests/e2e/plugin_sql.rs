@@ -6,10 +6,8 @@
 //! MySQL plugin user's grants), so comments, quoting, case and schema
 //! prefixes change nothing.
 
-mod common;
-
-use common::stack::*;
-use common::*;
+use crate::common::stack::*;
+use crate::common::*;
 use proptest::prelude::*;
 use serde_json::{Value as Json, json};
 

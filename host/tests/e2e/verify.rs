@@ -1,9 +1,7 @@
 //! End to end: WeChat server verification through the real `verify` plugin,
 //! with the signature checked by the host's callback-crypto capability.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use wxhost::config::Role;
 
 fn vector() -> serde_json::Value {

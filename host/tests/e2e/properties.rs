@@ -4,7 +4,7 @@
 //! no hang, and a rejection is a clean error; valid inputs round-trip.
 //!
 //! A short run is part of the test command (`PROPTEST_CASES`, default 256 per
-//! property here); a longer one: `PROPTEST_CASES=20000 cargo test --test properties --release`.
+//! property here); a longer one: `PROPTEST_CASES=20000 cargo test --test e2e properties --release`.
 
 use std::path::Path;
 

@@ -7,14 +7,12 @@
 //! Needs Node.js and Chromium: installed from Debian's packages if missing, and
 //! the npm packages from the lock file on first use.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::stack::*;
-use common::*;
+use crate::common::stack::*;
+use crate::common::*;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 

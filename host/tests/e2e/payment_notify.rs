@@ -3,10 +3,8 @@
 //! exactly once, whatever WeChat Pay retries; every bad notify refused with
 //! nothing changed; the app role down → a failure answer, then the retry credits once.
 
-mod common;
-
-use common::stack::{APIV2_KEY, APIV3_KEY, MCHID, PUB_KEY_ID as KEY_ID, fixture};
-use common::*;
+use crate::common::stack::{APIV2_KEY, APIV3_KEY, MCHID, PUB_KEY_ID as KEY_ID, fixture};
+use crate::common::*;
 use serde_json::json;
 use wxhost::config::Role;
 use wxhost::pay_crypto::{V2SignType, private_key_from_pem, rsa_sign, v2_sign, v3_encrypt};

@@ -1,11 +1,9 @@
 //! A component importing an interface its role does not grant is refused when
 //! it is loaded, by `wxhost check` and by `wxhost serve`, naming the interface.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 fn db_probe_in(role: &str, capabilities: &str) -> TestConfig {
     let toml = base_toml(2000, WEB_GRANTS, r#""log", "config", "db""#)

@@ -2,13 +2,11 @@
 //! Every request succeeds, answered by the old or the new version; a corrupt
 //! file leaves the running version serving and the failure visible.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use wxhost::config::Role;
 
 #[derive(Default, Debug)]

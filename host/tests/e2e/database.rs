@@ -2,9 +2,7 @@
 //! and end to end from a real plugin, including a plugin that traps with a
 //! transaction open.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{Value as Json, json};
 use wasmtime::component::ResourceTable;
 use wxhost::bindings::wxhost::plugin::db::{Error, Host, HostTransaction, Value};

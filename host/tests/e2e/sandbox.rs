@@ -1,13 +1,11 @@
 //! End to end: misbehaving plugins end only their own request, with a JSON 5xx,
 //! while another route on the same server keeps answering.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use wxhost::config::Role;
 
 const DEADLINE_MS: u64 = 500;

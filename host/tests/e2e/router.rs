@@ -2,48 +2,17 @@
 //! dispatch, JSON errors, request ids, plugin output in the log, and the
 //! admin API.
 
-mod common;
+use std::sync::Arc;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
-
+use crate::common::*;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::*;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 use wxhost::caps::Services;
 use wxhost::caps::callback_crypto::CallbackCrypto;
 use wxhost::config::Role;
 use wxhost::host::Host;
-
-/// Every log line of this test binary, to check what reaches the log.
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = logs.clone();
-        tracing_subscriber::fmt()
-            .with_env_filter("info")
-            .with_ansi(false)
-            .with_writer(move || Capture(sink.clone()))
-            .init();
-        logs
-    })
-    .clone()
-}
-
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 async fn web_host(config: &TestConfig) -> Arc<Host> {
     let config = wxhost::config::load(&config.path()).unwrap();
@@ -83,7 +52,7 @@ fn get(uri: &str) -> Request<Body> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_role_router_dispatches_to_plugins_and_answers_json_errors() {
-    let _logs = captured_logs();
+    init_logging();
     let config = config();
     let host = web_host(&config).await;
     let router = wxhost::server::role_router(host.clone(), Role::Web, None, None);
@@ -123,16 +92,29 @@ async fn the_role_router_dispatches_to_plugins_and_answers_json_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_stdout_and_stderr_reach_the_host_log_tagged_with_the_plugin() {
-    let logs = captured_logs();
+    let logs_handle = captured_logs();
     let config = config();
     let host = web_host(&config).await;
     let router = wxhost::server::role_router(host.clone(), Role::Web, None, None);
-    let (status, _, _) = call(router, get("/probe/print")).await;
+    let request_id = format!("print-{:016x}", rand::random::<u64>());
+    let request =
+        Request::get("/probe/print").header("x-request-id", &request_id).body(Body::empty()).unwrap();
+    let (status, _, _) = call(router, request).await;
     assert_eq!(status, StatusCode::OK);
-    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    // The streams write from tasks of their own: the lines may land just after the answer.
+    let mut logs = String::new();
+    for _ in 0..200 {
+        logs = String::from_utf8(logs_handle.lock().unwrap().clone()).unwrap();
+        if logs.lines().filter(|l| l.contains(&request_id)).count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     for line in ["hello from the probe's stdout", "hello from the probe's stderr"] {
-        let logged =
-            logs.lines().find(|l| l.contains(line)).unwrap_or_else(|| panic!("{line:?} not logged:\n{logs}"));
+        let logged = logs
+            .lines()
+            .find(|l| l.contains(line) && l.contains(&request_id))
+            .unwrap_or_else(|| panic!("{line:?} not logged with request id {request_id}:\n{logs}"));
         assert!(logged.contains("plugin=sandbox-probe"), "{logged}");
         assert!(logged.contains("version="), "{logged}");
     }
@@ -140,7 +122,7 @@ async fn plugin_stdout_and_stderr_reach_the_host_log_tagged_with_the_plugin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_lists_plugins_with_versions_routes_and_capabilities() {
-    let _logs = captured_logs();
+    init_logging();
     let config = config();
     let host = web_host(&config).await;
     let admin = wxhost::server::admin_router(host.clone(), Some(CONTROL_TOKEN.to_string().into()));
@@ -185,7 +167,7 @@ fn reload(token: Option<&str>) -> Request<Body> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_changes_state_only_with_the_control_token_and_only_for_a_loopback_host() {
-    let _logs = captured_logs();
+    init_logging();
     let config = config();
     let host = web_host(&config).await;
     let admin = wxhost::server::admin_router(host.clone(), Some(CONTROL_TOKEN.to_string().into()));

@@ -1,11 +1,9 @@
 //! Faults the host must ride out with a clear answer and no hang: the
 //! database pool exhausted, and MariaDB itself gone and back mid-load.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use wxhost::config::Role;
 
 fn one_connection_config() -> TestConfig {
@@ -74,7 +72,7 @@ impl PrivateMariadb {
             .output()
             .expect("mariadb-install-db runs");
         assert!(installed.status.success(), "mariadb-install-db failed: {installed:?}");
-        let port = common::stack::free_addr().port();
+        let port = crate::common::stack::free_addr().port();
         let mut db = PrivateMariadb { dir, port, server: None };
         db.start();
         let created = std::process::Command::new("mariadb")
@@ -223,7 +221,7 @@ fn subscribe(i: usize, create_time: i64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_role_killed_mid_stream_loses_no_push_or_payment_and_applies_each_once_on_both_databases() {
-    use common::stack::Stack;
+    use crate::common::stack::Stack;
     for db in all_databases().await {
         let which = db.name;
         let mut stack = Stack::start(&db.url).await;

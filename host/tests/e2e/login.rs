@@ -2,12 +2,10 @@
 //! (app → simulator → scan → web → app → poll), OAuth login, sessions, menus,
 //! the user's own data only, and WeChat being down or slow.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::stack::*;
-use common::*;
+use crate::common::stack::*;
+use crate::common::*;
 use serde_json::{Value, json};
 use wxhost::config::Role;
 use wxhost::database;

@@ -7,7 +7,7 @@ pub mod stack;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Once;
+use std::sync::{Arc, Mutex, Once};
 
 use wxhost::config::Role;
 use wxhost::server::{self, RunningServer, ServeOptions};
@@ -23,13 +23,44 @@ pub fn dist(file: &str) -> PathBuf {
     path
 }
 
+/// Every log line at info and above of this test process, for tests that
+/// check what reaches the log. One subscriber for the whole process (a test
+/// installing its own would break every other): it shows `RUST_LOG` (warn by
+/// default) and captures the rest. Tests pick their lines by request id.
+pub fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    init_logging();
+    CAPTURED.clone()
+}
+
+static CAPTURED: std::sync::LazyLock<Arc<Mutex<Vec<u8>>>> = std::sync::LazyLock::new(Default::default);
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 pub fn init_logging() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        use tracing_subscriber::prelude::*;
+        let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        let shown = tracing_subscriber::fmt::layer()
             .with_test_writer()
-            .try_init();
+            .with_filter(tracing_subscriber::EnvFilter::new(filter));
+        let sink = CAPTURED.clone();
+        let captured = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(move || Capture(sink.clone()))
+            .with_filter(tracing_subscriber::EnvFilter::new("info"));
+        let _ = tracing_subscriber::registry().with(shown).with(captured).try_init();
     });
 }
 

@@ -1,0 +1,23 @@
+//! End-to-end and router tests, in one binary: each test binary links wasmtime
+//! and sqlx again, so one binary is minutes less of CI. The modules are the
+//! former test files; a test's name is `module::behaviour`.
+
+mod common;
+
+mod browser;
+mod database;
+mod deploy;
+mod faults;
+mod hot_swap;
+mod lifecycle;
+mod login;
+mod payment_notify;
+mod payments;
+mod plugin_sql;
+mod properties;
+mod push;
+mod refusal;
+mod router;
+mod sandbox;
+mod verify;
+mod wechat_api;
