@@ -36,7 +36,7 @@ use wxhost::server::{ServeOptions, start};
 use wxhost::settings::Settings;
 
 use load::{LoadGen, Outcome, Source};
-use product::{BenchDb, Kind, Product};
+use product::{Kind, Product, TestDatabase};
 use traffic::SignedNotify;
 
 const TOKEN: &str = product::TOKEN;
@@ -651,7 +651,7 @@ async fn e2e_rows(
     table: &mut Table,
     hot_swap: bool,
 ) -> anyhow::Result<()> {
-    let db = BenchDb::create(kind).await?;
+    let db = kind.database().await;
     let product = Product::start(&db.url).await?;
     let result = e2e_measure(opts, kind, notifies, generator, table, hot_swap, &product, &db).await;
     product.shutdown().await;
@@ -667,7 +667,7 @@ async fn e2e_measure(
     table: &mut Table,
     hot_swap: bool,
     product: &Product,
-    db: &BenchDb,
+    db: &TestDatabase,
 ) -> anyhow::Result<()> {
     let name = kind.name();
     let web = &product.web_url;
@@ -769,16 +769,22 @@ async fn e2e_measure(
     // The database afterwards: every event applied exactly once.
     let push_sent = pushes.load(Ordering::Relaxed) as i64;
     let push_ok = push_sent - push_failed as i64;
-    let users =
-        product::count(&check_db, "SELECT COUNT(*) FROM users WHERE openid LIKE 'oPush%' AND subscribed = 1")
-            .await?;
-    let paid = product::count(&check_db, "SELECT COUNT(*) FROM orders WHERE status = 'paid'").await?;
-    let credited =
-        product::count(&check_db, "SELECT COUNT(*) FROM users WHERE openid LIKE 'oPay%' AND quota = 10")
-            .await?;
-    let over =
-        product::count(&check_db, "SELECT COUNT(*) FROM users WHERE openid LIKE 'oPay%' AND quota > 10")
-            .await?;
+    let users = wxhost_testkit::db_count(
+        &db.url,
+        "SELECT COUNT(*) FROM users WHERE openid LIKE 'oPush%' AND subscribed = 1",
+    )
+    .await;
+    let paid = wxhost_testkit::db_count(&db.url, "SELECT COUNT(*) FROM orders WHERE status = 'paid'").await;
+    let credited = wxhost_testkit::db_count(
+        &db.url,
+        "SELECT COUNT(*) FROM users WHERE openid LIKE 'oPay%' AND quota = 10",
+    )
+    .await;
+    let over = wxhost_testkit::db_count(
+        &db.url,
+        "SELECT COUNT(*) FROM users WHERE openid LIKE 'oPay%' AND quota > 10",
+    )
+    .await;
     let pushes_ok = (push_ok..=push_sent).contains(&users);
     let notifies_ok = (first_ok..=first_sent).contains(&paid) && credited == paid && over == 0;
     let check = match (pushes_ok && notifies_ok, push_sent - push_ok + first_sent - first_ok) {

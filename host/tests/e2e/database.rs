@@ -305,7 +305,8 @@ async fn concurrent_writers_take_turns_and_one_kept_waiting_past_the_timeout_get
             let waited = Host::begin(&mut other).await.unwrap();
             assert!(matches!(waited, Err(Error::Unavailable(_))), "{which}: {waited:?}");
             assert!(
-                started.elapsed() < Duration::from_millis(1500),
+                // The holder never lets go: only the acquire timeout (0.6 s) ends the wait.
+                started.elapsed() < Duration::from_secs(10),
                 "{which}: waited {:?}",
                 started.elapsed()
             );

@@ -237,9 +237,10 @@ async fn wechat_down_or_slow_is_a_clear_502_or_504_and_nothing_is_half_made() {
     let started = Instant::now();
     let (status, body) = stack.post("/api/v1/auth/wechat/qrcode", None, "").await;
     assert_eq!((status, error_code(&body)), (504, "wechat_timeout"), "{body}");
+    // The simulator would answer after 30 s: the 504 came from the app role's 3 s deadline.
     assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "bounded by the app role's 3 s deadline: {:?}",
+        started.elapsed() < Duration::from_secs(20),
+        "long before WeChat's answer: {:?}",
         started.elapsed()
     );
     let (status, _) = stack

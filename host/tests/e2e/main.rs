@@ -2,7 +2,8 @@
 //! and sqlx again, so one binary is minutes less of CI. The modules are the
 //! former test files; a test's name is `module::behaviour`.
 
-mod common;
+/// The test kit, under the name the modules have always used.
+use wxhost_testkit as common;
 
 mod browser;
 mod database;

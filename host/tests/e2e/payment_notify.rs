@@ -3,7 +3,7 @@
 //! exactly once, whatever WeChat Pay retries; every bad notify refused with
 //! nothing changed; the app role down → a failure answer, then the retry credits once.
 
-use crate::common::stack::{APIV2_KEY, APIV3_KEY, MCHID, PUB_KEY_ID as KEY_ID, fixture};
+use crate::common::stack::{APIV2_KEY, APIV3_KEY, MCHID, PUB_KEY_ID as KEY_ID};
 use crate::common::*;
 use serde_json::json;
 use wxhost::config::Role;

@@ -22,13 +22,9 @@ pub const APIV2_KEY: &str = "192006250b4c09247ec02edce69f6a2d";
 pub const PUB_KEY_ID: &str = "PUB_KEY_ID_0114232134912410000000000000000000";
 pub const MERCHANT_SERIAL: &str = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1";
 
-pub fn fixture(f: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(f)
-}
-
 /// Every shipped plugin with the routes of plugins.toml, and a two-product catalog.
 pub fn full_config() -> TestConfig {
-    let frontend = Path::new(env!("CARGO_MANIFEST_DIR")).join("../frontend");
+    let frontend = root().join("frontend");
     let toml = base_toml(
         2000,
         WEB_GRANTS,
@@ -109,19 +105,45 @@ pub struct Stack {
     pub client: reqwest::Client,
 }
 
+/// The merchant's side of WeChat Pay (the SDK test keys), added to `settings`.
+pub fn with_merchant(mut settings: Settings) -> Settings {
+    settings.wechatpay_mchid = Some(MCHID.into());
+    settings.wechatpay_serial = Some(MERCHANT_SERIAL.into());
+    settings.wechatpay_private_key = Some(fixture("merchant_test_key.pem"));
+    settings.wechatpay_platform_public_key = Some(fixture("wechatpay_platform_test_pub.pem"));
+    settings.wechatpay_public_key_id = Some(PUB_KEY_ID.into());
+    settings.wechatpay_apiv3_key = Some(APIV3_KEY.to_string().into());
+    settings
+}
+
+/// What the web role needs to check WeChat Pay's notifies (and nothing else of the merchant's).
+pub fn notify_keys(merchant: &Settings, mut web: Settings) -> Settings {
+    web.wechatpay_apiv3_key = merchant.wechatpay_apiv3_key.clone();
+    web.wechatpay_apiv2_key = merchant.wechatpay_apiv2_key.clone();
+    web.wechatpay_platform_public_key = merchant.wechatpay_platform_public_key.clone();
+    web.wechatpay_public_key_id = merchant.wechatpay_public_key_id.clone();
+    web
+}
+
+/// The app role pointed at the simulator (WeChat and WeChat Pay at `sim`),
+/// with WeChat Pay notifying the web role at `web_url`.
+pub fn on_simulator(mut app: Settings, sim: std::net::SocketAddr, web_url: &str) -> Settings {
+    app.wechat_appsecret = Some(APPSECRET.to_string().into());
+    app.wechat_api_base = Some(format!("http://{sim}"));
+    app.wechat_qrcode_base = Some(format!("http://{sim}/cgi-bin/showqrcode"));
+    app.wechat_oauth_authorize_url = Some(format!("http://{sim}/connect/oauth2/authorize"));
+    app.wechatpay_api_base = Some(format!("http://{sim}"));
+    app.wechatpay_notify_url = Some(format!("{web_url}/api/v1/payment/notify"));
+    app
+}
+
 impl Stack {
     pub async fn start(database_url: &str) -> Stack {
         Stack::start_with(database_url, full_config(), PayApi::V3).await
     }
 
     pub async fn start_with(database_url: &str, config: TestConfig, api: PayApi) -> Stack {
-        let mut merchant = settings(Some(database_url));
-        merchant.wechatpay_mchid = Some(MCHID.into());
-        merchant.wechatpay_serial = Some(MERCHANT_SERIAL.into());
-        merchant.wechatpay_private_key = Some(fixture("merchant_test_key.pem"));
-        merchant.wechatpay_platform_public_key = Some(fixture("wechatpay_platform_test_pub.pem"));
-        merchant.wechatpay_public_key_id = Some(PUB_KEY_ID.into());
-        merchant.wechatpay_apiv3_key = Some(APIV3_KEY.to_string().into());
+        let mut merchant = with_merchant(settings(Some(database_url)));
         merchant.wechatpay_apiv2_key = Some(APIV2_KEY.to_string().into());
         if api == PayApi::V2 {
             merchant.wechatpay_api_version = Some("v2".into());
@@ -149,11 +171,7 @@ impl Stack {
             .unwrap();
 
         // The web role first: WeChat Pay must know where to send notifies.
-        let mut web_settings = settings(None);
-        web_settings.wechatpay_apiv3_key = merchant.wechatpay_apiv3_key.clone();
-        web_settings.wechatpay_apiv2_key = merchant.wechatpay_apiv2_key.clone();
-        web_settings.wechatpay_platform_public_key = merchant.wechatpay_platform_public_key.clone();
-        web_settings.wechatpay_public_key_id = merchant.wechatpay_public_key_id.clone();
+        let mut web_settings = notify_keys(&merchant, settings(None));
         // The app role is not up yet: reserve its port.
         let app_addr = free_addr();
         web_settings.app_internal_url = Some(format!("http://{app_addr}"));
@@ -161,15 +179,9 @@ impl Stack {
         let web_url = format!("http://{}", web.role_addrs[&Role::Web]);
         sim.set_web_url(&web_url);
 
-        let mut app_settings = merchant;
-        app_settings.wechat_appsecret = Some(APPSECRET.to_string().into());
-        app_settings.wechat_api_base = Some(format!("http://{sim_addr}"));
-        app_settings.wechat_qrcode_base = Some(format!("http://{sim_addr}/cgi-bin/showqrcode"));
-        app_settings.wechat_oauth_authorize_url = Some(format!("http://{sim_addr}/connect/oauth2/authorize"));
+        let mut app_settings = on_simulator(merchant, sim_addr, &web_url);
         app_settings.dev_simulator_url = Some(format!("http://{sim_addr}"));
         app_settings.admin_token = Some(ADMIN.to_string().into());
-        app_settings.wechatpay_api_base = Some(format!("http://{sim_addr}"));
-        app_settings.wechatpay_notify_url = Some(format!("{web_url}/api/v1/payment/notify"));
         app_settings.app_listen = Some(app_addr);
         app_settings.admin_listen = Some("127.0.0.1:0".parse().unwrap());
         let app = start_with(&config, &[Role::App], app_settings.clone(), false).await;

@@ -1,7 +1,7 @@
-//! Shared test support: real compiled plugins, temporary configurations,
-//! in-process servers on loopback, and databases (a SQLite file and a fresh
-//! MariaDB database per test).
-#![allow(dead_code)]
+//! wxhost's test kit, shared by the host's tests and the benchmark: real
+//! compiled plugins, temporary configurations, in-process servers on
+//! loopback, the whole product as a [`stack::Stack`], and databases (a
+//! SQLite file, or a fresh MariaDB database per test, dropped after it).
 
 pub mod stack;
 
@@ -16,9 +16,19 @@ use wxhost::settings::Settings;
 /// The token tests sign WeChat callbacks with.
 pub const TOKEN: &str = "test";
 
+/// The workspace's root folder.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A file of the host's test fixtures (keys, vectors, captured pushes).
+pub fn fixture(file: &str) -> PathBuf {
+    root().join("host/tests/fixtures").join(file)
+}
+
 /// A compiled plugin from plugins/dist (built by the host's build script).
 pub fn dist(file: &str) -> PathBuf {
-    let path = Path::new(env!("WXHOST_PLUGIN_DIST")).join(file);
+    let path = root().join("plugins/dist").join(file);
     assert!(path.is_file(), "{} is missing: the build script builds it", path.display());
     path
 }
@@ -315,8 +325,13 @@ pub fn mysql_server_url() -> String {
 }
 
 pub async fn mysql_database() -> TestDatabase {
+    mysql_database_at(&mysql_server_url()).await
+}
+
+/// A fresh database on the MariaDB server at `server` (dropped with its plugin user).
+pub async fn mysql_database_at(server: &str) -> TestDatabase {
     use sqlx::Connection;
-    let server = mysql_server_url();
+    let server = server.to_string();
     let mut conn = sqlx::MySqlConnection::connect(&format!("{server}/mysql")).await.unwrap_or_else(|e| {
         panic!(
             "MariaDB/MySQL is required for the database tests and is not reachable at {server} ({e}). \
