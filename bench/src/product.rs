@@ -64,8 +64,16 @@ fn config_text() -> anyhow::Result<String> {
         .replace("root = \"frontend\"", &format!("root = {:?}", frontend.display().to_string())))
 }
 
-/// The plugins plugins.toml names (copied from plugins/dist).
-const PLUGINS: &[&str] = &["verify.wasm", "notify.wasm", "internal.wasm", "account.wasm", "payment.wasm"];
+/// The plugins the shipped plugins.toml names, as files of plugins/dist.
+fn shipped_plugins() -> anyhow::Result<Vec<String>> {
+    let config = wxhost::config::load(&root().join("plugins.toml"))
+        .map_err(|e| anyhow::anyhow!("the shipped plugins.toml: {}", e.problems.join("; ")))?;
+    Ok(config
+        .plugins
+        .iter()
+        .filter_map(|p| p.wasm.file_name().map(|f| f.to_string_lossy().into_owned()))
+        .collect())
+}
 
 pub struct Product {
     pub dir: tempfile::TempDir,
@@ -88,9 +96,9 @@ fn base_settings() -> Settings {
 impl Product {
     pub async fn start(database_url: &str) -> anyhow::Result<Product> {
         let dir = tempfile::tempdir()?;
-        for p in PLUGINS {
-            std::fs::copy(dist(p), dir.path().join(p)).with_context(|| {
-                format!("copying {} (built by the host's build script)", dist(p).display())
+        for p in shipped_plugins()? {
+            std::fs::copy(dist(&p), dir.path().join(&p)).with_context(|| {
+                format!("copying {} (built by the host's build script)", dist(&p).display())
             })?;
         }
         let config_path = dir.path().join("plugins.toml");

@@ -131,52 +131,7 @@ struct RawPlugin {
     requests_per_instance: Option<u32>,
 }
 
-/// The two roles of the seed architecture.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// What WeChat calls: server verification, message push, payment notify. No database.
-    Web,
-    /// Business and frontend APIs, the database, outbound WeChat calls, internal endpoints.
-    App,
-}
-
-impl Role {
-    pub const ALL: [Role; 2] = [Role::Web, Role::App];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Web => "web",
-            Role::App => "app",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Role> {
-        Role::ALL.into_iter().find(|r| r.name() == s)
-    }
-
-    /// What the role may grant at most: its world in `wit/worlds.wit`.
-    pub fn grantable(self) -> &'static [Capability] {
-        use Capability::*;
-        match self {
-            Role::Web => &[Log, Config, CallbackCrypto, InternalCall],
-            Role::App => &[Log, Config, Db, WechatApi, WechatPay, Session, CallbackCrypto],
-        }
-    }
-
-    fn default_deadline_ms(self) -> u64 {
-        match self {
-            Role::Web => 2_000,
-            Role::App => 10_000,
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use crate::role::Role;
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -318,7 +273,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
                     "[roles.{name}] grants unknown capability `{g}` (known: {})",
                     Capability::names()
                 )),
-                Some(cap) if !role.grantable().contains(&cap) => problems
+                Some(cap) if !crate::caps::grantable(role).contains(&cap) => problems
                     .push(format!("[roles.{name}] grants `{g}`, which the {role} role can never have")),
                 Some(cap) => {
                     grants.insert(cap);
@@ -717,7 +672,7 @@ mod tests {
                     Capability::parse(name).unwrap_or_else(|| panic!("{world} imports unknown `{name}`"))
                 })
                 .collect();
-            let mut grantable = role.grantable().to_vec();
+            let mut grantable = crate::caps::grantable(role).to_vec();
             imports.sort();
             grantable.sort();
             assert_eq!(imports, grantable, "role {role}: host grants vs {world}");

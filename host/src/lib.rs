@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod pay_crypto;
 pub mod plugin;
+pub mod role;
 pub mod runtime;
 pub mod scaffold;
 pub mod server;

@@ -16,6 +16,17 @@ use rsa::signature::{SignatureEncoding, Signer, Verifier};
 use rsa::{RsaPrivateKey, RsaPublicKey};
 use sha2::Sha256;
 
+/// What checking WeChat Pay's notifies takes: the APIv3 key, the platform's
+/// public keys, and (for APIv2 merchants) the APIv2 key.
+pub struct PayNotifyKeys {
+    pub apiv3_key: Option<secrecy::SecretBox<[u8; 32]>>,
+    pub platform: PlatformKeys,
+    pub apiv2_key: Option<secrecy::SecretString>,
+    /// The APIv2 sign type the merchant uses: a notify signed otherwise is
+    /// refused (no downgrade from HMAC-SHA256 to MD5).
+    pub apiv2_sign_type: V2SignType,
+}
+
 /// How an APIv2 message is signed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum V2SignType {

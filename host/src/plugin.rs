@@ -15,17 +15,7 @@ use crate::bindings::PluginHostPre;
 use crate::caps::{self, Capability, PluginState};
 use crate::config::{PluginSpec, Role, RoleConfig, RouteSpec};
 
-/// Who a running instance is, for logs and the config capability.
-#[derive(Debug)]
-pub struct PluginIdentity {
-    pub name: String,
-    /// Content hash of the `.wasm` (hex, 16 digits).
-    pub version: String,
-    /// The plugin's `[plugins.config]` table.
-    pub config: serde_json::Map<String, serde_json::Value>,
-    /// WeChat API paths the plugin may call.
-    pub wechat_api: Vec<String>,
-}
+pub use crate::caps::PluginIdentity;
 
 /// A plugin ready to serve: pre-linked against exactly its granted capabilities.
 pub struct LoadedPlugin {
@@ -45,7 +35,7 @@ pub struct LoadedPlugin {
     /// Requests one instance serves (1: a fresh instance per request).
     pub requests_per_instance: u32,
     /// Instances kept between requests (none unless `requests_per_instance` > 1).
-    pub idle: crate::runtime::IdleInstances,
+    pub idle: IdleInstances,
 }
 
 /// One import of a component and whether the plugin may have it.
@@ -163,11 +153,7 @@ pub fn prepare(
         pre,
         instantiate_time: metrics::histogram!("wxhost_plugin_instantiate_seconds", "plugin" => spec.name.clone()),
         requests_per_instance: spec.requests_per_instance,
-        idle: crate::runtime::IdleInstances::new(if spec.requests_per_instance > 1 {
-            idle_capacity
-        } else {
-            0
-        }),
+        idle: IdleInstances::new(if spec.requests_per_instance > 1 { idle_capacity } else { 0 }),
     })
 }
 
@@ -177,6 +163,52 @@ pub fn prepare(
 pub fn idle_capacity(instance_slots: u32) -> usize {
     let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
     (threads * 2).min(32).min(instance_slots as usize / 8)
+}
+
+/// An instance kept between requests of one plugin version, with its store.
+pub struct KeptInstance {
+    pub(crate) store: wasmtime::Store<PluginState>,
+    pub(crate) instance: crate::bindings::PluginHost,
+    /// Requests it has served so far.
+    pub(crate) served: u32,
+}
+
+/// The idle instances of a plugin that allows reuse: a small stack (the most
+/// recently used first, its pages still in cache), never more than `capacity`.
+/// Dropped with the plugin version, so a hot swap never runs old code.
+pub struct IdleInstances {
+    kept: std::sync::Mutex<Vec<KeptInstance>>,
+    capacity: usize,
+}
+
+impl IdleInstances {
+    /// `capacity` 0 keeps nothing: a fresh instance per request.
+    pub fn new(capacity: usize) -> IdleInstances {
+        IdleInstances { kept: std::sync::Mutex::new(Vec::with_capacity(capacity)), capacity }
+    }
+
+    pub(crate) fn take(&self) -> Option<KeptInstance> {
+        if self.capacity == 0 {
+            return None;
+        }
+        self.kept.lock().expect("idle instances lock").pop()
+    }
+
+    pub(crate) fn put(&self, instance: KeptInstance) {
+        let mut kept = self.kept.lock().expect("idle instances lock");
+        if kept.len() < self.capacity {
+            kept.push(instance);
+        }
+    }
+
+    /// How many are idle now.
+    pub fn len(&self) -> usize {
+        self.kept.lock().expect("idle instances lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[cfg(test)]

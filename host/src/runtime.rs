@@ -8,12 +8,11 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
-use crate::bindings::PluginHost;
 use crate::bindings::wxhost::plugin::types::{Request, Response};
 use crate::caps::{MemoryLimitExceeded, PluginState, Services};
 use crate::config::{Role, RoleConfig};
 use crate::internal_auth::INTERNAL_PREFIX;
-use crate::plugin::LoadedPlugin;
+use crate::plugin::{KeptInstance, LoadedPlugin};
 
 /// Host-side slack on top of the epoch deadline, covering time spent awaiting host calls.
 const AWAIT_GRACE: Duration = Duration::from_millis(250);
@@ -293,50 +292,4 @@ pub fn new_store(
         }
     });
     store
-}
-
-/// An instance kept between requests of one plugin version, with its store.
-pub struct KeptInstance {
-    store: Store<PluginState>,
-    instance: PluginHost,
-    /// Requests it has served so far.
-    served: u32,
-}
-
-/// The idle instances of a plugin that allows reuse: a small stack (the most
-/// recently used first, its pages still in cache), never more than `capacity`.
-/// Dropped with the plugin version, so a hot swap never runs old code.
-pub struct IdleInstances {
-    kept: std::sync::Mutex<Vec<KeptInstance>>,
-    capacity: usize,
-}
-
-impl IdleInstances {
-    /// `capacity` 0 keeps nothing: a fresh instance per request.
-    pub fn new(capacity: usize) -> IdleInstances {
-        IdleInstances { kept: std::sync::Mutex::new(Vec::with_capacity(capacity)), capacity }
-    }
-
-    fn take(&self) -> Option<KeptInstance> {
-        if self.capacity == 0 {
-            return None;
-        }
-        self.kept.lock().expect("idle instances lock").pop()
-    }
-
-    fn put(&self, instance: KeptInstance) {
-        let mut kept = self.kept.lock().expect("idle instances lock");
-        if kept.len() < self.capacity {
-            kept.push(instance);
-        }
-    }
-
-    /// How many are idle now.
-    pub fn len(&self) -> usize {
-        self.kept.lock().expect("idle instances lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

@@ -128,7 +128,7 @@ impl Settings {
 
     /// WeChat Pay notify verification keys (APIv3: APIv3 key + platform keys;
     /// APIv2: the APIv2 key), when the settings name any.
-    pub fn pay_notify_keys(&self) -> anyhow::Result<Option<crate::caps::callback_crypto::PayNotifyKeys>> {
+    pub fn pay_notify_keys(&self) -> anyhow::Result<Option<crate::pay_crypto::PayNotifyKeys>> {
         let (apiv3_key, platform) = (self.apiv3_key()?, self.platform_keys()?);
         if apiv3_key.is_some() != platform.is_some() {
             anyhow::bail!("APIv3 notifies need both WECHATPAY_APIV3_KEY and WECHATPAY_PLATFORM_PUBLIC_KEY");
@@ -136,7 +136,7 @@ impl Settings {
         if apiv3_key.is_none() && self.wechatpay_apiv2_key.is_none() {
             return Ok(None);
         }
-        Ok(Some(crate::caps::callback_crypto::PayNotifyKeys {
+        Ok(Some(crate::pay_crypto::PayNotifyKeys {
             apiv3_key,
             platform: platform.unwrap_or_default(),
             apiv2_key: self.wechatpay_apiv2_key.clone(),
@@ -159,9 +159,9 @@ impl Settings {
 /// WeChat's callbacks and reaching the app role takes: no database, no
 /// AppSecret, no merchant key. What a process's roles do not read is dropped
 /// at start (with a warning if it was set), so it never sits in its memory.
-pub fn secrets_read_by(role: crate::config::Role) -> &'static [&'static str] {
+pub fn secrets_read_by(role: crate::role::Role) -> &'static [&'static str] {
     match role {
-        crate::config::Role::Web => &[
+        crate::role::Role::Web => &[
             "WECHAT_TOKEN",
             "WECHAT_AES_KEY",
             "WECHAT_APPID",
@@ -173,7 +173,7 @@ pub fn secrets_read_by(role: crate::config::Role) -> &'static [&'static str] {
             "APP_INTERNAL_URL",
             "WXHOST_CONTROL_TOKEN",
         ],
-        crate::config::Role::App => &[
+        crate::role::Role::App => &[
             "DATABASE_URL",
             "PLUGIN_DATABASE_URL",
             // The app role checks WeChat's signatures on pushes again itself.
@@ -227,7 +227,7 @@ impl Settings {
 
     /// Drops the secrets none of `roles` reads; returns the names that were set
     /// but not needed (to warn about: they belong on another host).
-    pub fn retain_for(&mut self, roles: &[crate::config::Role]) -> Vec<&'static str> {
+    pub fn retain_for(&mut self, roles: &[crate::role::Role]) -> Vec<&'static str> {
         let needed = |name: &str| roles.iter().any(|r| secrets_read_by(*r).contains(&name));
         let mut dropped = Vec::new();
         macro_rules! keep_if_needed {
@@ -260,7 +260,7 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Role;
+    use crate::role::Role;
 
     fn everything() -> Settings {
         let s = |v: &str| Some(SecretString::from(v.to_string()));

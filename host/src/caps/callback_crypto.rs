@@ -5,7 +5,7 @@
 use aes::cipher::{BlockDecryptMut, BlockEncryptMut, KeyIvInit, block_padding::NoPadding};
 use base64::Engine as _;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD as BASE64};
-use secrecy::{ExposeSecret, SecretBox, SecretSlice, SecretString};
+use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use sha1::{Digest, Sha1};
 use subtle::ConstantTimeEq;
 use wasmtime::component::{HasData, Linker};
@@ -14,7 +14,7 @@ use crate::bindings::wxhost::plugin::callback_crypto::{
     self as wit, CryptoError, EncryptedReply, PayNotifyHeaders, PayNotifyV3, PushProof,
 };
 use crate::database::{Database, Pool};
-use crate::pay_crypto::{self, PlatformKeys, SignatureError, V2SignType};
+use crate::pay_crypto::{self, SignatureError, V2SignType};
 
 type Aes256CbcEnc = cbc::Encryptor<aes::Aes256>;
 type Aes256CbcDec = cbc::Decryptor<aes::Aes256>;
@@ -135,16 +135,7 @@ impl SignatureLedger {
     }
 }
 
-/// What checking WeChat Pay's notifies takes: the APIv3 key, the platform's
-/// public keys, and (for APIv2 merchants) the APIv2 key.
-pub struct PayNotifyKeys {
-    pub apiv3_key: Option<SecretBox<[u8; 32]>>,
-    pub platform: PlatformKeys,
-    pub apiv2_key: Option<SecretString>,
-    /// The APIv2 sign type the merchant uses: a notify signed otherwise is
-    /// refused (no downgrade from HMAC-SHA256 to MD5).
-    pub apiv2_sign_type: V2SignType,
-}
+pub use crate::pay_crypto::PayNotifyKeys;
 
 /// A bad EncodingAESKey setting (never includes the key).
 #[derive(Debug, thiserror::Error)]
@@ -793,7 +784,10 @@ mod tests {
 
     mod pay {
         use super::*;
-        use crate::pay_crypto::{private_key_from_pem, public_key_from_pem, rsa_sign, v2_sign, v3_encrypt};
+        use crate::pay_crypto::{
+            PlatformKeys, private_key_from_pem, public_key_from_pem, rsa_sign, v2_sign, v3_encrypt,
+        };
+        use secrecy::SecretBox;
 
         const APIV3_KEY: &[u8; 32] = b"a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb";
         const KEY_ID: &str = "PUB_KEY_ID_0114232134912410000000000000000000";

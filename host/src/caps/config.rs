@@ -2,8 +2,8 @@
 
 use wasmtime::component::{HasData, Linker};
 
+use super::PluginIdentity;
 use crate::bindings::wxhost::plugin::config;
-use crate::plugin::PluginIdentity;
 
 pub struct ConfigView<'a> {
     pub plugin: &'a PluginIdentity,

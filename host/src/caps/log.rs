@@ -2,8 +2,8 @@
 
 use wasmtime::component::{HasData, Linker};
 
+use super::PluginIdentity;
 use crate::bindings::wxhost::plugin::log::{self, Level};
-use crate::plugin::PluginIdentity;
 
 /// Longest message kept; the rest is cut so a plugin cannot flood the log.
 const MAX_MESSAGE: usize = 8 * 1024;

@@ -21,8 +21,6 @@ use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::plugin::PluginIdentity;
-
 /// A capability a role can grant and a plugin can declare; one WIT interface each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -85,11 +83,33 @@ impl std::fmt::Display for Capability {
     }
 }
 
+/// What `role` may grant at most: its world in `wit/worlds.wit` (a test holds
+/// the two to each other).
+pub fn grantable(role: crate::role::Role) -> &'static [Capability] {
+    use Capability::*;
+    match role {
+        crate::role::Role::Web => &[Log, Config, CallbackCrypto, InternalCall],
+        crate::role::Role::App => &[Log, Config, Db, WechatApi, WechatPay, Session, CallbackCrypto],
+    }
+}
+
 /// The WIT package every capability interface belongs to.
 pub const WIT_PACKAGE: &str = "wxhost:plugin";
 
 /// The types-only interface every plugin imports alongside its handler export.
 pub const TYPES_INTERFACE: &str = "wxhost:plugin/types@0.1.0";
+
+/// Who a running instance is, for logs and the config capability.
+#[derive(Debug)]
+pub struct PluginIdentity {
+    pub name: String,
+    /// Content hash of the `.wasm` (hex, 16 digits).
+    pub version: String,
+    /// The plugin's `[plugins.config]` table.
+    pub config: serde_json::Map<String, serde_json::Value>,
+    /// WeChat API paths the plugin may call.
+    pub wechat_api: Vec<String>,
+}
 
 /// Resources shared by every request of a process: the capabilities' owned contexts.
 /// A role that is not granted a capability never has its context consulted.

@@ -16,7 +16,7 @@ use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, random};
 use wasmtime_wasi::random::WasiRandom;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiView};
 
-use crate::plugin::PluginIdentity;
+use super::PluginIdentity;
 
 /// WASI interfaces linked for every plugin (names without version).
 pub const LINKED: &[&str] = &[
