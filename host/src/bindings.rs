@@ -16,6 +16,6 @@ wasmtime::component::bindgen!({
     },
     exports: { default: async },
     with: {
-        "wxhost:plugin/db.transaction": crate::caps::db::Transaction,
+        "wxhost:plugin/db.transaction": crate::caps::db::transaction::Transaction,
     },
 });

@@ -11,6 +11,10 @@
 
 pub mod mysql_user;
 mod sqlite_guard;
+pub mod transaction;
+
+use transaction::OpenTransaction;
+pub use transaction::Transaction;
 
 use std::str::FromStr;
 
@@ -21,7 +25,7 @@ use sqlx::{Column, Row, TypeInfo, ValueRef};
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 use crate::bindings::wxhost::plugin::db::{self as wit, Error, ExecResult, Rows, SqlDialect, Value};
-use crate::database::{self, Database, Dialect, Pool, PoolSettings, WriterTurn};
+use crate::database::{self, Database, Dialect, Pool, PoolSettings};
 
 /// Most rows one query may return to a plugin; more is an error, not a truncation.
 const MAX_ROWS: usize = 10_000;
@@ -90,18 +94,6 @@ async fn sqlite_plugin_pool(url: &str, settings: &PoolSettings) -> anyhow::Resul
         .map_err(|e| {
             anyhow::anyhow!("cannot open the plugins' SQLite connections: {}", database::redact_db_error(&e))
         })
-}
-
-/// A transaction lent to a plugin (`wxhost:plugin/db.transaction`); `None`
-/// once committed or rolled back.
-pub struct Transaction {
-    tx: Option<OpenTransaction>,
-}
-
-enum OpenTransaction {
-    /// With the writer turn, given back when the transaction ends.
-    Sqlite(sqlx::Transaction<'static, Sqlite>, WriterTurn),
-    Mysql(sqlx::Transaction<'static, MySql>),
 }
 
 pub struct DbView<'a> {
