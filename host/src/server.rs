@@ -360,7 +360,7 @@ async fn route_and_run(
     if internal {
         authenticate_internal(state, &parts, &body)?;
     }
-    let (plugin, params, pattern) = match routed {
+    let (plugin, params, route) = match routed {
         RouteMatch::Found { plugin, params, route, .. } => {
             let limits = &state.host.client_limits;
             if !limits.is_empty() {
@@ -372,9 +372,8 @@ async fn route_and_run(
                     return Err(ApiError::too_many_requests(wait));
                 }
             }
-            let pattern = route.pattern.to_string();
-            *served = Served::Route(route);
-            (plugin.clone(), params, pattern)
+            *served = Served::Route(route.clone());
+            (plugin.clone(), params, route)
         }
         RouteMatch::MethodNotAllowed => return Err(ApiError::method_not_allowed()),
         RouteMatch::NotFound => return Err(ApiError::not_found()),
@@ -386,7 +385,7 @@ async fn route_and_run(
         .collect();
     let wit_request = wit::Request {
         method: parts.method.as_str().to_string(),
-        route: pattern.clone(),
+        route: route.pattern.to_string(),
         path: parts.uri.path().to_string(),
         query: parts.uri.query().unwrap_or_default().to_string(),
         params,
@@ -403,7 +402,7 @@ async fn route_and_run(
             match r.outcome.as_deref() {
                 Some(outcome) if crate::metrics::is_outcome_label(outcome) => {
                     metrics::counter!("wxhost_plugin_outcomes_total", "plugin" => identity.name.clone(),
-                        "route" => pattern, "outcome" => outcome.to_string())
+                        "route" => route.pattern.to_string(), "outcome" => outcome.to_string())
                     .increment(1);
                 }
                 Some(outcome) => tracing::warn!(
