@@ -30,10 +30,10 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use wxhost::bindings::wxhost::plugin::types::Request;
-use wxhost::caps::callback_crypto::{CallbackCrypto, sorted_sha1};
 use wxhost::config::Role;
 use wxhost::server::{ServeOptions, start};
 use wxhost::settings::Settings;
+use wxhost::wechat::{CallbackKeys, sorted_sha1};
 
 use load::{LoadGen, Outcome, Source};
 use product::{Kind, Product, TestDatabase};
@@ -115,7 +115,7 @@ struct VerifyQuery {
 
 /// The native baseline: what the plugin does, as a plain axum handler.
 async fn native_verify(
-    State(crypto): State<Arc<CallbackCrypto>>,
+    State(crypto): State<Arc<CallbackKeys>>,
     Query(q): Query<VerifyQuery>,
 ) -> (StatusCode, String) {
     match crypto.verify_server_signature(&q.signature, &q.timestamp, &q.nonce) {
@@ -377,7 +377,7 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     let fresh_addr = fresh.role_addrs[&Role::Web];
     let reused_addr = reused.role_addrs[&Role::Web];
 
-    let crypto = Arc::new(CallbackCrypto::new(Some(TOKEN.to_string().into()), None, None, Some(300))?);
+    let crypto = Arc::new(CallbackKeys::new(Some(TOKEN.to_string().into()), None, None, Some(300))?);
     let native = axum::Router::new()
         .route("/api/v1/auth/wechat/verify", get(native_verify))
         .with_state(crypto.clone());

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
-use wxhost::caps::callback_crypto::sorted_sha1;
-use wxhost::pay_crypto::{RsaSigner, signed_message, v3_encrypt};
+use wxhost::wechat::pay::RsaSigner;
+use wxhost::wechat::pay::v3::{signed_message, v3_encrypt};
+use wxhost::wechat::sorted_sha1;
 
 use crate::load::Source;
 use crate::product::{APIV3_KEY, APPID, MCHID, PUB_KEY_ID, TOKEN, fixture};

@@ -273,7 +273,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
                     "[roles.{name}] grants unknown capability `{g}` (known: {})",
                     Capability::names()
                 )),
-                Some(cap) if !crate::caps::grantable(role).contains(&cap) => problems
+                Some(cap) if !cap.grantable_by(role) => problems
                     .push(format!("[roles.{name}] grants `{g}`, which the {role} role can never have")),
                 Some(cap) => {
                     grants.insert(cap);
@@ -378,7 +378,9 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
                 problems.push(format!("{at}: wechat_api path `{path}` must look like `cgi-bin/menu/get`"));
             }
         }
-        if !p.wechat_api.is_empty() && !capabilities.contains(&Capability::WechatApi) {
+        if !p.wechat_api.is_empty()
+            && !capabilities.contains(&Capability::from(&crate::caps::wechat_api::SPEC))
+        {
             problems.push(format!(
                 "{at} lists wechat_api paths but does not declare the `wechat-api` capability"
             ));
@@ -650,7 +652,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins.toml");
         let config = load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert!(config.roles.contains_key(&Role::Web) && config.roles.contains_key(&Role::App));
-        assert!(!config.roles[&Role::Web].grants.contains(&Capability::Db));
+        assert!(!config.roles[&Role::Web].grants.contains(&Capability::from(&crate::caps::db::SPEC)));
         assert!(
             config.rate_limits.iter().any(|(r, _)| r.to_string() == "POST /api/v1/auth/wechat/qrcode"),
             "QR creation is limited per client"
@@ -672,7 +674,7 @@ mod tests {
                     Capability::parse(name).unwrap_or_else(|| panic!("{world} imports unknown `{name}`"))
                 })
                 .collect();
-            let mut grantable = crate::caps::grantable(role).to_vec();
+            let mut grantable = crate::caps::grantable(role);
             imports.sort();
             grantable.sort();
             assert_eq!(imports, grantable, "role {role}: host grants vs {world}");

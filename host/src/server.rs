@@ -20,10 +20,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bindings::wxhost::plugin::types as wit;
-use crate::caps::internal_call::InternalClient;
-use crate::caps::session::Sessions;
-use crate::caps::wechat_api::WechatApi;
-use crate::caps::{Services, callback_crypto::CallbackCrypto, db::DbCtx};
+use crate::caps::{ServiceInputs, Services, db::DbCtx};
 use crate::config::{self, Config, Role};
 use crate::database;
 use crate::error::ApiError;
@@ -133,104 +130,36 @@ pub async fn start(mut options: ServeOptions) -> anyhow::Result<RunningServer> {
     if options.watch {
         tasks.spawn(watch_files(host.clone(), shutdown.clone()));
     }
-    if let Some(db) = host.services.db.as_ref().map(|d| d.db.clone()) {
+    if let Some(db) = host.services.get::<DbCtx>().map(|d| d.db.clone()) {
         tasks.spawn(prune_periodically(db, shutdown.clone()));
     }
     Ok(RunningServer { role_addrs, admin_addr, host, shutdown, tasks })
 }
 
 async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Services> {
+    let url = options.settings.database_url.as_ref().map(|u| u.expose_secret().to_string());
+    let url = url.as_deref().unwrap_or(database::DEFAULT_URL);
+    // Only the app role has a database; the web role never opens one.
     let database = if options.roles.contains(&Role::App) {
-        let url = options.settings.database_url.as_ref().map(|u| u.expose_secret().to_string());
-        let url = url.as_deref().unwrap_or(database::DEFAULT_URL);
         let db = database::connect(url, &config.pool).await?;
         database::migrate(&db).await?;
-        let plugin_url = options.settings.plugin_database_url.as_ref().map(|u| u.expose_secret());
-        let plugins = DbCtx::open(&db, url, plugin_url, &config.pool).await?;
-        Some((db, plugins))
+        Some(db)
     } else {
         None
     };
-    let (database, plugin_db) = database.unzip();
-    let wechat_api = match (&database, &options.settings.wechat_appid, &options.settings.wechat_appsecret) {
-        (Some(db), Some(appid), Some(secret)) => Some(
-            WechatApi::new(
-                options.settings.wechat_api_base.as_deref(),
-                options.settings.wechat_qrcode_base.as_deref(),
-                appid.clone(),
-                secret.clone(),
-                config.token_endpoint,
-                db.clone(),
-            )?
-            .with_menu_cache(config.menu_cache),
-        ),
-        (Some(_), _, _) => {
-            tracing::warn!("WECHAT_APPID or WECHAT_APPSECRET is not set: calls to the WeChat API will fail");
-            None
-        }
-        _ => None,
+    let inputs = ServiceInputs {
+        settings: &options.settings,
+        roles: &options.roles,
+        database: database.as_ref(),
+        database_url: url,
+        pool: &config.pool,
+        token_endpoint: config.token_endpoint,
+        menu_cache: config.menu_cache,
+        session_ttl: std::time::Duration::from_secs(config.session_ttl_secs),
+        timestamp_window_secs: config.timestamp_window_secs,
+        accept_plaintext_with_aes_key: config.accept_plaintext_with_aes_key,
     };
-    let wechat_pay = if options.roles.contains(&Role::App) {
-        let pay = crate::caps::wechat_pay::WechatPay::from_settings(&options.settings)?;
-        if pay.is_none() {
-            tracing::info!("WECHATPAY_MCHID is not set: WeChat Pay calls will answer not-configured");
-        }
-        pay
-    } else {
-        None
-    };
-    let sessions = match &database {
-        Some(db) => Some(
-            Sessions::new(
-                db.clone(),
-                options.settings.session_secret.clone(),
-                std::time::Duration::from_secs(config.session_ttl_secs),
-                options.settings.admin_token.clone(),
-            )
-            .await?,
-        ),
-        None => None,
-    };
-    let db = plugin_db;
-    // Both roles check WeChat's signatures: the web role at the edge, the app
-    // role again before it changes anything (it never takes the web role's word).
-    let callback_crypto = {
-        let s = &options.settings;
-        if s.wechat_token.is_none() {
-            tracing::warn!(
-                "WECHAT_TOKEN is not set: WeChat's pushes and server verification will be refused"
-            );
-        }
-        let crypto = CallbackCrypto::new(
-            s.wechat_token.clone(),
-            s.wechat_aes_key.as_ref(),
-            s.wechat_appid.clone(),
-            config.timestamp_window_secs,
-        )?
-        .accept_plaintext_with_aes_key(config.accept_plaintext_with_aes_key);
-        let crypto = match s.pay_notify_keys()? {
-            Some(keys) => crypto.with_pay(keys),
-            None => crypto,
-        };
-        Some(match &database {
-            Some(db) => crypto.with_shared_ledger(db.clone()),
-            None => crypto,
-        })
-    };
-    let internal_call = if options.roles.contains(&Role::Web) {
-        match (&options.settings.app_internal_url, &options.settings.internal_secret) {
-            (Some(url), Some(secret)) => Some(InternalClient::new(url, InternalAuth::new(secret.clone()))?),
-            _ => {
-                tracing::warn!(
-                    "APP_INTERNAL_URL or INTERNAL_SECRET is not set: the web role cannot reach the app role"
-                );
-                None
-            }
-        }
-    } else {
-        None
-    };
-    Ok(Services { db, callback_crypto, internal_call, wechat_api, wechat_pay, sessions })
+    Services::open(&inputs).await
 }
 
 async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) {
@@ -603,7 +532,7 @@ fn names_loopback(host: &str) -> bool {
 
 /// Prometheus exposition of this process's metrics.
 async fn metrics_text(State(host): State<Arc<Host>>) -> impl IntoResponse {
-    let db = host.services.db.as_ref().map(|d| &d.db);
+    let db = host.services.get::<DbCtx>().map(|d| &d.db);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], crate::metrics::render(db))
 }
 

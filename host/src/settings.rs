@@ -105,11 +105,11 @@ fn addr(name: &str) -> anyhow::Result<Option<SocketAddr>> {
 impl Settings {
     /// WeChat Pay's verification keys (certificates and/or the public key) from
     /// WECHATPAY_PLATFORM_PUBLIC_KEY, or `None` if it is not set.
-    pub fn platform_keys(&self) -> anyhow::Result<Option<crate::pay_crypto::PlatformKeys>> {
+    pub fn platform_keys(&self) -> anyhow::Result<Option<crate::wechat::pay::PlatformKeys>> {
         let Some(path) = &self.wechatpay_platform_public_key else { return Ok(None) };
         let pem = std::fs::read_to_string(path)
             .with_context(|| format!("reading WECHATPAY_PLATFORM_PUBLIC_KEY ({})", path.display()))?;
-        crate::pay_crypto::PlatformKeys::from_pem(&pem, self.wechatpay_public_key_id.as_deref())
+        crate::wechat::pay::PlatformKeys::from_pem(&pem, self.wechatpay_public_key_id.as_deref())
             .map(Some)
             .with_context(|| format!("WECHATPAY_PLATFORM_PUBLIC_KEY ({})", path.display()))
     }
@@ -128,7 +128,7 @@ impl Settings {
 
     /// WeChat Pay notify verification keys (APIv3: APIv3 key + platform keys;
     /// APIv2: the APIv2 key), when the settings name any.
-    pub fn pay_notify_keys(&self) -> anyhow::Result<Option<crate::pay_crypto::PayNotifyKeys>> {
+    pub fn pay_notify_keys(&self) -> anyhow::Result<Option<crate::wechat::pay::PayNotifyKeys>> {
         let (apiv3_key, platform) = (self.apiv3_key()?, self.platform_keys()?);
         if apiv3_key.is_some() != platform.is_some() {
             anyhow::bail!("APIv3 notifies need both WECHATPAY_APIV3_KEY and WECHATPAY_PLATFORM_PUBLIC_KEY");
@@ -136,7 +136,7 @@ impl Settings {
         if apiv3_key.is_none() && self.wechatpay_apiv2_key.is_none() {
             return Ok(None);
         }
-        Ok(Some(crate::pay_crypto::PayNotifyKeys {
+        Ok(Some(crate::wechat::pay::PayNotifyKeys {
             apiv3_key,
             platform: platform.unwrap_or_default(),
             apiv2_key: self.wechatpay_apiv2_key.clone(),
@@ -145,8 +145,8 @@ impl Settings {
     }
 
     /// `WECHATPAY_APIV2_SIGN_TYPE`: HMAC-SHA256 (the default) or MD5.
-    pub fn apiv2_sign_type(&self) -> anyhow::Result<crate::pay_crypto::V2SignType> {
-        use crate::pay_crypto::V2SignType;
+    pub fn apiv2_sign_type(&self) -> anyhow::Result<crate::wechat::pay::V2SignType> {
+        use crate::wechat::pay::V2SignType;
         match self.wechatpay_apiv2_sign_type.as_deref() {
             None | Some("HMAC-SHA256") => Ok(V2SignType::HmacSha256),
             Some("MD5") => Ok(V2SignType::Md5),

@@ -1,9 +1,19 @@
 //! `wxhost:plugin/config`: the plugin's own `[plugins.config]` table (never secrets).
 
+use super::{CapabilitySpec, PluginState};
+use crate::role::Role;
 use wasmtime::component::{HasData, Linker};
 
 use super::PluginIdentity;
 use crate::bindings::wxhost::plugin::config;
+
+/// Grantable by both roles; no context of its own.
+pub const SPEC: CapabilitySpec =
+    CapabilitySpec { name: "config", roles: &[Role::Web, Role::App], open: super::no_context, link };
+
+fn link(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    add_to_linker(linker, |s| ConfigView { plugin: &s.plugin })
+}
 
 pub struct ConfigView<'a> {
     pub plugin: &'a PluginIdentity,

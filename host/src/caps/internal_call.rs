@@ -2,6 +2,10 @@
 //! host with INTERNAL_SECRET (which the plugin never sees), carrying the
 //! request id so one WeChat push can be followed across both roles.
 
+use futures::future::BoxFuture;
+
+use super::{CapabilitySpec, Context, PluginState, ServiceInputs};
+use crate::role::Role;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasData, Linker};
@@ -104,6 +108,37 @@ fn classify(e: reqwest::Error) -> CallError {
     }
 }
 
+/// The web role's way to the app role.
+pub const SPEC: CapabilitySpec = CapabilitySpec { name: "internal-call", roles: &[Role::Web], open, link };
+
+fn open<'a>(inputs: &'a ServiceInputs<'a>) -> BoxFuture<'a, anyhow::Result<Option<Context>>> {
+    Box::pin(async move {
+        if !inputs.roles.contains(&Role::Web) {
+            return Ok(None);
+        }
+        let s = inputs.settings;
+        match (&s.app_internal_url, &s.internal_secret) {
+            (Some(url), Some(secret)) => {
+                Ok(Some(Box::new(InternalClient::new(url, InternalAuth::new(secret.clone()))?) as Context))
+            }
+            _ => {
+                tracing::warn!(
+                    "APP_INTERNAL_URL or INTERNAL_SECRET is not set: the web role cannot reach the app role"
+                );
+                Ok(None)
+            }
+        }
+    })
+}
+
+fn link(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    add_to_linker(linker, |s| InternalCallView {
+        ctx: s.services.get(),
+        request_id: &s.request_id,
+        deadline_at: s.deadline_at,
+    })
+}
+
 pub struct InternalCallView<'a> {
     pub ctx: Option<&'a InternalClient>,
     pub request_id: &'a str,
@@ -123,24 +158,29 @@ pub fn add_to_linker<T: Send + 'static>(
     wit::add_to_linker::<T, HasInternalCall>(linker, get)
 }
 
+/// A capability call's error: a [`CallError`] for the plugin, or a trap.
+pub type CallFailure = crate::bindings::CapabilityError<CallError>;
+
 impl wit::Host for InternalCallView<'_> {
+    fn convert_call_error(&mut self, err: CallFailure) -> wasmtime::Result<CallError> {
+        err.downcast()
+    }
+
     async fn call(
         &mut self,
         method: String,
         path: String,
         body: Vec<u8>,
-    ) -> wasmtime::Result<Result<InternalResponse, CallError>> {
-        let Some(client) = self.ctx else {
-            return Ok(Err(CallError::NotConfigured(
-                "APP_INTERNAL_URL and INTERNAL_SECRET are not set".into(),
-            )));
-        };
+    ) -> Result<InternalResponse, CallFailure> {
+        let client = self.ctx.ok_or_else(|| {
+            CallError::NotConfigured("APP_INTERNAL_URL and INTERNAL_SECRET are not set".into())
+        })?;
         let left = self.deadline_at.saturating_duration_since(Instant::now()).saturating_sub(ANSWER_MARGIN);
         if left.is_zero() {
-            return Ok(Err(CallError::Timeout));
+            return Err(CallError::Timeout.into());
         }
         let request_id = self.request_id.to_string();
-        Ok(client.call(&method, &path, body, &request_id, left).await)
+        Ok(client.call(&method, &path, body, &request_id, left).await?)
     }
 }
 

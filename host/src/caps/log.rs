@@ -1,5 +1,7 @@
 //! `wxhost:plugin/log`: plugin log lines in the host log, tagged with the plugin.
 
+use super::{CapabilitySpec, PluginState};
+use crate::role::Role;
 use wasmtime::component::{HasData, Linker};
 
 use super::PluginIdentity;
@@ -7,6 +9,14 @@ use crate::bindings::wxhost::plugin::log::{self, Level};
 
 /// Longest message kept; the rest is cut so a plugin cannot flood the log.
 const MAX_MESSAGE: usize = 8 * 1024;
+
+/// Grantable by both roles; no context of its own.
+pub const SPEC: CapabilitySpec =
+    CapabilitySpec { name: "log", roles: &[Role::Web, Role::App], open: super::no_context, link };
+
+fn link(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    add_to_linker(linker, |s| LogView { plugin: &s.plugin, request_id: &s.request_id })
+}
 
 pub struct LogView<'a> {
     pub plugin: &'a PluginIdentity,

@@ -1,6 +1,9 @@
-//! Host capabilities. Each module owns its context, borrows a view of the
-//! per-request state, and adds its own WIT interface to a linker
-//! (`add_to_linker`), the pattern of wasmtime's wasi-http and Spin's factors.
+//! Host capabilities. Each module is a thin adapter over the protocol and
+//! host code it lends: it owns its WIT name, the roles that may grant it,
+//! how its context is built from the settings, its linker entry and the
+//! borrowed view of the per-request state (the pattern of wasmtime's
+//! wasi-http and Spin's factors), all in its [`CapabilitySpec`]. Adding a
+//! capability is one module and one line in [`REGISTRY`].
 //! A plugin's linker holds only what its role grants and it declares.
 
 pub mod callback_crypto;
@@ -13,60 +16,97 @@ pub mod wasi;
 pub mod wechat_api;
 pub mod wechat_pay;
 
+use std::any::{Any, TypeId};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-/// A capability a role can grant and a plugin can declare; one WIT interface each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Capability {
-    Log,
-    Config,
-    Db,
-    CallbackCrypto,
-    InternalCall,
-    WechatApi,
-    WechatPay,
-    Session,
+use crate::database::{Database, PoolSettings};
+use crate::role::Role;
+use crate::settings::Settings;
+
+/// Every capability the host has: one line each.
+pub const REGISTRY: [&CapabilitySpec; 8] = [
+    &log::SPEC,
+    &config::SPEC,
+    &db::SPEC,
+    &callback_crypto::SPEC,
+    &internal_call::SPEC,
+    &wechat_api::SPEC,
+    &wechat_pay::SPEC,
+    &session::SPEC,
+];
+
+/// What a capability module declares about itself.
+pub struct CapabilitySpec {
+    /// The WIT interface name, which is also its name in plugins.toml.
+    pub name: &'static str,
+    /// The roles that may grant it: their worlds in `wit/worlds.wit` import
+    /// it (a test holds the two to each other).
+    pub roles: &'static [Role],
+    /// Builds the process's context from the settings (checking them), or
+    /// none when this process cannot offer it (calls then answer
+    /// not-configured or unavailable).
+    pub open: for<'a> fn(&'a ServiceInputs<'a>) -> BoxFuture<'a, anyhow::Result<Option<Context>>>,
+    /// Adds its WIT interface to a plugin's linker.
+    pub link: fn(&mut Linker<PluginState>) -> wasmtime::Result<()>,
 }
 
+/// A capability's owned context, shared by every request of the process.
+pub type Context = Box<dyn Any + Send + Sync>;
+
+/// For capabilities that need no context of their own.
+pub fn no_context<'a>(_: &'a ServiceInputs<'a>) -> BoxFuture<'a, anyhow::Result<Option<Context>>> {
+    Box::pin(async { Ok(None) })
+}
+
+/// What the capabilities' contexts are built from, once per process.
+pub struct ServiceInputs<'a> {
+    pub settings: &'a Settings,
+    /// The roles this process serves.
+    pub roles: &'a [Role],
+    /// The host's own database (app role), migrated; `None` in the web role.
+    pub database: Option<&'a Database>,
+    /// Its URL, from which the plugins' own connections are derived.
+    pub database_url: &'a str,
+    pub pool: &'a PoolSettings,
+    pub token_endpoint: wechat_api::TokenEndpoint,
+    pub menu_cache: Duration,
+    pub session_ttl: Duration,
+    pub timestamp_window_secs: Option<u64>,
+    pub accept_plaintext_with_aes_key: bool,
+}
+
+/// A capability a role can grant and a plugin can declare; one WIT interface each.
+#[derive(Clone, Copy)]
+pub struct Capability(&'static CapabilitySpec);
+
 impl Capability {
-    pub const ALL: [Capability; 8] = [
-        Capability::Log,
-        Capability::Config,
-        Capability::Db,
-        Capability::CallbackCrypto,
-        Capability::InternalCall,
-        Capability::WechatApi,
-        Capability::WechatPay,
-        Capability::Session,
-    ];
+    /// Every capability, in registry order.
+    pub fn all() -> impl Iterator<Item = Capability> {
+        REGISTRY.into_iter().map(Capability)
+    }
 
     /// The name used in plugins.toml, which is also the WIT interface name.
     pub fn name(self) -> &'static str {
-        match self {
-            Capability::Log => "log",
-            Capability::Config => "config",
-            Capability::Db => "db",
-            Capability::CallbackCrypto => "callback-crypto",
-            Capability::InternalCall => "internal-call",
-            Capability::WechatApi => "wechat-api",
-            Capability::WechatPay => "wechat-pay",
-            Capability::Session => "session",
-        }
+        self.0.name
+    }
+
+    pub fn spec(self) -> &'static CapabilitySpec {
+        self.0
     }
 
     pub fn parse(s: &str) -> Option<Capability> {
-        Capability::ALL.into_iter().find(|c| c.name() == s)
+        Capability::all().find(|c| c.name() == s)
     }
 
     pub fn names() -> String {
-        Capability::ALL.map(Capability::name).join(", ")
+        Capability::all().map(Capability::name).collect::<Vec<_>>().join(", ")
     }
 
     /// The capability a component import (`wxhost:plugin/db@0.1.0`) asks for.
@@ -74,6 +114,49 @@ impl Capability {
         let rest = import.strip_prefix(WIT_PACKAGE)?.strip_prefix('/')?;
         let name = rest.split('@').next()?;
         Capability::parse(name)
+    }
+
+    /// Whether `role` may grant it.
+    pub fn grantable_by(self, role: Role) -> bool {
+        self.0.roles.contains(&role)
+    }
+}
+
+impl From<&'static CapabilitySpec> for Capability {
+    fn from(spec: &'static CapabilitySpec) -> Self {
+        Capability(spec)
+    }
+}
+
+impl PartialEq for Capability {
+    fn eq(&self, other: &Self) -> bool {
+        self.name() == other.name()
+    }
+}
+
+impl Eq for Capability {}
+
+impl PartialOrd for Capability {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Capability {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.name().cmp(other.name())
+    }
+}
+
+impl std::hash::Hash for Capability {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name().hash(state)
+    }
+}
+
+impl std::fmt::Debug for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -83,14 +166,15 @@ impl std::fmt::Display for Capability {
     }
 }
 
-/// What `role` may grant at most: its world in `wit/worlds.wit` (a test holds
-/// the two to each other).
-pub fn grantable(role: crate::role::Role) -> &'static [Capability] {
-    use Capability::*;
-    match role {
-        crate::role::Role::Web => &[Log, Config, CallbackCrypto, InternalCall],
-        crate::role::Role::App => &[Log, Config, Db, WechatApi, WechatPay, Session, CallbackCrypto],
+impl serde::Serialize for Capability {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
+}
+
+/// What `role` may grant at most: its world in `wit/worlds.wit`.
+pub fn grantable(role: Role) -> Vec<Capability> {
+    Capability::all().filter(|c| c.grantable_by(role)).collect()
 }
 
 /// The WIT package every capability interface belongs to.
@@ -111,16 +195,42 @@ pub struct PluginIdentity {
     pub wechat_api: Vec<String>,
 }
 
-/// Resources shared by every request of a process: the capabilities' owned contexts.
-/// A role that is not granted a capability never has its context consulted.
+/// The capabilities' owned contexts of a process, by type. A role that is
+/// not granted a capability never has its context consulted.
 #[derive(Default)]
 pub struct Services {
-    pub db: Option<db::DbCtx>,
-    pub callback_crypto: Option<callback_crypto::CallbackCrypto>,
-    pub internal_call: Option<internal_call::InternalClient>,
-    pub wechat_api: Option<wechat_api::WechatApi>,
-    pub wechat_pay: Option<wechat_pay::WechatPay>,
-    pub sessions: Option<session::Sessions>,
+    contexts: Vec<(TypeId, Arc<dyn Any + Send + Sync>)>,
+}
+
+impl Services {
+    /// Builds every registered capability's context.
+    pub async fn open(inputs: &ServiceInputs<'_>) -> anyhow::Result<Services> {
+        let mut services = Services::default();
+        for spec in REGISTRY {
+            if let Some(context) = (spec.open)(inputs).await? {
+                services.insert_boxed(context);
+            }
+        }
+        Ok(services)
+    }
+
+    /// Adds (or replaces) a context.
+    pub fn with<T: Any + Send + Sync>(mut self, context: T) -> Services {
+        self.insert_boxed(Box::new(context));
+        self
+    }
+
+    fn insert_boxed(&mut self, context: Context) {
+        let id = (*context).type_id();
+        self.contexts.retain(|(t, _)| *t != id);
+        self.contexts.push((id, Arc::from(context)));
+    }
+
+    /// The context of type `T`, if this process has one.
+    pub fn get<T: Any>(&self) -> Option<&T> {
+        // A handful of entries: a scan beats hashing.
+        self.contexts.iter().find(|(t, _)| *t == TypeId::of::<T>()).and_then(|(_, c)| c.downcast_ref())
+    }
 }
 
 /// The store data of one request's instance.
@@ -225,56 +335,32 @@ pub fn linker(engine: &Engine, capabilities: &BTreeSet<Capability>) -> wasmtime:
     // The shared request/response types: no functions, nothing to grant.
     linker.instance(TYPES_INTERFACE)?;
     for cap in capabilities {
-        match cap {
-            Capability::Log => log::add_to_linker(&mut linker, log_view)?,
-            Capability::Config => config::add_to_linker(&mut linker, config_view)?,
-            Capability::Db => db::add_to_linker(&mut linker, db_view)?,
-            Capability::CallbackCrypto => callback_crypto::add_to_linker(&mut linker, callback_crypto_view)?,
-            Capability::InternalCall => internal_call::add_to_linker(&mut linker, internal_call_view)?,
-            Capability::WechatApi => wechat_api::add_to_linker(&mut linker, wechat_api_view)?,
-            Capability::WechatPay => wechat_pay::add_to_linker(&mut linker, wechat_pay_view)?,
-            Capability::Session => session::add_to_linker(&mut linker, session_view)?,
-        }
+        (cap.spec().link)(&mut linker)?;
     }
     Ok(linker)
 }
 
-fn log_view(s: &mut PluginState) -> log::LogView<'_> {
-    log::LogView { plugin: &s.plugin, request_id: &s.request_id }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn config_view(s: &mut PluginState) -> config::ConfigView<'_> {
-    config::ConfigView { plugin: &s.plugin }
-}
-
-fn db_view(s: &mut PluginState) -> db::DbView<'_> {
-    db::DbView { ctx: s.services.db.as_ref(), table: &mut s.table }
-}
-
-fn callback_crypto_view(s: &mut PluginState) -> callback_crypto::CallbackCryptoView<'_> {
-    callback_crypto::CallbackCryptoView { ctx: s.services.callback_crypto.as_ref() }
-}
-
-fn internal_call_view(s: &mut PluginState) -> internal_call::InternalCallView<'_> {
-    internal_call::InternalCallView {
-        ctx: s.services.internal_call.as_ref(),
-        request_id: &s.request_id,
-        deadline_at: s.deadline_at,
+    #[test]
+    fn every_capability_has_one_registry_entry_under_a_unique_name() {
+        let names: BTreeSet<&str> = Capability::all().map(Capability::name).collect();
+        assert_eq!(names.len(), REGISTRY.len());
+        for c in Capability::all() {
+            assert_eq!(Capability::parse(c.name()), Some(c));
+            assert_eq!(Capability::of_import(&format!("{WIT_PACKAGE}/{}@0.1.0", c.name())), Some(c));
+            assert!(!c.spec().roles.is_empty(), "{c} is grantable by no role");
+        }
+        assert_eq!(Capability::of_import("wasi:http/outgoing-handler@0.2.0"), None);
     }
-}
 
-fn wechat_api_view(s: &mut PluginState) -> wechat_api::WechatApiView<'_> {
-    wechat_api::WechatApiView {
-        ctx: s.services.wechat_api.as_ref(),
-        allowed_paths: &s.plugin.wechat_api,
-        deadline_at: s.deadline_at,
+    #[test]
+    fn contexts_are_found_by_their_type_and_replaced_not_duplicated() {
+        let services = Services::default().with(7u32).with("a".to_string()).with(8u32);
+        assert_eq!(services.get::<u32>(), Some(&8));
+        assert_eq!(services.get::<String>().map(String::as_str), Some("a"));
+        assert_eq!(services.get::<i64>(), None);
     }
-}
-
-fn wechat_pay_view(s: &mut PluginState) -> wechat_pay::WechatPayView<'_> {
-    wechat_pay::WechatPayView { ctx: s.services.wechat_pay.as_ref(), deadline_at: s.deadline_at }
-}
-
-fn session_view(s: &mut PluginState) -> session::SessionView<'_> {
-    session::SessionView { ctx: s.services.sessions.as_ref() }
 }

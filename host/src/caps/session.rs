@@ -6,6 +6,10 @@
 //! The signing key is SESSION_SECRET, or else a random key generated once and
 //! kept in the database (`host_keys`), so every app process agrees on it.
 
+use futures::future::BoxFuture;
+
+use super::{CapabilitySpec, Context, PluginState, ServiceInputs};
+use crate::role::Role;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -158,6 +162,24 @@ pub fn unix_now() -> i64 {
     crate::internal_auth::unix_now() as i64
 }
 
+/// The app role's: sessions live in its database.
+pub const SPEC: CapabilitySpec = CapabilitySpec { name: "session", roles: &[Role::App], open, link };
+
+fn open<'a>(inputs: &'a ServiceInputs<'a>) -> BoxFuture<'a, anyhow::Result<Option<Context>>> {
+    Box::pin(async move {
+        let Some(db) = inputs.database else { return Ok(None) };
+        let s = inputs.settings;
+        let sessions =
+            Sessions::new(db.clone(), s.session_secret.clone(), inputs.session_ttl, s.admin_token.clone())
+                .await?;
+        Ok(Some(Box::new(sessions) as Context))
+    })
+}
+
+fn link(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    add_to_linker(linker, |s| SessionView { ctx: s.services.get() })
+}
+
 pub struct SessionView<'a> {
     pub ctx: Option<&'a Sessions>,
 }
@@ -181,25 +203,27 @@ impl SessionView<'_> {
     }
 }
 
+/// A capability call's error: a [`SessionError`] for the plugin, or a trap.
+pub type SessionFailure = crate::bindings::CapabilityError<SessionError>;
+
 impl wit::Host for SessionView<'_> {
-    async fn issue(&mut self, openid: String) -> wasmtime::Result<Result<Issued, SessionError>> {
-        let result = async {
-            if openid.is_empty() || openid.len() > 64 {
-                return Err(SessionError::Invalid);
-            }
-            self.ctx()?.issue(&openid).await
-        };
-        Ok(result.await)
+    fn convert_session_error(&mut self, err: SessionFailure) -> wasmtime::Result<SessionError> {
+        err.downcast()
     }
 
-    async fn verify(&mut self, token: String) -> wasmtime::Result<Result<SessionInfo, SessionError>> {
-        let result = async { self.ctx()?.verify(&token).await };
-        Ok(result.await)
+    async fn issue(&mut self, openid: String) -> Result<Issued, SessionFailure> {
+        if openid.is_empty() || openid.len() > 64 {
+            return Err(SessionError::Invalid.into());
+        }
+        Ok(self.ctx()?.issue(&openid).await?)
     }
 
-    async fn revoke(&mut self, token: String) -> wasmtime::Result<Result<(), SessionError>> {
-        let result = async { self.ctx()?.revoke(&token).await };
-        Ok(result.await)
+    async fn verify(&mut self, token: String) -> Result<SessionInfo, SessionFailure> {
+        Ok(self.ctx()?.verify(&token).await?)
+    }
+
+    async fn revoke(&mut self, token: String) -> Result<(), SessionFailure> {
+        Ok(self.ctx()?.revoke(&token).await?)
     }
 
     async fn verify_admin(&mut self, credential: String) -> wasmtime::Result<bool> {

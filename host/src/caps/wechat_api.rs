@@ -7,6 +7,10 @@
 //! 40001/40014/42001 the host refreshes only if the cached token is still the
 //! failing one, then retries the call once.
 
+use futures::future::BoxFuture;
+
+use super::{CapabilitySpec, Context, PluginState, ServiceInputs};
+use crate::role::Role;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -522,6 +526,38 @@ fn unix_now() -> i64 {
 }
 
 /// The borrowed view: the context plus what this plugin may call, and its deadline.
+/// The app role's: the access token is shared through its database.
+pub const SPEC: CapabilitySpec = CapabilitySpec { name: "wechat-api", roles: &[Role::App], open, link };
+
+fn open<'a>(inputs: &'a ServiceInputs<'a>) -> BoxFuture<'a, anyhow::Result<Option<Context>>> {
+    Box::pin(async move {
+        let Some(db) = inputs.database else { return Ok(None) };
+        let s = inputs.settings;
+        let (Some(appid), Some(secret)) = (&s.wechat_appid, &s.wechat_appsecret) else {
+            tracing::warn!("WECHAT_APPID or WECHAT_APPSECRET is not set: calls to the WeChat API will fail");
+            return Ok(None);
+        };
+        let api = WechatApi::new(
+            s.wechat_api_base.as_deref(),
+            s.wechat_qrcode_base.as_deref(),
+            appid.clone(),
+            secret.clone(),
+            inputs.token_endpoint,
+            db.clone(),
+        )?
+        .with_menu_cache(inputs.menu_cache);
+        Ok(Some(Box::new(api) as Context))
+    })
+}
+
+fn link(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    add_to_linker(linker, |s| WechatApiView {
+        ctx: s.services.get(),
+        allowed_paths: &s.plugin.wechat_api,
+        deadline_at: s.deadline_at,
+    })
+}
+
 pub struct WechatApiView<'a> {
     pub ctx: Option<&'a WechatApi>,
     pub allowed_paths: &'a [String],
@@ -566,20 +602,24 @@ impl WechatApiView<'_> {
     }
 }
 
+/// A capability call's error: an [`ApiError`] for the plugin, or a trap.
+pub type ApiFailure = crate::bindings::CapabilityError<ApiError>;
+
 impl wit::Host for WechatApiView<'_> {
+    fn convert_api_error(&mut self, err: ApiFailure) -> wasmtime::Result<ApiError> {
+        err.downcast()
+    }
+
     async fn call(
         &mut self,
         method: Method,
         path: String,
         query: Vec<(String, String)>,
         body: Option<String>,
-    ) -> wasmtime::Result<Result<String, ApiError>> {
-        let result = async {
-            let path = self.allowed(&path, &query)?;
-            let value = self.ctx()?.call(method, &path, &query, body.as_deref(), self.deadline_at).await?;
-            Ok(value.to_string())
-        };
-        Ok(result.await)
+    ) -> Result<String, ApiFailure> {
+        let path = self.allowed(&path, &query)?;
+        let value = self.ctx()?.call(method, &path, &query, body.as_deref(), self.deadline_at).await?;
+        Ok(value.to_string())
     }
 
     async fn call_raw(
@@ -588,24 +628,19 @@ impl wit::Host for WechatApiView<'_> {
         path: String,
         query: Vec<(String, String)>,
         body: Option<String>,
-    ) -> wasmtime::Result<Result<String, ApiError>> {
-        let result = async {
-            let path = self.allowed(&path, &query)?;
-            let value =
-                self.ctx()?.call_raw(method, &path, &query, body.as_deref(), self.deadline_at).await?;
-            Ok(value.to_string())
-        };
-        Ok(result.await)
+    ) -> Result<String, ApiFailure> {
+        let path = self.allowed(&path, &query)?;
+        let value = self.ctx()?.call_raw(method, &path, &query, body.as_deref(), self.deadline_at).await?;
+        Ok(value.to_string())
     }
 
-    async fn oauth_login(&mut self, code: String) -> wasmtime::Result<Result<OauthUser, ApiError>> {
-        let result = async {
-            if code.is_empty() || code.len() > 256 {
-                return Err(ApiError::Wechat(WechatError { errcode: 40029, errmsg: "invalid code".into() }));
-            }
-            self.ctx()?.oauth_login(&code, self.deadline_at).await
-        };
-        Ok(result.await)
+    async fn oauth_login(&mut self, code: String) -> Result<OauthUser, ApiFailure> {
+        if code.is_empty() || code.len() > 256 {
+            return Err(
+                ApiError::Wechat(WechatError { errcode: 40029, errmsg: "invalid code".into() }).into()
+            );
+        }
+        Ok(self.ctx()?.oauth_login(&code, self.deadline_at).await?)
     }
 
     async fn appid(&mut self) -> wasmtime::Result<String> {

@@ -9,18 +9,26 @@
 //! (`WECHATPAY_API_VERSION=v2`): XML signed with the APIv2 key (HMAC-SHA256 or
 //! MD5), and the answers' `sign` checked the same way.
 
+use futures::future::BoxFuture;
+
+use super::{CapabilitySpec, Context, PluginState, ServiceInputs};
+use crate::role::Role;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
-use subtle::ConstantTimeEq;
 use wasmtime::component::{HasData, Linker};
 
 use crate::bindings::wxhost::plugin::wechat_pay::{self as wit, JsapiOrder, OrderState, PayError, PayParams};
-use crate::caps::callback_crypto::flat_xml;
-use crate::pay_crypto::{PlatformKeys, RsaSigner, SignatureHeaders, V2SignType, v2_sign};
 use crate::settings::Settings;
+use crate::wechat::pay::v2::{self, v2_sign};
+use crate::wechat::pay::v3::SignedRequest;
+use crate::wechat::pay::{
+    PlatformKeys, RsaSigner, SignatureHeaders, V2SignType, is_merchant_order_no, parse_rfc3339, random_token,
+    rfc3339_cst,
+};
+use crate::wechat::xml::{field, flat_xml, to_xml};
 
 /// The production API; WECHATPAY_API_BASE overrides it (the simulator, a proxy).
 pub const DEFAULT_BASE: &str = "https://api.mch.weixin.qq.com";
@@ -28,8 +36,6 @@ pub const DEFAULT_BASE: &str = "https://api.mch.weixin.qq.com";
 const MAX_CALL: Duration = Duration::from_secs(10);
 /// Time kept back from the plugin's deadline so it can still answer its caller.
 const ANSWER_MARGIN: Duration = Duration::from_millis(250);
-/// China Standard Time, in which WeChat Pay writes times.
-const CST: time::UtcOffset = time::macros::offset!(+8);
 
 /// How requests are signed and answers checked.
 pub enum PayApi {
@@ -168,9 +174,6 @@ impl WechatPay {
     /// Places a JSAPI order; returns its prepay_id.
     pub async fn jsapi_prepay(&self, order: &JsapiOrder, deadline: Instant) -> Result<String, PayError> {
         check_order(order)?;
-        let expire = time::OffsetDateTime::from_unix_timestamp(order.time_expire)
-            .map_err(|_| PayError::Invalid("time_expire is out of range".into()))?
-            .to_offset(CST);
         match &self.api {
             PayApi::V3 { .. } => {
                 let mut body = json!({
@@ -178,7 +181,7 @@ impl WechatPay {
                     "mchid": self.mchid,
                     "description": order.description,
                     "out_trade_no": order.out_trade_no,
-                    "time_expire": expire.format(&time::format_description::well_known::Rfc3339).map_err(|_| PayError::Invalid("time_expire".into()))?,
+                    "time_expire": rfc3339_cst(order.time_expire),
                     "notify_url": self.notify_url,
                     "amount": { "total": order.amount_fen, "currency": "CNY" },
                     "payer": { "openid": order.payer_openid },
@@ -195,9 +198,7 @@ impl WechatPay {
                     .ok_or_else(|| PayError::Unavailable("WeChat Pay's answer has no prepay_id".into()))
             }
             PayApi::V2 { .. } => {
-                let expire = expire
-                    .format(time::macros::format_description!("[year][month][day][hour][minute][second]"))
-                    .map_err(|_| PayError::Invalid("time_expire".into()))?;
+                let expire = v2::format_time(order.time_expire);
                 let mut fields = vec![
                     ("body", order.description.clone()),
                     ("out_trade_no", order.out_trade_no.clone()),
@@ -233,7 +234,7 @@ impl WechatPay {
                     .sign(format!("{}\n{time_stamp}\n{nonce_str}\n{package}\n", self.appid).as_bytes()),
             ),
             PayApi::V2 { key, sign_type } => {
-                let name = v2_sign_type_name(*sign_type);
+                let name = sign_type.name();
                 let fields = [
                     ("appId", self.appid.as_str()),
                     ("timeStamp", time_stamp.as_str()),
@@ -265,11 +266,7 @@ impl WechatPay {
                     amount_fen: a["amount"]["total"].as_i64(),
                     appid: text("appid").unwrap_or_default(),
                     mchid: text("mchid").unwrap_or_default(),
-                    success_time: a["success_time"].as_str().and_then(|t| {
-                        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
-                            .ok()
-                            .map(|t| t.unix_timestamp())
-                    }),
+                    success_time: a["success_time"].as_str().and_then(parse_rfc3339),
                 })
             }
             PayApi::V2 { .. } => {
@@ -285,7 +282,7 @@ impl WechatPay {
                     amount_fen: field(&a, "total_fee").and_then(|f| f.parse().ok()),
                     appid: field(&a, "appid").unwrap_or_default(),
                     mchid: field(&a, "mch_id").unwrap_or_default(),
-                    success_time: field(&a, "time_end").and_then(|t| parse_v2_time(&t)),
+                    success_time: field(&a, "time_end").and_then(|t| v2::parse_time(&t)),
                 })
             }
         }
@@ -337,12 +334,14 @@ impl WechatPay {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let timestamp = unix_now().to_string();
         let nonce = random_token(32);
-        let signature = merchant_key
-            .sign(format!("{method}\n{path_and_query}\n{timestamp}\n{nonce}\n{body}\n").as_bytes());
-        let authorization = format!(
-            "WECHATPAY2-SHA256-RSA2048 mchid=\"{}\",nonce_str=\"{nonce}\",signature=\"{signature}\",timestamp=\"{timestamp}\",serial_no=\"{serial}\"",
-            self.mchid
-        );
+        let authorization = SignedRequest {
+            method: method.as_str(),
+            path_and_query,
+            timestamp: &timestamp,
+            nonce: &nonce,
+            body: &body,
+        }
+        .authorization(merchant_key, &self.mchid, serial);
         let mut request = self
             .http
             .request(method, format!("{}{path_and_query}", self.base))
@@ -405,7 +404,7 @@ impl WechatPay {
             ("appid".into(), self.appid.clone()),
             ("mch_id".into(), self.mchid.clone()),
             ("nonce_str".into(), random_token(32)),
-            ("sign_type".into(), v2_sign_type_name(*sign_type).into()),
+            ("sign_type".into(), sign_type.name().into()),
         ];
         all.extend(fields.into_iter().map(|(k, v)| (k.to_string(), v)));
         let sign = v2_sign(&all, key.expose_secret(), *sign_type);
@@ -430,19 +429,18 @@ impl WechatPay {
                 field(&answer, "return_msg").unwrap_or_else(|| "WeChat Pay refused the request".into());
             return Err(PayError::Refused(("FAIL".into(), message)));
         }
-        let given = field(&answer, "sign").unwrap_or_default().to_ascii_uppercase();
+        let given = field(&answer, "sign").unwrap_or_default();
         // Answers are signed the way the request was, unless they say otherwise.
         let answer_type =
             field(&answer, "sign_type").and_then(|t| V2SignType::parse(Some(&t))).unwrap_or(*sign_type);
-        let expected = v2_sign(&answer, key.expose_secret(), answer_type);
-        if !bool::from(expected.as_bytes().ct_eq(given.as_bytes())) {
+        if !v2::sign_matches(&answer, key.expose_secret(), answer_type, &given) {
             tracing::warn!(path, "WeChat Pay APIv2 answer refused: bad sign");
             return Err(PayError::BadSignature);
         }
         if field(&answer, "result_code").as_deref() != Some("SUCCESS") {
             let code = field(&answer, "err_code").unwrap_or_else(|| "FAIL".into());
             let message = field(&answer, "err_code_des").unwrap_or_else(|| code.clone());
-            return Err(PayError::Refused((v3_code_of(&code), message)));
+            return Err(PayError::Refused((v2::v3_code_of(&code), message)));
         }
         Ok(answer)
     }
@@ -473,50 +471,8 @@ fn outcome<T>(result: &Result<T, PayError>) -> &'static str {
     }
 }
 
-/// APIv2 error codes under their APIv3 names, so plugins handle one vocabulary.
-fn v3_code_of(v2_code: &str) -> String {
-    match v2_code {
-        "ORDERNOTEXIST" => "ORDER_NOT_EXIST",
-        "ORDERPAID" => "ORDERPAID",
-        "ORDERCLOSED" => "ORDER_CLOSED",
-        "OUT_TRADE_NO_USED" => "OUT_TRADE_NO_USED",
-        "SYSTEMERROR" => "SYSTEM_ERROR",
-        other => other,
-    }
-    .to_string()
-}
-
-fn v2_sign_type_name(t: V2SignType) -> &'static str {
-    match t {
-        V2SignType::Md5 => "MD5",
-        V2SignType::HmacSha256 => "HMAC-SHA256",
-    }
-}
-
-fn field(fields: &[(String, String)], name: &str) -> Option<String> {
-    fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
-}
-
-/// APIv2's `yyyyMMddHHmmss`, China Standard Time.
-fn parse_v2_time(t: &str) -> Option<i64> {
-    let format = time::macros::format_description!("[year][month][day][hour][minute][second]");
-    time::PrimitiveDateTime::parse(t, format).ok().map(|t| t.assume_offset(CST).unix_timestamp())
-}
-
-/// The APIv2 request body: `<xml><field>value</field>…</xml>`, values escaped.
-pub fn to_xml(fields: &[(String, String)]) -> String {
-    let mut xml = String::from("<xml>");
-    for (k, v) in fields {
-        xml.push_str(&format!("<{k}>{}</{k}>", quick_xml::escape::escape(v.as_str())));
-    }
-    xml.push_str("</xml>");
-    xml
-}
-
 fn check_out_trade_no(no: &str) -> Result<(), PayError> {
-    let ok =
-        (6..=32).contains(&no.len()) && no.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-|*".contains(&b));
-    if ok {
+    if is_merchant_order_no(no) {
         Ok(())
     } else {
         Err(PayError::Invalid("out_trade_no must be 6-32 letters, digits or _-|*".into()))
@@ -560,15 +516,27 @@ fn classify(e: reqwest::Error) -> PayError {
 }
 
 fn unix_now() -> i64 {
-    crate::internal_auth::unix_now() as i64
+    crate::wechat::unix_now()
 }
 
-/// Random letters and digits (nonces).
-pub fn random_token(len: usize) -> String {
-    use rand::Rng as _;
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-    let mut rng = rand::rng();
-    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+/// The app role's: it holds the merchant's keys.
+pub const SPEC: CapabilitySpec = CapabilitySpec { name: "wechat-pay", roles: &[Role::App], open, link };
+
+fn open<'a>(inputs: &'a ServiceInputs<'a>) -> BoxFuture<'a, anyhow::Result<Option<Context>>> {
+    Box::pin(async move {
+        if !inputs.roles.contains(&Role::App) {
+            return Ok(None);
+        }
+        let pay = WechatPay::from_settings(inputs.settings)?;
+        if pay.is_none() {
+            tracing::info!("WECHATPAY_MCHID is not set: WeChat Pay calls will answer not-configured");
+        }
+        Ok(pay.map(|p| Box::new(p) as Context))
+    })
+}
+
+fn link(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    add_to_linker(linker, |s| WechatPayView { ctx: s.services.get(), deadline_at: s.deadline_at })
 }
 
 /// The borrowed view: the context and the plugin's deadline.
@@ -597,34 +565,32 @@ impl WechatPayView<'_> {
     }
 }
 
+/// A capability call's error: a [`PayError`] for the plugin, or a trap.
+pub type PayFailure = crate::bindings::CapabilityError<PayError>;
+
 impl wit::Host for WechatPayView<'_> {
-    async fn jsapi_prepay(&mut self, order: JsapiOrder) -> wasmtime::Result<Result<String, PayError>> {
-        Ok(match self.ctx() {
-            Ok(pay) => pay.jsapi_prepay(&order, self.deadline_at).await,
-            Err(e) => Err(e),
-        })
+    fn convert_pay_error(&mut self, err: PayFailure) -> wasmtime::Result<PayError> {
+        err.downcast()
     }
 
-    async fn jsapi_pay_params(&mut self, prepay_id: String) -> wasmtime::Result<Result<PayParams, PayError>> {
-        Ok(self.ctx().and_then(|pay| pay.jsapi_pay_params(&prepay_id)))
+    async fn jsapi_prepay(&mut self, order: JsapiOrder) -> Result<String, PayFailure> {
+        Ok(self.ctx()?.jsapi_prepay(&order, self.deadline_at).await?)
     }
 
-    async fn query_order(&mut self, out_trade_no: String) -> wasmtime::Result<Result<OrderState, PayError>> {
-        Ok(match self.ctx() {
-            Ok(pay) => pay.query_order(&out_trade_no, self.deadline_at).await,
-            Err(e) => Err(e),
-        })
+    async fn jsapi_pay_params(&mut self, prepay_id: String) -> Result<PayParams, PayFailure> {
+        Ok(self.ctx()?.jsapi_pay_params(&prepay_id)?)
     }
 
-    async fn close_order(&mut self, out_trade_no: String) -> wasmtime::Result<Result<(), PayError>> {
-        Ok(match self.ctx() {
-            Ok(pay) => pay.close_order(&out_trade_no, self.deadline_at).await,
-            Err(e) => Err(e),
-        })
+    async fn query_order(&mut self, out_trade_no: String) -> Result<OrderState, PayFailure> {
+        Ok(self.ctx()?.query_order(&out_trade_no, self.deadline_at).await?)
     }
 
-    async fn merchant(&mut self) -> wasmtime::Result<Result<(String, String), PayError>> {
-        Ok(self.ctx().map(WechatPay::merchant))
+    async fn close_order(&mut self, out_trade_no: String) -> Result<(), PayFailure> {
+        Ok(self.ctx()?.close_order(&out_trade_no, self.deadline_at).await?)
+    }
+
+    async fn merchant(&mut self) -> Result<(String, String), PayFailure> {
+        Ok(self.ctx()?.merchant())
     }
 }
 
@@ -782,11 +748,11 @@ mod tests {
         assert_eq!((p.app_id.as_str(), p.sign_type.as_str()), ("wxb11529c136998cb6", "RSA"));
         assert_eq!(p.package, "prepay_id=wx201410272009395522657a690389285100");
         let message = format!("{}\n{}\n{}\n{}\n", p.app_id, p.time_stamp, p.nonce_str, p.package);
-        let public = crate::pay_crypto::public_key_from_pem(
+        let public = crate::wechat::pay::v3::public_key_from_pem(
             &std::fs::read_to_string(fixture("merchant_test_pub.pem")).unwrap(),
         )
         .unwrap();
-        assert!(crate::pay_crypto::rsa_verify(&public, message.as_bytes(), &p.pay_sign));
+        assert!(crate::wechat::pay::v3::rsa_verify(&public, message.as_bytes(), &p.pay_sign));
         assert!(matches!(pay.jsapi_pay_params("bad id"), Err(PayError::Invalid(_))));
     }
 

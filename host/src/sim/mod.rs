@@ -22,7 +22,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::caps::callback_crypto::{CallbackCrypto, sorted_sha1};
+use crate::wechat::{CallbackKeys, sorted_sha1};
 
 /// What the simulated official account is.
 #[derive(Clone)]
@@ -632,13 +632,13 @@ impl Sim {
                 .aes_key
                 .clone()
                 .ok_or_else(|| anyhow::anyhow!("safe mode needs an EncodingAESKey"))?;
-            let crypto = CallbackCrypto::new(
+            let keys = CallbackKeys::new(
                 Some(self.config.token.clone().into()),
                 Some(&key.into()),
                 Some(self.config.appid.clone()),
                 None,
             )?;
-            let sealed = crypto.encrypt_reply(xml, &ts, &nonce).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let sealed = keys.encrypt(xml, &ts, &nonce)?;
             url.push_str(&format!("&encrypt_type=aes&msg_signature={}", sealed.msg_signature));
             format!(
                 "<xml><ToUserName><![CDATA[gh_sim]]></ToUserName><Encrypt><![CDATA[{}]]></Encrypt></xml>",

@@ -253,7 +253,7 @@ pub fn unix_now() -> i64 {
 pub fn verify_query(echostr: &str) -> String {
     let ts = unix_now().to_string();
     let nonce = "1234567";
-    let signature = wxhost::caps::callback_crypto::sorted_sha1(&[TOKEN, &ts, nonce]);
+    let signature = wxhost::wechat::sorted_sha1(&[TOKEN, &ts, nonce]);
     format!("/api/v1/auth/wechat/verify?signature={signature}&timestamp={ts}&nonce={nonce}&echostr={echostr}")
 }
 

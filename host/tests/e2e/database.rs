@@ -6,7 +6,7 @@ use crate::common::*;
 use serde_json::{Value as Json, json};
 use wasmtime::component::ResourceTable;
 use wxhost::bindings::wxhost::plugin::db::{Error, Host, HostTransaction, Value};
-use wxhost::caps::db::{DbCtx, DbView};
+use wxhost::caps::db::{DbCtx, DbFailure, DbView};
 use wxhost::config::Role;
 use wxhost::database;
 
@@ -34,20 +34,25 @@ fn text(s: &str) -> Value {
 
 type Tx = wasmtime::component::Resource<wxhost::caps::db::Transaction>;
 
+/// A capability call's result as the plugin sees it (a trap is a host bug: the test fails).
+fn plain<T>(result: Result<T, DbFailure>) -> Result<T, Error> {
+    result.map_err(|e| e.downcast().expect("a WIT error, not a trap"))
+}
+
 fn borrow(tx: &Tx) -> Tx {
     Tx::new_borrow(tx.rep())
 }
 
 async fn exec(db: &mut DbView<'_>, sql: &str, params: Vec<Value>) -> Result<u64, Error> {
-    Host::execute(db, sql.into(), params).await.unwrap().map(|r| r.rows_affected)
+    plain(Host::execute(db, sql.into(), params).await).map(|r| r.rows_affected)
 }
 
 async fn query(db: &mut DbView<'_>, sql: &str, params: Vec<Value>) -> Result<Vec<Vec<Value>>, Error> {
-    Host::query(db, sql.into(), params).await.unwrap().map(|r| r.rows)
+    plain(Host::query(db, sql.into(), params).await).map(|r| r.rows)
 }
 
 async fn tx_exec(db: &mut DbView<'_>, tx: &Tx, sql: &str, params: Vec<Value>) -> Result<u64, Error> {
-    HostTransaction::execute(db, borrow(tx), sql.into(), params).await.unwrap().map(|r| r.rows_affected)
+    plain(HostTransaction::execute(db, borrow(tx), sql.into(), params).await).map(|r| r.rows_affected)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,10 +78,9 @@ async fn the_capability_queries_executes_commits_and_rolls_back_on_both_database
         );
         exec(db, "INSERT INTO kv (k, v) VALUES (?, ?)", vec![text("null"), Value::Null]).await.unwrap();
 
-        let rows = Host::query(db, "SELECT k, v, n, f, b FROM kv WHERE k = ?".into(), vec![text("a")])
-            .await
-            .unwrap()
-            .unwrap();
+        let rows =
+            plain(Host::query(db, "SELECT k, v, n, f, b FROM kv WHERE k = ?".into(), vec![text("a")]).await)
+                .unwrap();
         assert_eq!(rows.columns, ["k", "v", "n", "f", "b"], "{which}");
         let row = &rows.rows[0];
         assert!(matches!(&row[1], Value::Text(s) if s == "你好 🎉"), "{which}: emoji survive: {:?}", row[1]);
@@ -87,21 +91,21 @@ async fn the_capability_queries_executes_commits_and_rolls_back_on_both_database
         assert!(matches!(rows[0][..], [Value::Null, Value::Null]), "{which}");
 
         // Commit makes a write visible; rollback and drop do not.
-        let tx = db.begin().await.unwrap().unwrap();
+        let tx = plain(db.begin().await).unwrap();
         tx_exec(db, &tx, "INSERT INTO kv (k) VALUES (?)", vec![text("committed")]).await.unwrap();
-        HostTransaction::commit(db, borrow(&tx)).await.unwrap().unwrap();
-        let again = HostTransaction::commit(db, borrow(&tx)).await.unwrap();
+        plain(HostTransaction::commit(db, borrow(&tx)).await).unwrap();
+        let again = plain(HostTransaction::commit(db, borrow(&tx)).await);
         assert!(matches!(again, Err(Error::TransactionClosed)), "{which}");
         let closed = tx_exec(db, &tx, "INSERT INTO kv (k) VALUES (?)", vec![text("late")]).await;
         assert!(matches!(closed, Err(Error::TransactionClosed)), "{which}");
         HostTransaction::drop(db, tx).await.unwrap();
 
-        let tx = db.begin().await.unwrap().unwrap();
+        let tx = plain(db.begin().await).unwrap();
         tx_exec(db, &tx, "INSERT INTO kv (k) VALUES (?)", vec![text("rolled-back")]).await.unwrap();
-        HostTransaction::rollback(db, borrow(&tx)).await.unwrap().unwrap();
+        plain(HostTransaction::rollback(db, borrow(&tx)).await).unwrap();
         HostTransaction::drop(db, tx).await.unwrap();
 
-        let tx = db.begin().await.unwrap().unwrap();
+        let tx = plain(db.begin().await).unwrap();
         tx_exec(db, &tx, "INSERT INTO kv (k) VALUES (?)", vec![text("dropped")]).await.unwrap();
         HostTransaction::drop(db, tx).await.unwrap();
 
@@ -155,7 +159,7 @@ async fn the_capability_queries_executes_commits_and_rolls_back_on_both_database
             let r = exec(db, sql, vec![]).await;
             assert!(matches!(&r, Err(Error::InvalidQuery(_))), "{which}: {sql}: {r:?}");
         }
-        let tx = db.begin().await.unwrap().unwrap();
+        let tx = plain(db.begin().await).unwrap();
         let r = tx_exec(db, &tx, "DELETE FROM token_cache", vec![]).await;
         assert!(matches!(&r, Err(Error::InvalidQuery(_))), "{which}: in a transaction: {r:?}");
         HostTransaction::drop(db, tx).await.unwrap();
@@ -165,7 +169,7 @@ async fn the_capability_queries_executes_commits_and_rolls_back_on_both_database
             // A BEGIN in SQL is rolled back before its connection goes back to the pool.
             let r = exec(db, "BEGIN IMMEDIATE", vec![]).await;
             assert!(matches!(&r, Err(Error::InvalidQuery(m)) if m.contains("db.begin")), "{which}: {r:?}");
-            let tx = db.begin().await.unwrap();
+            let tx = plain(db.begin().await);
             assert!(tx.is_ok(), "{which}: the write lock is free: {tx:?}");
         }
     }
@@ -277,14 +281,14 @@ async fn concurrent_writers_take_turns_and_one_kept_waiting_past_the_timeout_get
                 tokio::spawn(async move {
                     let mut table = ResourceTable::new();
                     let mut db = DbView { ctx: Some(&ctx), table: &mut table };
-                    let tx = Host::begin(&mut db).await.unwrap()?;
+                    let tx = plain(Host::begin(&mut db).await)?;
                     let rows =
-                        HostTransaction::query(&mut db, borrow(&tx), read.into(), vec![]).await.unwrap()?;
+                        plain(HostTransaction::query(&mut db, borrow(&tx), read.into(), vec![]).await)?;
                     let Value::Int(n) = rows.rows[0][0] else { panic!("{:?}", rows.rows) };
                     tokio::time::sleep(Duration::from_millis(3)).await;
                     tx_exec(&mut db, &tx, "UPDATE counter SET n = ? WHERE id = 1", vec![Value::Int(n + 1)])
                         .await?;
-                    HostTransaction::commit(&mut db, tx).await.unwrap()
+                    plain(HostTransaction::commit(&mut db, tx).await)
                 })
             })
             .collect();
@@ -298,11 +302,11 @@ async fn concurrent_writers_take_turns_and_one_kept_waiting_past_the_timeout_get
 
         if ctx.db.dialect() == database::Dialect::Sqlite {
             // SQLite has one writer: the next one waits at most the acquire timeout, then is told so.
-            let holder = Host::begin(&mut db).await.unwrap().unwrap();
+            let holder = plain(Host::begin(&mut db).await).unwrap();
             let mut other_table = ResourceTable::new();
             let mut other = DbView { ctx: Some(&ctx), table: &mut other_table };
             let started = Instant::now();
-            let waited = Host::begin(&mut other).await.unwrap();
+            let waited = plain(Host::begin(&mut other).await);
             assert!(matches!(waited, Err(Error::Unavailable(_))), "{which}: {waited:?}");
             assert!(
                 // The holder never lets go: only the acquire timeout (0.6 s) ends the wait.
@@ -312,8 +316,8 @@ async fn concurrent_writers_take_turns_and_one_kept_waiting_past_the_timeout_get
             );
             let write = exec(&mut other, "UPDATE counter SET n = 0 WHERE id = 1", vec![]).await;
             assert!(matches!(write, Err(Error::Unavailable(_))), "{which}: {write:?}");
-            HostTransaction::commit(&mut db, holder).await.unwrap().unwrap();
-            let next = Host::begin(&mut other).await.unwrap();
+            plain(HostTransaction::commit(&mut db, holder).await).unwrap();
+            let next = plain(Host::begin(&mut other).await);
             assert!(next.is_ok(), "{which}: the turn is free again: {next:?}");
         }
     }

@@ -34,7 +34,7 @@ async fn an_exhausted_database_pool_is_a_quick_503_with_retry_after_on_both_data
         assert_eq!(reqwest::get(&poll).await.unwrap().status(), 404, "{which}: a free pool answers");
 
         // Something else holds the only connection plugins may use.
-        let pool = app.host.services.db.as_ref().unwrap().plugin_pool();
+        let pool = app.host.services.get::<wxhost::caps::db::DbCtx>().unwrap().plugin_pool();
         let held =
             wxhost::on_pool!(pool, |p| p.acquire().await.map(|c| Box::new(c) as Box<dyn Send>)).unwrap();
         let started = Instant::now();

@@ -393,7 +393,7 @@ async fn the_app_role_answers_as_its_openapi_document_says() {
     let token = login["token"].as_str().unwrap_or_else(|| panic!("no session: {login}")).to_string();
     let app = dev.app.clone();
     let runs = tokio::task::spawn_blocking(move || {
-        let run = |extra: &[&str]| {
+        let run_once = |extra: &[&str]| {
             Command::new(&schemathesis)
                 .args(["run", &format!("{app}/api/v1/openapi.json"), "--url", &app])
                 .args([
@@ -404,6 +404,18 @@ async fn the_app_role_answers_as_its_openapi_document_says() {
                 .args(extra)
                 .output()
                 .unwrap()
+        };
+        // CPython 3.11 before 3.11.8 (gh-106905) can raise this SystemError
+        // when Hypothesis parses its own source deep in a recursive schema
+        // (the menu's buttons): a crash of the tool, not an answer of ours.
+        // Such a run, and only such a run, is made once more.
+        let run = |extra: &[&str]| {
+            let first = run_once(extra);
+            let report = String::from_utf8_lossy(&first.stdout);
+            let tool_crash_only = !first.status.success()
+                && report.contains("AST constructor recursion depth mismatch")
+                && !report.contains("FAILURES");
+            if tool_crash_only { run_once(extra) } else { first }
         };
         [
             // Everything on this listener, as anyone (the web role's and the

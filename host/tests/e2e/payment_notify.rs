@@ -7,9 +7,11 @@ use crate::common::stack::{APIV2_KEY, APIV3_KEY, MCHID, PUB_KEY_ID as KEY_ID};
 use crate::common::*;
 use serde_json::json;
 use wxhost::config::Role;
-use wxhost::pay_crypto::{V2SignType, private_key_from_pem, rsa_sign, v2_sign, v3_encrypt};
 use wxhost::server::RunningServer;
 use wxhost::settings::Settings;
+use wxhost::wechat::pay::V2SignType;
+use wxhost::wechat::pay::v2::v2_sign;
+use wxhost::wechat::pay::v3::{private_key_from_pem, rsa_sign, v3_encrypt};
 
 fn config() -> TestConfig {
     let toml =

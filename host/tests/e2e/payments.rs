@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use crate::common::stack::*;
 use crate::common::*;
 use serde_json::{Value, json};
-use wxhost::pay_crypto::{V2SignType, public_key_from_pem, rsa_verify, v2_sign};
 use wxhost::sim::{PayRequest, openid_of};
+use wxhost::wechat::pay::V2SignType;
+use wxhost::wechat::pay::v2::v2_sign;
+use wxhost::wechat::pay::v3::{public_key_from_pem, rsa_verify};
 
 fn error_code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or_default()

@@ -9,9 +9,10 @@
 use std::path::Path;
 
 use proptest::prelude::*;
-use wxhost::bindings::wxhost::plugin::callback_crypto::{CryptoError, PayNotifyHeaders};
-use wxhost::caps::callback_crypto::{CallbackCrypto, PayNotifyKeys, flat_xml, push_xml, sorted_sha1};
-use wxhost::pay_crypto::{PlatformKeys, RsaSigner, public_key_from_pem, signed_message, v3_encrypt};
+use wxhost::wechat::pay::v3::{public_key_from_pem, signed_message, v3_encrypt};
+use wxhost::wechat::pay::{PayNotifyKeys, PlatformKeys, RsaSigner, SignatureHeaders, V2SignType};
+use wxhost::wechat::xml::{flat_xml, push_xml};
+use wxhost::wechat::{CallbackKeys, VerifyError, sorted_sha1, unix_now};
 
 const TOKEN: &str = "test";
 const APPID: &str = "wxb11529c136998cb6";
@@ -23,22 +24,25 @@ fn fixture(f: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(f)).unwrap()
 }
 
-fn crypto() -> CallbackCrypto {
-    let mut platform = PlatformKeys::default();
-    platform.insert(KEY_ID, public_key_from_pem(&fixture("wechatpay_platform_test_pub.pem")).unwrap());
-    CallbackCrypto::new(
+fn crypto() -> CallbackKeys {
+    CallbackKeys::new(
         Some(TOKEN.to_string().into()),
         Some(&AES_KEY.to_string().into()),
         Some(APPID.into()),
         None,
     )
     .unwrap()
-    .with_pay(PayNotifyKeys {
+}
+
+fn pay_keys() -> PayNotifyKeys {
+    let mut platform = PlatformKeys::default();
+    platform.insert(KEY_ID, public_key_from_pem(&fixture("wechatpay_platform_test_pub.pem")).unwrap());
+    PayNotifyKeys {
         apiv3_key: Some(secrecy::SecretBox::new(Box::new(*APIV3_KEY))),
         platform,
         apiv2_key: Some("192006250b4c09247ec02edce69f6a2d".to_string().into()),
-        apiv2_sign_type: wxhost::pay_crypto::V2SignType::HmacSha256,
-    })
+        apiv2_sign_type: V2SignType::HmacSha256,
+    }
 }
 
 fn config() -> ProptestConfig {
@@ -80,27 +84,27 @@ proptest! {
         let encrypt = base64::engine::general_purpose::STANDARD.encode(&bytes);
         let signature = sorted_sha1(&[TOKEN, "1409304348", "xxxxxx", &encrypt]);
         match c.decrypt_message(&signature, "1409304348", "xxxxxx", &encrypt) {
-            Ok(_) | Err(CryptoError::Malformed(_)) | Err(CryptoError::WrongAppid) => {}
+            Ok(_) | Err(VerifyError::Malformed(_)) | Err(VerifyError::WrongAppid) => {}
             Err(other) => prop_assert!(false, "unexpected {other:?}"),
         }
         // A forged signature never gets as far as decrypting.
         prop_assert!(matches!(
             c.decrypt_message("0000", "1409304348", "xxxxxx", &encrypt),
-            Err(CryptoError::BadSignature)
+            Err(VerifyError::BadSignature)
         ));
     }
 
     #[test]
     fn any_message_survives_the_safe_mode_round_trip(message in any::<String>()) {
         let c = crypto();
-        let sealed = c.encrypt_reply(&message, "1409304348", "nonce").unwrap();
+        let sealed = c.encrypt(&message, "1409304348", "nonce").unwrap();
         let opened = c.decrypt_message(&sealed.msg_signature, "1409304348", "nonce", &sealed.encrypt).unwrap();
         prop_assert_eq!(opened, message);
     }
 
     #[test]
     fn any_apiv2_notify_body_is_verified_or_refused_cleanly(text in xmlish()) {
-        let _ = crypto().verify_pay_notify_v2(&text);
+        let _ = pay_keys().verify_v2(&text);
     }
 
     #[test]
@@ -149,15 +153,15 @@ proptest! {
         ]
     ) {
         let signer = RsaSigner::from_pem(&fixture("wechatpay_platform_test_key.pem")).unwrap();
-        let timestamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs().to_string();
-        let headers = PayNotifyHeaders {
+        let timestamp = unix_now().to_string();
+        let headers = SignatureHeaders {
             signature: signer.sign(&signed_message(&timestamp, "N", body.as_bytes())),
             timestamp,
             nonce: "N".into(),
             serial: KEY_ID.into(),
         };
-        match crypto().verify_pay_notify_v3(&headers, body.as_bytes()) {
-            Ok(_) | Err(CryptoError::Malformed(_)) => {}
+        match pay_keys().verify_v3(&headers, body.as_bytes(), unix_now()) {
+            Ok(_) | Err(VerifyError::Malformed(_)) => {}
             Err(other) => prop_assert!(false, "a signed notify is only ever malformed, not {other:?}"),
         }
     }

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use crate::common::*;
 use serde_json::json;
-use wxhost::caps::callback_crypto::{CallbackCrypto, sorted_sha1};
 use wxhost::config::Role;
 use wxhost::database;
 use wxhost::internal_auth::{InternalAuth, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use wxhost::server::RunningServer;
+use wxhost::wechat::{CallbackKeys, sorted_sha1};
 
 const WEB_GRANTS: &str = r#""log", "config", "callback-crypto", "internal-call""#;
 const APP_GRANTS: &str = r#""log", "config", "db", "callback-crypto""#;
@@ -89,7 +89,7 @@ impl Pair {
 
     async fn push_safe(&self, xml: &str) -> (u16, String) {
         let ts = unix_now().to_string();
-        let sealed = crypto().encrypt_reply(xml, &ts, "nonce2").unwrap();
+        let sealed = crypto().encrypt(xml, &ts, "nonce2").unwrap();
         let body = format!(
             "<xml><ToUserName><![CDATA[gh_test]]></ToUserName><Encrypt><![CDATA[{}]]></Encrypt></xml>",
             sealed.encrypt
@@ -132,8 +132,8 @@ impl Pair {
     }
 }
 
-fn crypto() -> CallbackCrypto {
-    CallbackCrypto::new(
+fn crypto() -> CallbackKeys {
+    CallbackKeys::new(
         Some(TOKEN.to_string().into()),
         Some(&AES_KEY.to_string().into()),
         Some(APPID.into()),
@@ -250,7 +250,7 @@ async fn a_safe_mode_push_gets_an_encrypted_reply_that_decrypts_and_verifies() {
 
     // Compatible mode: plaintext fields next to Encrypt; the encrypted one is used.
     let ts = unix_now().to_string();
-    let sealed = crypto().encrypt_reply(&text_message("oSafe", "帮助", 77), &ts, "n3").unwrap();
+    let sealed = crypto().encrypt(&text_message("oSafe", "帮助", 77), &ts, "n3").unwrap();
     let body = format!(
         "<xml><ToUserName>gh_test</ToUserName><FromUserName>oSafe</FromUserName><CreateTime>1</CreateTime>\
          <MsgType>text</MsgType><Content>not this</Content><MsgId>77</MsgId><Encrypt>{}</Encrypt></xml>",
@@ -567,14 +567,14 @@ async fn bad_pushes_get_a_clear_4xx_and_change_nothing_on_both_databases() {
         assert!(stale.text().await.unwrap().contains("stale_timestamp"));
 
         // Safe mode: another account's message, broken base64, broken padding.
-        let foreign = CallbackCrypto::new(
+        let foreign = CallbackKeys::new(
             Some(TOKEN.to_string().into()),
             Some(&AES_KEY.to_string().into()),
             Some("wx0000000000000000".into()),
             None,
         )
         .unwrap();
-        let sealed = foreign.encrypt_reply(&good, &ts, "n").unwrap();
+        let sealed = foreign.encrypt(&good, &ts, "n").unwrap();
         for (case, encrypt, expected) in [
             ("wrong appid", sealed.encrypt.clone(), "wrong_appid"),
             ("broken base64", "%%%not-base64%%%".to_string(), "malformed"),
@@ -595,7 +595,7 @@ async fn bad_pushes_get_a_clear_4xx_and_change_nothing_on_both_databases() {
         }
         // A valid Encrypt under a forged msg_signature.
         let q = format!("timestamp={ts}&nonce=n&encrypt_type=aes&msg_signature={}", "1".repeat(40));
-        let sealed = crypto().encrypt_reply(&good, &ts, "n").unwrap();
+        let sealed = crypto().encrypt(&good, &ts, "n").unwrap();
         let body = format!("<xml><Encrypt><![CDATA[{}]]></Encrypt></xml>", sealed.encrypt);
         assert_eq!(pair.client.post(web(&q)).body(body).send().await.unwrap().status(), 401, "{which}");
 
@@ -644,7 +644,7 @@ async fn with_an_aes_key_a_plaintext_push_is_refused_before_it_reaches_the_app_r
 
             // The same event in safe mode passes, and server verification still works.
             let (query, ts) = signed("safe");
-            let sealed = crypto().encrypt_reply(&subscribe, &ts, "safe").unwrap();
+            let sealed = crypto().encrypt(&subscribe, &ts, "safe").unwrap();
             let q = format!("{query}&encrypt_type=aes&msg_signature={}", sealed.msg_signature);
             let body = format!(
                 "<xml><ToUserName>gh</ToUserName><Encrypt><![CDATA[{}]]></Encrypt></xml>",

@@ -18,7 +18,7 @@ async fn web_host(config: &TestConfig) -> Arc<Host> {
     let config = wxhost::config::load(&config.path()).unwrap();
     let engine = wxhost::engine::new(config.max_instances).unwrap();
     let crypto = CallbackCrypto::new(Some(TOKEN.to_string().into()), None, None, Some(300)).unwrap();
-    let services = Arc::new(Services { callback_crypto: Some(crypto), ..Services::default() });
+    let services = Arc::new(Services::default().with(crypto));
     Arc::new(Host::start(engine, services, &config, &[Role::Web]).await.unwrap())
 }
 
@@ -140,7 +140,7 @@ async fn the_admin_api_lists_plugins_with_versions_routes_and_capabilities() {
     );
     assert_eq!(
         verify["capabilities"],
-        serde_json::json!(["log", "config", "callback-crypto", "internal-call"])
+        serde_json::json!(["callback-crypto", "config", "internal-call", "log"])
     );
     assert!(verify["loaded_at_unix"].as_u64().unwrap() > 1_700_000_000);
     assert_eq!(body["last_reload"]["ok"], true);

@@ -15,7 +15,7 @@ fn the_signature_rule_tests_sign_with_matches_the_sdk_vector() {
     let v = vector();
     let s = |k: &str| v[k].as_str().unwrap().to_string();
     assert_eq!(TOKEN, s("token"));
-    let ours = wxhost::caps::callback_crypto::sorted_sha1(&[&s("token"), &s("timestamp"), &s("nonce")]);
+    let ours = wxhost::wechat::sorted_sha1(&[&s("token"), &s("timestamp"), &s("nonce")]);
     assert_eq!(ours, s("signature"));
 }
 
@@ -31,7 +31,7 @@ async fn server_verification_echoes_echostr_only_for_a_valid_signature() {
     assert_eq!(ok.text().await.unwrap(), "5188563426541789870");
 
     let ts = unix_now().to_string();
-    let good = wxhost::caps::callback_crypto::sorted_sha1(&[TOKEN, &ts, "n"]);
+    let good = wxhost::wechat::sorted_sha1(&[TOKEN, &ts, "n"]);
     // The right signature with its last digit changed.
     let forged = format!("{}{}", &good[..39], if good.ends_with('0') { '1' } else { '0' });
     let cases = [

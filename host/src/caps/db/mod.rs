@@ -13,6 +13,11 @@ pub mod mysql_user;
 mod sqlite_guard;
 pub mod transaction;
 
+use futures::future::BoxFuture;
+use secrecy::ExposeSecret as _;
+
+use super::{CapabilitySpec, Context, PluginState, ServiceInputs};
+use crate::role::Role;
 use transaction::OpenTransaction;
 pub use transaction::Transaction;
 
@@ -96,10 +101,29 @@ async fn sqlite_plugin_pool(url: &str, settings: &PoolSettings) -> anyhow::Resul
         })
 }
 
+/// The app role's, and never the web role's.
+pub const SPEC: CapabilitySpec = CapabilitySpec { name: "db", roles: &[Role::App], open, link };
+
+fn open<'a>(inputs: &'a ServiceInputs<'a>) -> BoxFuture<'a, anyhow::Result<Option<Context>>> {
+    Box::pin(async move {
+        let Some(db) = inputs.database else { return Ok(None) };
+        let plugin_url = inputs.settings.plugin_database_url.as_ref().map(|u| u.expose_secret());
+        let ctx = DbCtx::open(db, inputs.database_url, plugin_url, inputs.pool).await?;
+        Ok(Some(Box::new(ctx) as Context))
+    })
+}
+
+fn link(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    add_to_linker(linker, |s| DbView { ctx: s.services.get(), table: &mut s.table })
+}
+
 pub struct DbView<'a> {
     pub ctx: Option<&'a DbCtx>,
     pub table: &'a mut ResourceTable,
 }
+
+/// A capability call's error: an [`Error`] for the plugin, or a trap.
+pub type DbFailure = crate::bindings::CapabilityError<Error>;
 
 struct HasDb;
 
@@ -361,6 +385,10 @@ fn is_query_error(code: Option<&str>, message: &str) -> bool {
 }
 
 impl wit::Host for DbView<'_> {
+    fn convert_error(&mut self, err: DbFailure) -> wasmtime::Result<Error> {
+        err.downcast()
+    }
+
     async fn dialect(&mut self) -> wasmtime::Result<SqlDialect> {
         Ok(match self.ctx.map(|c| c.db.dialect()) {
             Some(Dialect::Mysql) => SqlDialect::Mysql,
@@ -368,47 +396,37 @@ impl wit::Host for DbView<'_> {
         })
     }
 
-    async fn query(&mut self, sql: String, params: Vec<Value>) -> wasmtime::Result<Result<Rows, Error>> {
-        Ok(match self.ctx() {
-            Ok(ctx) => query(&ctx.plugins, &sql, params).await,
-            Err(e) => Err(e),
-        })
+    async fn query(&mut self, sql: String, params: Vec<Value>) -> Result<Rows, DbFailure> {
+        Ok(query(&self.ctx()?.plugins, &sql, params).await?)
     }
 
-    async fn execute(
-        &mut self,
-        sql: String,
-        params: Vec<Value>,
-    ) -> wasmtime::Result<Result<ExecResult, Error>> {
-        Ok(match self.ctx() {
-            Ok(ctx) => execute(ctx, &sql, params).await,
-            Err(e) => Err(e),
-        })
+    async fn execute(&mut self, sql: String, params: Vec<Value>) -> Result<ExecResult, DbFailure> {
+        Ok(execute(self.ctx()?, &sql, params).await?)
     }
 
-    async fn begin(&mut self) -> wasmtime::Result<Result<Resource<Transaction>, Error>> {
-        let ctx = match self.ctx() {
-            Ok(ctx) => ctx,
-            Err(e) => return Ok(Err(e)),
-        };
+    async fn begin(&mut self) -> Result<Resource<Transaction>, DbFailure> {
+        let ctx = self.ctx()?;
         let tx = match &ctx.plugins {
             // SQLite: the writer turn first (writers queue in arrival order), then
             // IMMEDIATE takes SQLite's write lock up front; a deferred transaction
             // that reads, then writes, fails at once with "database is locked"
             // when another writer got in between.
             Pool::Sqlite(p) => {
-                let turn = match ctx.db.writer_turn().await {
-                    Ok(turn) => turn,
-                    Err(e) => return Ok(Err(writer_busy(e))),
-                };
+                let turn = ctx.db.writer_turn().await.map_err(writer_busy)?;
                 p.begin_with("BEGIN IMMEDIATE").await.map(|t| OpenTransaction::Sqlite(t, turn))
             }
             Pool::Mysql(p) => p.begin().await.map(OpenTransaction::Mysql),
-        };
-        match tx {
-            Ok(tx) => Ok(Ok(self.table.push(Transaction { tx: Some(tx) })?)),
-            Err(e) => Ok(Err(map_err(e))),
         }
+        .map_err(map_err)?;
+        self.table.push(Transaction { tx: Some(tx) }).map_err(DbFailure::trap)
+    }
+}
+
+impl DbView<'_> {
+    /// The open transaction behind a handle (`None` once committed or rolled back).
+    fn open(&mut self, this: &Resource<Transaction>) -> Result<&mut Option<OpenTransaction>, DbFailure> {
+        // The component model checks handles, so a missing entry is a host bug.
+        Ok(&mut self.table.get_mut(this).map_err(DbFailure::trap)?.tx)
     }
 }
 
@@ -418,11 +436,9 @@ impl wit::HostTransaction for DbView<'_> {
         this: Resource<Transaction>,
         sql: String,
         params: Vec<Value>,
-    ) -> wasmtime::Result<Result<Rows, Error>> {
-        match self.table.get_mut(&this)?.tx.as_mut() {
-            Some(tx) => Ok(tx_query(tx, &sql, params).await),
-            None => Ok(Err(Error::TransactionClosed)),
-        }
+    ) -> Result<Rows, DbFailure> {
+        let tx = self.open(&this)?.as_mut().ok_or(Error::TransactionClosed)?;
+        Ok(tx_query(tx, &sql, params).await?)
     }
 
     async fn execute(
@@ -430,27 +446,25 @@ impl wit::HostTransaction for DbView<'_> {
         this: Resource<Transaction>,
         sql: String,
         params: Vec<Value>,
-    ) -> wasmtime::Result<Result<ExecResult, Error>> {
-        match self.table.get_mut(&this)?.tx.as_mut() {
-            Some(tx) => Ok(tx_execute(tx, &sql, params).await),
-            None => Ok(Err(Error::TransactionClosed)),
+    ) -> Result<ExecResult, DbFailure> {
+        let tx = self.open(&this)?.as_mut().ok_or(Error::TransactionClosed)?;
+        Ok(tx_execute(tx, &sql, params).await?)
+    }
+
+    async fn commit(&mut self, this: Resource<Transaction>) -> Result<(), DbFailure> {
+        match self.open(&this)?.take().ok_or(Error::TransactionClosed)? {
+            OpenTransaction::Sqlite(t, _turn) => t.commit().await,
+            OpenTransaction::Mysql(t) => t.commit().await,
         }
+        .map_err(|e| map_err(e).into())
     }
 
-    async fn commit(&mut self, this: Resource<Transaction>) -> wasmtime::Result<Result<(), Error>> {
-        Ok(match self.table.get_mut(&this)?.tx.take() {
-            Some(OpenTransaction::Sqlite(t, _turn)) => t.commit().await.map_err(map_err),
-            Some(OpenTransaction::Mysql(t)) => t.commit().await.map_err(map_err),
-            None => Err(Error::TransactionClosed),
-        })
-    }
-
-    async fn rollback(&mut self, this: Resource<Transaction>) -> wasmtime::Result<Result<(), Error>> {
-        Ok(match self.table.get_mut(&this)?.tx.take() {
-            Some(OpenTransaction::Sqlite(t, _turn)) => t.rollback().await.map_err(map_err),
-            Some(OpenTransaction::Mysql(t)) => t.rollback().await.map_err(map_err),
-            None => Err(Error::TransactionClosed),
-        })
+    async fn rollback(&mut self, this: Resource<Transaction>) -> Result<(), DbFailure> {
+        match self.open(&this)?.take().ok_or(Error::TransactionClosed)? {
+            OpenTransaction::Sqlite(t, _turn) => t.rollback().await,
+            OpenTransaction::Mysql(t) => t.rollback().await,
+        }
+        .map_err(|e| map_err(e).into())
     }
 
     async fn drop(&mut self, this: Resource<Transaction>) -> wasmtime::Result<()> {

@@ -190,13 +190,11 @@ pub async fn connect_checked(
         }
     }
     // The server's own answer, which also covers roles and proxies.
-    let mut conn = pool.acquire().await?;
     for table in HOST_TABLES {
-        if sqlx::raw_sql(&format!("SELECT 1 FROM `{table}` LIMIT 0")).execute(&mut *conn).await.is_ok() {
+        if sqlx::raw_sql(&format!("SELECT 1 FROM `{table}` LIMIT 0")).execute(&pool).await.is_ok() {
             problems.push(format!("it can read host table `{table}`"));
         }
     }
-    drop(conn);
     if !problems.is_empty() {
         pool.close().await;
         bail!(

@@ -1,6 +1,7 @@
-//! WeChat Pay's cryptography: APIv2 signatures (MD5 / HMAC-SHA256 over the
-//! sorted fields), APIv3 AEAD (AES-256-GCM with the APIv3 key), and the
-//! SHA256-RSA signatures of APIv3 requests, responses and notifies.
+//! WeChat Pay APIv3: the AEAD of notify resources and certificates
+//! (AES-256-GCM with the APIv3 key), and the SHA256-RSA signatures of
+//! requests (`Authorization: WECHATPAY2-SHA256-RSA2048 …`), answers and
+//! notifies (`Wechatpay-*` headers, checked with the platform's keys).
 
 use std::collections::HashMap;
 
@@ -8,61 +9,11 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use hmac::{Hmac, Mac};
-use md5::{Digest as _, Md5};
 use rsa::pkcs1v15::{Signature, SigningKey, VerifyingKey};
 use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey};
 use rsa::signature::{SignatureEncoding, Signer, Verifier};
 use rsa::{RsaPrivateKey, RsaPublicKey};
 use sha2::Sha256;
-
-/// What checking WeChat Pay's notifies takes: the APIv3 key, the platform's
-/// public keys, and (for APIv2 merchants) the APIv2 key.
-pub struct PayNotifyKeys {
-    pub apiv3_key: Option<secrecy::SecretBox<[u8; 32]>>,
-    pub platform: PlatformKeys,
-    pub apiv2_key: Option<secrecy::SecretString>,
-    /// The APIv2 sign type the merchant uses: a notify signed otherwise is
-    /// refused (no downgrade from HMAC-SHA256 to MD5).
-    pub apiv2_sign_type: V2SignType,
-}
-
-/// How an APIv2 message is signed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum V2SignType {
-    Md5,
-    HmacSha256,
-}
-
-impl V2SignType {
-    pub fn parse(s: Option<&str>) -> Option<V2SignType> {
-        match s {
-            None | Some("MD5") | Some("") => Some(V2SignType::Md5),
-            Some("HMAC-SHA256") => Some(V2SignType::HmacSha256),
-            _ => None,
-        }
-    }
-}
-
-/// APIv2 `sign`: sort the fields, drop empty values and `sign` itself, join
-/// `k=v` with `&`, append `&key=API_KEY`, digest, upper-case hex.
-pub fn v2_sign(fields: &[(String, String)], api_key: &str, sign_type: V2SignType) -> String {
-    let mut pairs: Vec<&(String, String)> =
-        fields.iter().filter(|(k, v)| k != "sign" && !v.is_empty()).collect();
-    pairs.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut text = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
-    text.push_str("&key=");
-    text.push_str(api_key);
-    let digest = match sign_type {
-        V2SignType::Md5 => Md5::digest(text.as_bytes()).to_vec(),
-        V2SignType::HmacSha256 => {
-            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(api_key.as_bytes()).expect("any key length");
-            mac.update(text.as_bytes());
-            mac.finalize().into_bytes().to_vec()
-        }
-    };
-    hex::encode_upper(digest)
-}
 
 /// Why an AEAD resource did not open.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -322,35 +273,79 @@ fn pem_blocks(text: &str) -> Vec<&str> {
     blocks
 }
 
+/// One APIv3 request as the merchant signs it.
+pub struct SignedRequest<'a> {
+    pub method: &'a str,
+    pub path_and_query: &'a str,
+    pub timestamp: &'a str,
+    pub nonce: &'a str,
+    pub body: &'a str,
+}
+
+impl SignedRequest<'_> {
+    /// The `Authorization` header: the merchant's signature over
+    /// `METHOD\npath?query\ntimestamp\nnonce\nbody\n`, with the merchant id
+    /// and the serial of the merchant's API certificate.
+    pub fn authorization(&self, merchant_key: &RsaSigner, mchid: &str, serial_no: &str) -> String {
+        let SignedRequest { method, path_and_query, timestamp, nonce, body } = self;
+        let signature = merchant_key
+            .sign(format!("{method}\n{path_and_query}\n{timestamp}\n{nonce}\n{body}\n").as_bytes());
+        format!(
+            "WECHATPAY2-SHA256-RSA2048 mchid=\"{mchid}\",nonce_str=\"{nonce}\",signature=\"{signature}\",timestamp=\"{timestamp}\",serial_no=\"{serial_no}\""
+        )
+    }
+}
+
+/// The fields of a merchant's `Authorization` header (WeChat Pay's side of
+/// [`SignedRequest::authorization`]; the simulator checks requests with it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorization {
+    pub mchid: String,
+    pub serial_no: String,
+    pub nonce: String,
+    pub timestamp: String,
+    pub signature: String,
+}
+
+impl Authorization {
+    /// `WECHATPAY2-SHA256-RSA2048 k="v",…`; `None` for another scheme.
+    pub fn parse(header: &str) -> Option<Authorization> {
+        let params = header.strip_prefix("WECHATPAY2-SHA256-RSA2048 ")?;
+        let fields: HashMap<&str, &str> = params
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.trim(), v.trim().trim_matches('"')))
+            .collect();
+        let field = |k: &str| fields.get(k).copied().unwrap_or_default().to_string();
+        Some(Authorization {
+            mchid: field("mchid"),
+            serial_no: field("serial_no"),
+            nonce: field("nonce_str"),
+            timestamp: field("timestamp"),
+            signature: field("signature"),
+        })
+    }
+
+    /// Whether the signature covers this request, made with `merchant_public`'s private key.
+    pub fn verifies(
+        &self,
+        merchant_public: &RsaPublicKey,
+        method: &str,
+        path_and_query: &str,
+        body: &[u8],
+    ) -> bool {
+        let mut message =
+            format!("{method}\n{path_and_query}\n{}\n{}\n", self.timestamp, self.nonce).into_bytes();
+        message.extend_from_slice(body);
+        message.push(b'\n');
+        rsa_verify(merchant_public, &message, &self.signature)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Value;
-
-    fn vectors() -> Value {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/wechat_vectors.json");
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-    }
-
-    #[test]
-    fn v2_signatures_match_the_sdk_vectors() {
-        for v in vectors()["pay_v2_sign"].as_array().unwrap() {
-            let key = v["api_key"].as_str().unwrap();
-            let fields: Vec<(String, String)> = v["params"]
-                .as_object()
-                .unwrap()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
-                .collect();
-            assert_eq!(v2_sign(&fields, key, V2SignType::Md5), v["md5"].as_str().unwrap());
-            assert_eq!(v2_sign(&fields, key, V2SignType::HmacSha256), v["hmac_sha256"].as_str().unwrap());
-            // Empty values and a `sign` field do not count.
-            let mut more = fields.clone();
-            more.push(("attach".into(), String::new()));
-            more.push(("sign".into(), "WHATEVER".into()));
-            assert_eq!(v2_sign(&more, key, V2SignType::Md5), v["md5"].as_str().unwrap());
-        }
-    }
+    use crate::wechat::test_support::{fixture, vectors};
 
     #[test]
     fn v3_resources_decrypt_like_the_sdk_vector_and_refuse_tampering() {
@@ -380,9 +375,6 @@ mod tests {
 
     #[test]
     fn rsa_signatures_verify_with_the_matching_public_key_only() {
-        let fixture = |f: &str| {
-            std::fs::read_to_string(format!("{}/tests/fixtures/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap()
-        };
         let platform = private_key_from_pem(&fixture("wechatpay_platform_test_key.pem")).unwrap();
         let platform_pub = public_key_from_pem(&fixture("wechatpay_platform_test_pub.pem")).unwrap();
         let merchant_pub = public_key_from_pem(&fixture("merchant_test_pub.pem")).unwrap();
@@ -397,9 +389,6 @@ mod tests {
 
     #[test]
     fn platform_certificates_go_by_their_serial_and_public_keys_by_their_id() {
-        let fixture = |f: &str| {
-            std::fs::read_to_string(format!("{}/tests/fixtures/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap()
-        };
         let cert = fixture("wechatpay_platform_test_cert.pem");
         let public = fixture("wechatpay_platform_test_pub.pem");
         let signer = RsaSigner::from_pem(&fixture("wechatpay_platform_test_key.pem")).unwrap();
@@ -443,9 +432,6 @@ mod tests {
 
     #[test]
     fn the_merchant_signer_matches_the_rsa_reference_and_refuses_other_pems() {
-        let fixture = |f: &str| {
-            std::fs::read_to_string(format!("{}/tests/fixtures/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap()
-        };
         let signer = RsaSigner::from_pem(&fixture("merchant_test_key.pem")).unwrap();
         let reference = private_key_from_pem(&fixture("merchant_test_key.pem")).unwrap();
         let message = b"wxb11529c136998cb6\n1414561699\n5K8264ILTKCH16CQ2502SI8ZNMTM67VS\nprepay_id=wx201410272009395522657a690389285100\n";
@@ -455,5 +441,26 @@ mod tests {
         assert!(rsa_verify(&public, message, &signer.sign(message)));
         assert!(RsaSigner::from_pem(&fixture("merchant_test_pub.pem")).is_err());
         assert!(RsaSigner::from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----").is_err());
+    }
+
+    #[test]
+    fn a_signed_request_verifies_as_wechat_pay_checks_it_and_not_once_changed() {
+        let key = RsaSigner::from_pem(&fixture("merchant_test_key.pem")).unwrap();
+        let public = public_key_from_pem(&fixture("merchant_test_pub.pem")).unwrap();
+        let request = SignedRequest {
+            method: "POST",
+            path_and_query: "/v3/pay/transactions/native",
+            timestamp: "1554208460",
+            nonce: "593BEC0C930BF1AFEB40B4A08C8FB242",
+            body: r#"{"amount":{"total":1}}"#,
+        };
+        let header = request.authorization(&key, "1900000001", "SERIAL01");
+        let auth = Authorization::parse(&header).unwrap();
+        assert_eq!((auth.mchid.as_str(), auth.serial_no.as_str()), ("1900000001", "SERIAL01"));
+        assert_eq!(auth.timestamp, "1554208460");
+        assert!(auth.verifies(&public, "POST", "/v3/pay/transactions/native", request.body.as_bytes()));
+        assert!(!auth.verifies(&public, "POST", "/v3/pay/transactions/h5", request.body.as_bytes()));
+        assert!(!auth.verifies(&public, "POST", "/v3/pay/transactions/native", b"{}"));
+        assert!(Authorization::parse("Bearer x").is_none());
     }
 }

@@ -1,0 +1,241 @@
+//! The simulator's WeChat Pay side (what api.mch.weixin.qq.com does): JSAPI
+//! orders, order query and close, in APIv3 (the merchant's request signature
+//! checked, answers signed with the platform key) and APIv2 (XML and `sign`).
+//! Paying an order sends the signed notify (APIv3: AES-256-GCM resource;
+//! APIv2: signed XML) to the order's `notify_url`, repeated on WeChat Pay's
+//! retry schedule (compressed by `retry_scale`) until it is acknowledged.
+
+mod notify;
+mod v2;
+mod v3;
+
+pub use notify::{PayOutcome, PayRequest};
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rsa::RsaPublicKey;
+use serde_json::{Value, json};
+
+use super::{Sim, now, random_hex};
+use crate::wechat::pay::{RsaSigner, V2SignType, rfc3339_cst};
+
+/// WeChat Pay's notify retry schedule (seconds after the previous attempt).
+pub const RETRY_SCHEDULE_SECS: [u64; 15] =
+    [15, 15, 30, 180, 600, 1200, 1800, 1800, 1800, 3600, 10800, 10800, 10800, 21600, 21600];
+
+/// The merchant the simulated WeChat Pay knows, and its own platform key.
+pub struct SimPayConfig {
+    pub appid: String,
+    pub mchid: String,
+    /// Checks the merchant's APIv3 request signatures.
+    pub merchant_public_key: RsaPublicKey,
+    pub merchant_serial: String,
+    /// Signs answers and notifies.
+    pub platform_key: RsaSigner,
+    /// The id answers and notifies are signed under (`Wechatpay-Serial`).
+    pub platform_key_id: String,
+    pub apiv3_key: [u8; 32],
+    pub apiv2_key: Option<String>,
+    /// 1.0 = WeChat Pay's real retry schedule; 0.001 turns 15 s into 15 ms.
+    pub retry_scale: f64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Api {
+    V3,
+    V2(V2SignType),
+}
+
+struct SimOrder {
+    api: Api,
+    appid: String,
+    mchid: String,
+    description: String,
+    total: i64,
+    openid: String,
+    notify_url: String,
+    time_expire: i64,
+    attach: Option<String>,
+    prepay_id: String,
+    /// NOTPAY, SUCCESS, CLOSED.
+    state: &'static str,
+    transaction_id: Option<String>,
+    success_time: Option<i64>,
+    /// Status of every notify delivery, in order.
+    deliveries: Vec<u16>,
+    acknowledged: bool,
+}
+
+#[derive(Default)]
+pub(super) struct PayData {
+    orders: HashMap<String, SimOrder>,
+    by_prepay_id: HashMap<String, String>,
+    notifies_sent: u64,
+}
+
+pub(super) type SharedPay = Arc<Mutex<PayData>>;
+
+pub(super) fn routes() -> axum::Router<Sim> {
+    axum::Router::new().merge(v3::routes()).merge(v2::routes()).merge(notify::routes())
+}
+
+fn pay_config(sim: &Sim) -> Option<&SimPayConfig> {
+    sim.pay_config.as_deref()
+}
+
+/// The transaction as WeChat Pay describes it (query answers and notify resources).
+fn transaction_json(no: &str, o: &SimOrder) -> Value {
+    let mut t = json!({
+        "appid": o.appid,
+        "mchid": o.mchid,
+        "out_trade_no": no,
+        "trade_type": "JSAPI",
+        "trade_state": o.state,
+        "trade_state_desc": match o.state { "SUCCESS" => "支付成功", "CLOSED" => "已关闭", _ => "未支付" },
+        "payer": { "openid": o.openid },
+        "amount": { "total": o.total, "currency": "CNY" },
+    });
+    if let Some(id) = &o.transaction_id {
+        t["transaction_id"] = json!(id);
+        t["bank_type"] = json!("OTHERS");
+        t["amount"]["payer_total"] = json!(o.total);
+        t["amount"]["payer_currency"] = json!("CNY");
+    }
+    if let Some(at) = o.success_time {
+        t["success_time"] = json!(rfc3339_cst(at));
+    }
+    if let Some(a) = &o.attach {
+        t["attach"] = json!(a);
+    }
+    t
+}
+
+struct NewOrder {
+    api: Api,
+    appid: String,
+    mchid: String,
+    description: String,
+    no: String,
+    total: i64,
+    openid: String,
+    notify_url: String,
+    time_expire: i64,
+    attach: Option<String>,
+}
+
+impl Sim {
+    fn place_order(&self, o: NewOrder) -> Result<String, (&'static str, &'static str)> {
+        if o.total <= 0 {
+            return Err(("PARAM_ERROR", "amount must be positive"));
+        }
+        if o.time_expire <= now() {
+            return Err(("PARAM_ERROR", "time_expire has passed"));
+        }
+        let mut pay = self.pay.lock().expect("sim pay lock");
+        if let Some(existing) = pay.orders.get(&o.no) {
+            return match existing.state {
+                "SUCCESS" => Err(("ORDERPAID", "该订单已支付")),
+                "CLOSED" => Err(("ORDER_CLOSED", "该订单已关闭")),
+                _ if existing.total == o.total && existing.openid == o.openid => {
+                    Ok(existing.prepay_id.clone())
+                }
+                _ => Err(("OUT_TRADE_NO_USED", "商户订单号重复")),
+            };
+        }
+        let prepay_id = format!("wx{}", random_hex(15));
+        pay.by_prepay_id.insert(prepay_id.clone(), o.no.clone());
+        pay.orders.insert(
+            o.no,
+            SimOrder {
+                api: o.api,
+                appid: o.appid,
+                mchid: o.mchid,
+                description: o.description,
+                total: o.total,
+                openid: o.openid,
+                notify_url: o.notify_url,
+                time_expire: o.time_expire,
+                attach: o.attach,
+                prepay_id: prepay_id.clone(),
+                state: "NOTPAY",
+                transaction_id: None,
+                success_time: None,
+                deliveries: Vec::new(),
+                acknowledged: false,
+            },
+        );
+        Ok(prepay_id)
+    }
+
+    fn close(&self, no: &str) -> Result<(), (&'static str, &'static str)> {
+        let mut pay = self.pay.lock().expect("sim pay lock");
+        let o = pay.orders.get_mut(no).ok_or(("ORDER_NOT_EXIST", "订单不存在"))?;
+        match o.state {
+            "SUCCESS" => Err(("ORDERPAID", "该订单已支付")),
+            _ => {
+                o.state = "CLOSED";
+                Ok(())
+            }
+        }
+    }
+}
+
+fn random_digits(n: usize) -> String {
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    (0..n).map(|_| char::from(b'0' + rng.random_range(0..10u8))).collect()
+}
+
+impl SimPayConfig {
+    /// What WeChat Pay knows of the merchant, from the merchant's own settings
+    /// (WECHAT_APPID, WECHATPAY_MCHID, WECHATPAY_SERIAL, WECHATPAY_PUBLIC_KEY_ID,
+    /// WECHATPAY_APIV3_KEY, WECHATPAY_APIV2_KEY), plus the merchant's public key
+    /// and the platform's private key.
+    pub fn from_settings(
+        s: &crate::settings::Settings,
+        merchant_public_key: &std::path::Path,
+        platform_private_key: &std::path::Path,
+        retry_scale: f64,
+    ) -> anyhow::Result<SimPayConfig> {
+        use anyhow::Context as _;
+        use secrecy::ExposeSecret as _;
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        };
+        let need = |v: &Option<String>, name: &str| v.clone().with_context(|| format!("{name} is not set"));
+        Ok(SimPayConfig {
+            appid: need(&s.wechat_appid, "WECHAT_APPID")?,
+            mchid: need(&s.wechatpay_mchid, "WECHATPAY_MCHID")?,
+            merchant_public_key: crate::wechat::pay::v3::public_key_from_pem(&read(merchant_public_key)?)?,
+            merchant_serial: need(&s.wechatpay_serial, "WECHATPAY_SERIAL")?,
+            platform_key: RsaSigner::from_pem(&read(platform_private_key)?)?,
+            platform_key_id: need(&s.wechatpay_public_key_id, "WECHATPAY_PUBLIC_KEY_ID")?,
+            apiv3_key: *s.apiv3_key()?.context("WECHATPAY_APIV3_KEY is not set")?.expose_secret(),
+            apiv2_key: s.wechatpay_apiv2_key.as_ref().map(|k| k.expose_secret().to_string()),
+            retry_scale,
+        })
+    }
+}
+
+/// `{name}_key.pem` (PKCS#8, mode 0600) and `{name}_pub.pem` in `dir`, made
+/// once: development and simulator key pairs (never for production).
+pub fn ensure_key_pair(
+    dir: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    use anyhow::Context as _;
+    use rsa::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _, LineEnding};
+    let (private, public) = (dir.join(format!("{name}_key.pem")), dir.join(format!("{name}_pub.pem")));
+    if private.exists() && public.exists() {
+        return Ok((private, public));
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048)?;
+    let pem = key.to_pkcs8_pem(LineEnding::LF)?;
+    std::fs::write(&private, pem.as_bytes()).with_context(|| format!("writing {}", private.display()))?;
+    std::fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std::fs::write(&public, key.to_public_key().to_public_key_pem(LineEnding::LF)?)
+        .with_context(|| format!("writing {}", public.display()))?;
+    Ok((private, public))
+}

@@ -1,0 +1,307 @@
+//! Paying a simulated order, and the notifies WeChat Pay then sends: signed
+//! (APIv3: AES-256-GCM resource; APIv2: signed XML), delivered to the order's
+//! `notify_url` and repeated on WeChat Pay's retry schedule until acknowledged.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{Api, RETRY_SCHEDULE_SECS, SimOrder, SimPayConfig, pay_config, random_digits, transaction_json};
+use crate::sim::{Sim, now, openid_of};
+use crate::wechat::pay::v2::{self, V2SignType, v2_sign};
+use crate::wechat::pay::v3::{signed_message, v3_encrypt};
+use crate::wechat::pay::{random_token, rfc3339_cst};
+use crate::wechat::xml::{flat_xml, to_xml};
+
+pub(super) fn routes() -> axum::Router<Sim> {
+    axum::Router::new()
+        .route("/sim/pay", post(pay))
+        .route("/sim/pay/notify", post(redeliver))
+        .route("/sim/pay/notify-request", post(notify_request))
+        .route("/sim/pay/orders/{no}", get(inspect))
+}
+
+/// A request to pay an order (tests, the CLI, and the member page in development).
+#[derive(Deserialize, Default)]
+pub struct PayRequest {
+    pub out_trade_no: Option<String>,
+    pub prepay_id: Option<String>,
+    /// The test user who pays; must be the order's payer. Absent: the payer.
+    pub user: Option<String>,
+}
+
+/// What paying did.
+#[derive(Debug, serde::Serialize)]
+pub struct PayOutcome {
+    pub out_trade_no: String,
+    pub trade_state: String,
+    pub transaction_id: String,
+    /// Status of the first notify delivery (0: it did not get an answer).
+    pub notify_status: u16,
+    pub acknowledged: bool,
+}
+
+impl Sim {
+    /// The payer pays: the order becomes SUCCESS and its notify is delivered
+    /// (the first attempt awaited, retries in the background until acknowledged).
+    pub async fn pay(&self, r: &PayRequest) -> Result<PayOutcome, String> {
+        let no = {
+            let mut pay = self.pay.lock().expect("sim pay lock");
+            let no = match (&r.out_trade_no, &r.prepay_id) {
+                (Some(no), _) => no.clone(),
+                (None, Some(prepay)) => {
+                    pay.by_prepay_id.get(prepay).cloned().ok_or("no order has this prepay_id")?
+                }
+                (None, None) => return Err("give out_trade_no or prepay_id".into()),
+            };
+            let o = pay.orders.get_mut(&no).ok_or("WeChat Pay has no order with this out_trade_no")?;
+            if let Some(user) = &r.user
+                && openid_of(user) != o.openid
+            {
+                return Err("this order belongs to another payer".into());
+            }
+            match o.state {
+                "NOTPAY" if o.time_expire > now() => {}
+                "NOTPAY" => return Err("the order has expired".into()),
+                other => return Err(format!("the order is {other}, not payable")),
+            }
+            o.state = "SUCCESS";
+            o.success_time = Some(now());
+            o.transaction_id = Some(format!("4200{}", &random_digits(24)));
+            no
+        };
+        let (status, acknowledged) = self.deliver(&no).await;
+        if !acknowledged {
+            let sim = self.clone();
+            let no = no.clone();
+            tokio::spawn(async move { sim.retry_notify(&no).await });
+        }
+        let pay = self.pay.lock().expect("sim pay lock");
+        let o = &pay.orders[&no];
+        Ok(PayOutcome {
+            out_trade_no: no.clone(),
+            trade_state: o.state.into(),
+            transaction_id: o.transaction_id.clone().unwrap_or_default(),
+            notify_status: status,
+            acknowledged,
+        })
+    }
+
+    /// WeChat Pay's retries: on its schedule (scaled), until acknowledged.
+    async fn retry_notify(&self, no: &str) {
+        let scale = pay_config(self).map(|c| c.retry_scale).unwrap_or(1.0);
+        for secs in RETRY_SCHEDULE_SECS {
+            tokio::time::sleep(Duration::from_secs_f64(secs as f64 * scale)).await;
+            if self.pay.lock().expect("sim pay lock").orders.get(no).is_none_or(|o| o.acknowledged) {
+                return;
+            }
+            if self.deliver(no).await.1 {
+                return;
+            }
+        }
+    }
+
+    /// Delivers the paid order's notify once; returns (status, acknowledged).
+    pub async fn deliver(&self, no: &str) -> (u16, bool) {
+        let Some(config) = pay_config(self) else { return (0, false) };
+        let built = {
+            let mut pay = self.pay.lock().expect("sim pay lock");
+            pay.notifies_sent += 1;
+            pay.orders.get(no).map(|o| (o.api, o.notify_url.clone(), build_notify(config, no, o)))
+        };
+        let Some((api, url, (headers, body))) = built else { return (0, false) };
+        let mut request = self.http.post(&url).body(body).timeout(Duration::from_secs(5));
+        for (k, v) in headers {
+            request = request.header(k, v);
+        }
+        let (status, acknowledged) = match request.send().await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let text = r.text().await.unwrap_or_default();
+                let ok = match api {
+                    Api::V3 => status == 200 || status == 204,
+                    Api::V2(_) => {
+                        status == 200
+                            && flat_xml(&text)
+                                .ok()
+                                .and_then(|f| f.into_iter().find(|(k, _)| k == "return_code"))
+                                .is_some_and(|(_, v)| v == "SUCCESS")
+                    }
+                };
+                (status, ok)
+            }
+            Err(_) => (0, false),
+        };
+        let mut pay = self.pay.lock().expect("sim pay lock");
+        if let Some(o) = pay.orders.get_mut(no) {
+            o.deliveries.push(status);
+            o.acknowledged |= acknowledged;
+        }
+        (status, acknowledged)
+    }
+
+    /// Notifies delivered so far (first attempts, retries and duplicates).
+    pub fn notifies_sent(&self) -> u64 {
+        self.pay.lock().expect("sim pay lock").notifies_sent
+    }
+
+    /// The order as the simulated WeChat Pay holds it (for tests).
+    pub fn pay_order(&self, no: &str) -> Option<Value> {
+        let pay = self.pay.lock().expect("sim pay lock");
+        pay.orders.get(no).map(|o| {
+            let mut t = transaction_json(no, o);
+            t["deliveries"] = json!(o.deliveries);
+            t["acknowledged"] = json!(o.acknowledged);
+            t["prepay_id"] = json!(o.prepay_id);
+            t["description"] = json!(o.description);
+            t
+        })
+    }
+}
+
+/// The notify for a paid order, signed now: (headers, body).
+fn build_notify(config: &SimPayConfig, no: &str, o: &SimOrder) -> (Vec<(String, String)>, String) {
+    match o.api {
+        Api::V3 => {
+            let resource = transaction_json(no, o).to_string();
+            let nonce = random_token(12);
+            let ciphertext = v3_encrypt(&config.apiv3_key, &nonce, "transaction", resource.as_bytes())
+                .expect("a 12-character nonce");
+            let body = json!({
+                // One id per payment: WeChat Pay's retries repeat it.
+                "id": format!("EV-{}", o.transaction_id.as_deref().unwrap_or(no)),
+                "create_time": rfc3339_cst(o.success_time.unwrap_or_else(now)),
+                "resource_type": "encrypt-resource",
+                "event_type": "TRANSACTION.SUCCESS",
+                "summary": "支付成功",
+                "resource": {
+                    "original_type": "transaction",
+                    "algorithm": "AEAD_AES_256_GCM",
+                    "ciphertext": ciphertext,
+                    "associated_data": "transaction",
+                    "nonce": nonce,
+                },
+            })
+            .to_string();
+            let timestamp = now().to_string();
+            let sig_nonce = random_token(32);
+            let signature =
+                config.platform_key.sign(&signed_message(&timestamp, &sig_nonce, body.as_bytes()));
+            let headers = vec![
+                ("content-type".into(), "application/json".into()),
+                ("wechatpay-timestamp".into(), timestamp),
+                ("wechatpay-nonce".into(), sig_nonce),
+                ("wechatpay-signature".into(), signature),
+                ("wechatpay-serial".into(), config.platform_key_id.clone()),
+                ("wechatpay-signature-type".into(), "WECHATPAY2-SHA256-RSA2048".into()),
+            ];
+            (headers, body)
+        }
+        Api::V2(sign_type) => {
+            let mut fields: Vec<(String, String)> = [
+                ("appid", o.appid.clone()),
+                ("bank_type", "OTHERS".into()),
+                ("cash_fee", o.total.to_string()),
+                ("fee_type", "CNY".into()),
+                ("is_subscribe", "Y".into()),
+                ("mch_id", o.mchid.clone()),
+                ("nonce_str", random_token(32)),
+                ("openid", o.openid.clone()),
+                ("out_trade_no", no.to_string()),
+                ("result_code", "SUCCESS".into()),
+                ("return_code", "SUCCESS".into()),
+                ("time_end", v2::format_time(o.success_time.unwrap_or_else(now))),
+                ("total_fee", o.total.to_string()),
+                ("trade_type", "JSAPI".into()),
+                ("transaction_id", o.transaction_id.clone().unwrap_or_default()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            if let Some(a) = &o.attach {
+                fields.push(("attach".into(), a.clone()));
+            }
+            if sign_type == V2SignType::HmacSha256 {
+                fields.push(("sign_type".into(), "HMAC-SHA256".into()));
+            }
+            let key = config.apiv2_key.as_deref().unwrap_or_default();
+            let sign = v2_sign(&fields, key, sign_type);
+            fields.push(("sign".into(), sign));
+            (vec![("content-type".into(), "text/xml".into())], to_xml(&fields))
+        }
+    }
+}
+
+async fn pay(State(sim): State<Sim>, Json(r): Json<PayRequest>) -> Response {
+    match sim.pay(&r).await {
+        Ok(outcome) => Json(outcome).into_response(),
+        Err(why) => (StatusCode::BAD_REQUEST, Json(json!({ "error": why }))).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct Redeliver {
+    out_trade_no: String,
+    /// How many copies to send.
+    #[serde(default = "one")]
+    times: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Sends a paid order's notify again, `times` copies at once (duplicates).
+async fn redeliver(State(sim): State<Sim>, Json(r): Json<Redeliver>) -> Response {
+    let paid =
+        sim.pay.lock().expect("sim pay lock").orders.get(&r.out_trade_no).map(|o| o.state == "SUCCESS");
+    if paid != Some(true) {
+        return (StatusCode::BAD_REQUEST, Json(json!({ "error": "no paid order has this out_trade_no" })))
+            .into_response();
+    }
+    let mut deliveries = tokio::task::JoinSet::new();
+    for _ in 0..r.times.min(100) {
+        let sim = sim.clone();
+        let no = r.out_trade_no.clone();
+        deliveries.spawn(async move { sim.deliver(&no).await.0 });
+    }
+    let statuses: Vec<u16> = deliveries.join_all().await;
+    Json(json!({ "statuses": statuses })).into_response()
+}
+
+#[derive(Deserialize)]
+struct NotifyRequestFor {
+    out_trade_no: String,
+}
+
+/// A paid order's notify, signed now, as data (`{url, headers, body}`): load
+/// generators replay it (within WeChat Pay's 5-minute window) without RSA of their own.
+async fn notify_request(State(sim): State<Sim>, Json(r): Json<NotifyRequestFor>) -> Response {
+    let Some(config) = pay_config(&sim) else {
+        return (StatusCode::NOT_FOUND, Json(json!({ "error": "no WeChat Pay merchant" }))).into_response();
+    };
+    let pay = sim.pay.lock().expect("sim pay lock");
+    match pay.orders.get(&r.out_trade_no) {
+        Some(o) if o.state == "SUCCESS" => {
+            let (headers, body) = build_notify(config, &r.out_trade_no, o);
+            let headers: serde_json::Map<String, Value> =
+                headers.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+            Json(json!({ "url": o.notify_url, "headers": headers, "body": body })).into_response()
+        }
+        _ => (StatusCode::BAD_REQUEST, Json(json!({ "error": "no paid order has this out_trade_no" })))
+            .into_response(),
+    }
+}
+
+async fn inspect(State(sim): State<Sim>, Path(no): Path<String>) -> Response {
+    match sim.pay_order(&no) {
+        Some(o) => Json(o).into_response(),
+        None => (StatusCode::NOT_FOUND, Json(json!({ "error": "no such order" }))).into_response(),
+    }
+}

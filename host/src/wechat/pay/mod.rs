@@ -1,0 +1,63 @@
+//! WeChat Pay's protocol: APIv2 ([`v2`]), APIv3 ([`v3`]) and the checks of
+//! the notifies both send ([`notify`]).
+
+pub mod notify;
+pub mod v2;
+pub mod v3;
+
+pub use notify::PayNotifyKeys;
+pub use v2::V2SignType;
+pub use v3::{PlatformKeys, RsaSigner, SignatureError, SignatureHeaders};
+
+/// China Standard Time, in which WeChat Pay writes times.
+pub const CST: time::UtcOffset = time::macros::offset!(+8);
+
+/// A Unix time as APIv3 writes it: RFC 3339 in China Standard Time.
+pub fn rfc3339_cst(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        .to_offset(CST)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// An RFC 3339 time (APIv3) as a Unix time.
+pub fn parse_rfc3339(t: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp())
+}
+
+/// Random upper-case letters and digits: nonces (`nonce_str`, `Wechatpay-Nonce`).
+pub fn random_token(len: usize) -> String {
+    use rand::Rng as _;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::rng();
+    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+}
+
+/// Whether an `out_trade_no` (or `out_refund_no`) is one WeChat Pay accepts:
+/// 6-32 letters, digits or `_-|*`.
+pub fn is_merchant_order_no(no: &str) -> bool {
+    (6..=32).contains(&no.len()) && no.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-|*".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apiv3_times_are_written_in_china_standard_time_and_read_back() {
+        assert_eq!(rfc3339_cst(1_414_647_325), "2014-10-30T13:35:25+08:00");
+        assert_eq!(parse_rfc3339("2014-10-30T13:35:25+08:00"), Some(1_414_647_325));
+        assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn merchant_order_numbers_are_6_to_32_safe_characters() {
+        assert!(is_merchant_order_no("WX20241201_ab-c|*"));
+        for bad in ["short", &"x".repeat(33), "has space", "中文订单号码"] {
+            assert!(!is_merchant_order_no(bad), "{bad}");
+        }
+    }
+}
