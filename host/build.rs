@@ -27,7 +27,8 @@ fn main() {
     let root = manifest_dir.parent().expect("host/ has a parent").to_path_buf();
     let dist = root.join("plugins/dist");
 
-    for watched in ["plugins", "wit", "Cargo.toml", "Cargo.lock", ".cargo/config.toml"] {
+    // `migrations`: sqlx::migrate! embeds them, and a new file changes no source.
+    for watched in ["plugins", "wit", "migrations", "Cargo.toml", "Cargo.lock", ".cargo/config.toml"] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-changed={}", dist.display());

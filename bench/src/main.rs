@@ -427,6 +427,7 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
         headers: vec![],
         body: vec![],
         request_id: "bench".into(),
+        client_ip: Some("127.0.0.1".into()),
     };
     let (mut fresh_us, mut reused_us, mut native_us, mut floor_us) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());

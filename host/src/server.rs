@@ -289,20 +289,20 @@ async fn route_and_run(
     if internal {
         authenticate_internal(state, &parts, &body)?;
     }
-    let (plugin, params, route) = match routed {
+    let (plugin, params, route, client) = match routed {
         RouteMatch::Found { plugin, params, route, .. } => {
             let limits = &state.host.client_limits;
-            if !limits.is_empty() {
-                let peer = parts.extensions.get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-                if let Some(client) = limits.client_of(peer, &parts.headers)
-                    && let Err(wait) = limits.check(parts.method.as_str(), &route.pattern, client)
-                {
-                    *served = Served::Route(route);
-                    return Err(ApiError::too_many_requests(wait));
-                }
+            let peer = parts.extensions.get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+            let client = limits.client_of(peer, &parts.headers);
+            if !limits.is_empty()
+                && let Some(client) = client
+                && let Err(wait) = limits.check(parts.method.as_str(), &route.pattern, client)
+            {
+                *served = Served::Route(route);
+                return Err(ApiError::too_many_requests(wait));
             }
             *served = Served::Route(route.clone());
-            (plugin.clone(), params, route)
+            (plugin.clone(), params, route, client)
         }
         RouteMatch::MethodNotAllowed => return Err(ApiError::method_not_allowed()),
         RouteMatch::NotFound => return Err(ApiError::not_found()),
@@ -321,6 +321,7 @@ async fn route_and_run(
         headers,
         body: body.to_vec(),
         request_id: request_id.to_string(),
+        client_ip: client.map(|ip| ip.to_string()),
     };
     let started = std::time::Instant::now();
     let outcome = state.host.call(plugin.clone(), wit_request).await;

@@ -20,7 +20,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use wasmtime::component::{HasData, Linker};
 
-use crate::bindings::wxhost::plugin::wechat_pay::{self as wit, JsapiOrder, OrderState, PayError, PayParams};
+use crate::bindings::wxhost::plugin::wechat_pay::{
+    self as wit, BrowserOrder, JsapiOrder, OrderState, PayError, PayParams,
+};
 use crate::settings::Settings;
 use crate::wechat::pay::v2::{self, v2_sign};
 use crate::wechat::pay::v3::SignedRequest;
@@ -44,6 +46,10 @@ pub enum PayApi {
         /// The merchant API certificate's serial (`serial_no`).
         serial: String,
         platform: PlatformKeys,
+        /// Public-key mode: the `PUB_KEY_ID_…` every request names in
+        /// `Wechatpay-Serial` (WeChat Pay answers signature errors without it
+        /// while a merchant moves from platform certificates to a public key).
+        public_key_id: Option<String>,
     },
     V2 {
         key: SecretString,
@@ -134,9 +140,12 @@ impl WechatPay {
                     problems.push("WECHATPAY_APIV3_KEY is not set".into());
                 }
                 match (merchant_key, platform) {
-                    (Some(merchant_key), Some(platform)) => {
-                        Some(PayApi::V3 { merchant_key: Box::new(merchant_key), serial, platform })
-                    }
+                    (Some(merchant_key), Some(platform)) => Some(PayApi::V3 {
+                        merchant_key: Box::new(merchant_key),
+                        serial,
+                        platform,
+                        public_key_id: s.wechatpay_public_key_id.clone(),
+                    }),
                     _ => None,
                 }
             }
@@ -173,7 +182,40 @@ impl WechatPay {
 
     /// Places a JSAPI order; returns its prepay_id.
     pub async fn jsapi_prepay(&self, order: &JsapiOrder, deadline: Instant) -> Result<String, PayError> {
-        check_order(order)?;
+        if order.payer_openid.is_empty() || order.payer_openid.len() > 128 {
+            return Err(PayError::Invalid("payer_openid must be 1-128 characters".into()));
+        }
+        let common = BrowserOrder {
+            out_trade_no: order.out_trade_no.clone(),
+            description: order.description.clone(),
+            amount_fen: order.amount_fen,
+            time_expire: order.time_expire,
+            attach: order.attach.clone(),
+            payer_client_ip: order.payer_client_ip.clone(),
+        };
+        self.prepay(Trade::Jsapi { openid: &order.payer_openid }, &common, deadline).await
+    }
+
+    /// Places a Native order (a PC page shows the answer as a QR code); returns its `code_url`.
+    pub async fn native_prepay(&self, order: &BrowserOrder, deadline: Instant) -> Result<String, PayError> {
+        self.prepay(Trade::Native, order, deadline).await
+    }
+
+    /// Places an H5 order (a phone browser outside WeChat goes to the answer); returns its `h5_url`.
+    pub async fn h5_prepay(&self, order: &BrowserOrder, deadline: Instant) -> Result<String, PayError> {
+        self.prepay(Trade::H5, order, deadline).await
+    }
+
+    /// Places an order of any trade type; returns what its page pays with
+    /// (JSAPI: the prepay_id, Native: the code_url, H5: the h5_url).
+    async fn prepay(
+        &self,
+        trade: Trade<'_>,
+        order: &BrowserOrder,
+        deadline: Instant,
+    ) -> Result<String, PayError> {
+        check_order(order, trade)?;
+        let missing = |what: &str| PayError::Unavailable(format!("WeChat Pay's answer has no {what}"));
         match &self.api {
             PayApi::V3 { .. } => {
                 let mut body = json!({
@@ -184,37 +226,63 @@ impl WechatPay {
                     "time_expire": rfc3339_cst(order.time_expire),
                     "notify_url": self.notify_url,
                     "amount": { "total": order.amount_fen, "currency": "CNY" },
-                    "payer": { "openid": order.payer_openid },
                 });
                 if let Some(attach) = &order.attach {
                     body["attach"] = json!(attach);
                 }
-                let answer = self
-                    .v3(reqwest::Method::POST, "/v3/pay/transactions/jsapi", Some(body), deadline)
-                    .await?;
-                answer["prepay_id"]
-                    .as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| PayError::Unavailable("WeChat Pay's answer has no prepay_id".into()))
+                let (path, answer_field) = match trade {
+                    Trade::Jsapi { openid } => {
+                        body["payer"] = json!({ "openid": openid });
+                        ("/v3/pay/transactions/jsapi", "prepay_id")
+                    }
+                    Trade::Native => ("/v3/pay/transactions/native", "code_url"),
+                    Trade::H5 => {
+                        body["scene_info"] = json!({
+                            "payer_client_ip": order.payer_client_ip,
+                            "h5_info": { "type": "Wap" },
+                        });
+                        ("/v3/pay/transactions/h5", "h5_url")
+                    }
+                };
+                let answer = self.v3(reqwest::Method::POST, path, Some(body), deadline).await?;
+                answer[answer_field].as_str().map(str::to_string).ok_or_else(|| missing(answer_field))
             }
             PayApi::V2 { .. } => {
-                let expire = v2::format_time(order.time_expire);
                 let mut fields = vec![
                     ("body", order.description.clone()),
                     ("out_trade_no", order.out_trade_no.clone()),
                     ("total_fee", order.amount_fen.to_string()),
                     ("spbill_create_ip", order.payer_client_ip.clone().unwrap_or_else(|| "127.0.0.1".into())),
-                    ("time_expire", expire),
+                    ("time_expire", v2::format_time(order.time_expire)),
                     ("notify_url", self.notify_url.clone()),
-                    ("trade_type", "JSAPI".into()),
-                    ("openid", order.payer_openid.clone()),
                 ];
                 if let Some(attach) = &order.attach {
                     fields.push(("attach", attach.clone()));
                 }
+                let answer_field = match trade {
+                    Trade::Jsapi { openid } => {
+                        fields.push(("trade_type", "JSAPI".into()));
+                        fields.push(("openid", openid.to_string()));
+                        "prepay_id"
+                    }
+                    Trade::Native => {
+                        fields.push(("trade_type", "NATIVE".into()));
+                        // APIv2 wants a product id for Native; the order is its own.
+                        fields.push(("product_id", order.out_trade_no.clone()));
+                        "code_url"
+                    }
+                    Trade::H5 => {
+                        fields.push(("trade_type", "MWEB".into()));
+                        let site = url::Url::parse(&self.notify_url)
+                            .map(|u| u.origin().ascii_serialization())
+                            .unwrap_or_default();
+                        let scene = json!({ "h5_info": { "type": "Wap", "wap_url": site, "wap_name": order.description } });
+                        fields.push(("scene_info", scene.to_string()));
+                        "mweb_url"
+                    }
+                };
                 let answer = self.v2("/pay/unifiedorder", fields, deadline).await?;
-                field(&answer, "prepay_id")
-                    .ok_or_else(|| PayError::Unavailable("WeChat Pay's answer has no prepay_id".into()))
+                field(&answer, answer_field).ok_or_else(|| missing(answer_field))
             }
         }
     }
@@ -327,7 +395,7 @@ impl WechatPay {
         body: Option<Value>,
         deadline: Instant,
     ) -> Result<Value, PayError> {
-        let PayApi::V3 { merchant_key, serial, platform } = &self.api else {
+        let PayApi::V3 { merchant_key, serial, platform, public_key_id } = &self.api else {
             return Err(PayError::NotConfigured("not an APIv3 merchant".into()));
         };
         let timeout = time_left(deadline)?;
@@ -348,6 +416,9 @@ impl WechatPay {
             .header(reqwest::header::AUTHORIZATION, authorization)
             .header(reqwest::header::ACCEPT, "application/json")
             .timeout(timeout);
+        if let Some(id) = public_key_id {
+            request = request.header("Wechatpay-Serial", id);
+        }
         if !body.is_empty() {
             request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
         }
@@ -449,8 +520,15 @@ impl WechatPay {
 /// A call's name for metrics: its operation, never the order number in its path.
 fn call_name(path: &str) -> &'static str {
     let path = path.split('?').next().unwrap_or_default();
-    if path.ends_with("/jsapi") || path.ends_with("/unifiedorder") {
+    if path.ends_with("/jsapi") {
         "jsapi_prepay"
+    } else if path.ends_with("/unifiedorder") {
+        // APIv2 places every kind of order here.
+        "unified_order"
+    } else if path.ends_with("/native") {
+        "native_prepay"
+    } else if path.ends_with("/h5") {
+        "h5_prepay"
     } else if path.ends_with("/close") || path.ends_with("/closeorder") {
         "close_order"
     } else if path.contains("/out-trade-no/") || path.ends_with("/orderquery") {
@@ -479,7 +557,15 @@ fn check_out_trade_no(no: &str) -> Result<(), PayError> {
     }
 }
 
-fn check_order(o: &JsapiOrder) -> Result<(), PayError> {
+/// How the payer pays: in WeChat's browser, by a QR code, or from a phone browser.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Trade<'a> {
+    Jsapi { openid: &'a str },
+    Native,
+    H5,
+}
+
+fn check_order(o: &BrowserOrder, trade: Trade<'_>) -> Result<(), PayError> {
     check_out_trade_no(&o.out_trade_no)?;
     let invalid = |why: &str| Err(PayError::Invalid(why.into()));
     if o.description.is_empty() || o.description.chars().count() > 127 {
@@ -488,16 +574,19 @@ fn check_order(o: &JsapiOrder) -> Result<(), PayError> {
     if o.amount_fen <= 0 {
         return invalid("amount_fen must be positive");
     }
-    if o.payer_openid.is_empty() || o.payer_openid.len() > 128 {
-        return invalid("payer_openid must be 1-128 characters");
-    }
     if o.time_expire <= unix_now() {
         return invalid("time_expire must be in the future");
     }
     if o.attach.as_ref().is_some_and(|a| a.len() > 128) {
         return invalid("attach must be at most 128 bytes");
     }
-    Ok(())
+    match &o.payer_client_ip {
+        Some(ip) if ip.parse::<std::net::IpAddr>().is_err() => {
+            invalid("payer_client_ip must be an IP address")
+        }
+        None if trade == Trade::H5 => invalid("H5 pay needs the payer's IP address (payer_client_ip)"),
+        _ => Ok(()),
+    }
 }
 
 fn time_left(deadline: Instant) -> Result<Duration, PayError> {
@@ -575,6 +664,14 @@ impl wit::Host for WechatPayView<'_> {
 
     async fn jsapi_prepay(&mut self, order: JsapiOrder) -> Result<String, PayFailure> {
         Ok(self.ctx()?.jsapi_prepay(&order, self.deadline_at).await?)
+    }
+
+    async fn native_prepay(&mut self, order: BrowserOrder) -> Result<String, PayFailure> {
+        Ok(self.ctx()?.native_prepay(&order, self.deadline_at).await?)
+    }
+
+    async fn h5_prepay(&mut self, order: BrowserOrder) -> Result<String, PayFailure> {
+        Ok(self.ctx()?.h5_prepay(&order, self.deadline_at).await?)
     }
 
     async fn jsapi_pay_params(&mut self, prepay_id: String) -> Result<PayParams, PayFailure> {
@@ -702,12 +799,74 @@ mod tests {
             pay.jsapi_prepay(&order("WX_CAP_0003"), deadline()).await,
             Err(PayError::BadSignature)
         ));
-        // Or it goes by another id than the one the answer names.
+    }
+
+    #[tokio::test]
+    async fn every_apiv3_request_names_the_platform_public_key_in_wechatpay_serial() {
+        let (sim, base) = wechat_pay_sim().await;
+        let mut s = merchant_settings();
+        s.wechatpay_api_base = Some(base.clone());
+        let pay = WechatPay::from_settings(&s).unwrap().unwrap();
+        let PayApi::V3 { public_key_id, .. } = &pay.api else { panic!("an APIv3 merchant") };
+        assert_eq!(public_key_id.as_deref(), Some(KEY_ID), "taken from WECHATPAY_PUBLIC_KEY_ID");
+        pay.jsapi_prepay(&order("WX_CAP_0010"), deadline()).await.unwrap();
+
+        // Without it (or naming another key), WeChat Pay answers a signature error.
+        for named in [None, Some("PUB_KEY_ID_OTHER".to_string())] {
+            let keys = PlatformKeys::from_pem(
+                &std::fs::read_to_string(fixture("wechatpay_platform_test_pub.pem")).unwrap(),
+                Some(KEY_ID),
+            )
+            .unwrap();
+            let api = PayApi::V3 {
+                merchant_key: Box::new(
+                    RsaSigner::from_pem(&std::fs::read_to_string(fixture("merchant_test_key.pem")).unwrap())
+                        .unwrap(),
+                ),
+                serial: SERIAL.into(),
+                platform: keys,
+                public_key_id: named.clone(),
+            };
+            let pay = WechatPay::new(
+                Some(&base),
+                "wxb11529c136998cb6".into(),
+                MCHID.into(),
+                "http://127.0.0.1:9/n".into(),
+                api,
+            )
+            .unwrap();
+            match pay.jsapi_prepay(&order("WX_CAP_0011"), deadline()).await {
+                Err(PayError::Refused((code, _))) => assert_eq!(code, "SIGN_ERROR", "{named:?}"),
+                other => panic!("{named:?}: {other:?}"),
+            }
+        }
+        assert!(sim.pay_order("WX_CAP_0011").is_none());
+    }
+
+    #[tokio::test]
+    async fn native_and_h5_orders_answer_what_the_page_pays_with_and_h5_needs_the_payers_address() {
+        let (sim, base) = wechat_pay_sim().await;
         let mut s = merchant_settings();
         s.wechatpay_api_base = Some(base);
-        s.wechatpay_public_key_id = Some("PUB_KEY_ID_OTHER".into());
         let pay = WechatPay::from_settings(&s).unwrap().unwrap();
-        assert!(matches!(pay.query_order("WX_CAP_0003", deadline()).await, Err(PayError::BadSignature)));
+        let browser = |no: &str, ip: Option<&str>| BrowserOrder {
+            out_trade_no: no.into(),
+            description: "10 次识别".into(),
+            amount_fen: 990,
+            time_expire: unix_now() + 600,
+            attach: None,
+            payer_client_ip: ip.map(str::to_string),
+        };
+        let code_url = pay.native_prepay(&browser("WX_CAP_0020", None), deadline()).await.unwrap();
+        assert!(code_url.starts_with("weixin://wxpay/bizpayurl?pr="), "{code_url}");
+        assert_eq!(sim.pay_order("WX_CAP_0020").unwrap()["trade_type"], "NATIVE");
+        let h5_url = pay.h5_prepay(&browser("WX_CAP_0021", Some("198.51.100.7")), deadline()).await.unwrap();
+        assert!(h5_url.contains("/sim/pay/h5?prepay_id="), "{h5_url}");
+        assert_eq!(sim.pay_order("WX_CAP_0021").unwrap()["payer_client_ip"], "198.51.100.7");
+        for (no, ip) in [("WX_CAP_0022", None), ("WX_CAP_0023", Some("not an address"))] {
+            assert!(matches!(pay.h5_prepay(&browser(no, ip), deadline()).await, Err(PayError::Invalid(_))));
+            assert!(sim.pay_order(no).is_none(), "nothing was sent");
+        }
     }
 
     #[tokio::test]

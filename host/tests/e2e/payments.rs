@@ -3,7 +3,9 @@
 //! parameters) → the payer pays → WeChat Pay's notify → web role → app role →
 //! order paid and quota credited exactly once; lost notifies caught by the
 //! order query; expired orders closed; APIv2 merchants; another user's order
-//! neither readable nor payable; WeChat Pay down → the order failed, not half-made.
+//! neither readable nor payable; WeChat Pay down → the order failed, not half-made;
+//! Native (a PC page's QR code) and H5 (a phone browser sent to WeChat) in
+//! APIv3 and APIv2.
 
 use std::time::{Duration, Instant};
 
@@ -357,4 +359,131 @@ async fn metrics_show_requests_notifies_applied_vs_duplicate_and_wechat_pay_call
     );
     assert!(!app.contains(APIV3_KEY) && !app.contains(&alice), "no secret or token in metrics");
     stack.shutdown().await;
+}
+
+/// A phone browser at an `h5_url`: WeChat's cashier page, paid, and back to the merchant's page.
+async fn pay_at_h5_cashier(h5_url: &str, back_to: &str) -> reqwest::Response {
+    let no_redirects =
+        reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let page = no_redirects.get(format!("{h5_url}&redirect_url={back_to}")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("确认支付"), "{html}");
+    let prepay_id =
+        url::Url::parse(h5_url).unwrap().query_pairs().find(|(k, _)| k == "prepay_id").unwrap().1.to_string();
+    no_redirects
+        .post(h5_url.split('?').next().unwrap())
+        .form(&[("prepay_id", prepay_id.as_str()), ("redirect_url", back_to)])
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pc_pays_by_native_qr_code_and_a_phone_by_h5_each_credited_once_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start(&db.url).await;
+        let alice = stack.login("alice").await;
+
+        // Native: the page gets a code_url to draw, no JSAPI parameters.
+        let (status, order) =
+            create_order(&stack, &alice, json!({ "product_id": "p10", "trade_type": "native" })).await;
+        assert_eq!(status, 200, "{which}: {order}");
+        let code_url = order["code_url"].as_str().unwrap_or_else(|| panic!("{which}: {order}")).to_string();
+        assert!(code_url.starts_with("weixin://wxpay/bizpayurl?pr="), "{which}: {code_url}");
+        assert!(order["pay_params"].is_null() && order["h5_url"].is_null(), "{which}: {order}");
+        assert_eq!((order["trade_type"].as_str(), order["amount_fen"].as_i64()), (Some("native"), Some(990)));
+        let no = order["out_trade_no"].as_str().unwrap().to_string();
+        let at_wechat = stack.sim.pay_order(&no).unwrap();
+        assert_eq!(at_wechat["trade_type"], "NATIVE", "{which}");
+        assert!(at_wechat["payer"].is_null(), "{which}: a Native order names no payer: {at_wechat}");
+        // Reloading the page shows the same code while it is unpaid.
+        let (_, seen) = stack.get(&format!("/api/v1/user/orders/{no}"), Some(&alice)).await;
+        assert_eq!(
+            (seen["status"].as_str(), seen["pay_url"].as_str()),
+            (Some("pending"), Some(code_url.as_str()))
+        );
+
+        // Someone scans it with their WeChat and pays: alice, who ordered, is credited.
+        let scanned =
+            PayRequest { code_url: Some(code_url.clone()), user: Some("dad".into()), ..Default::default() };
+        let paid = stack.sim.pay(&scanned).await.unwrap();
+        assert!(paid.acknowledged, "{which}: {paid:?}");
+        assert_eq!(stack.sim.pay_order(&no).unwrap()["payer"]["openid"], openid_of("dad").as_str());
+        assert_eq!(order_status(&stack, &no).await, "paid", "{which}");
+        assert_eq!(quota(&stack, &alice).await, 10, "{which}");
+        let again = stack.sim.pay(&scanned).await;
+        assert!(again.is_err(), "{which}: a paid code cannot be paid twice");
+
+        // H5: the page goes to h5_url; WeChat's cashier pays and sends the browser back.
+        let response = stack
+            .client
+            .post(stack.app_url("/api/v1/payment/create-order"))
+            .bearer_auth(&alice)
+            // A client's own X-Forwarded-For is not its address: the host's peer is.
+            .header("x-forwarded-for", "203.0.113.9")
+            .body(json!({ "product_id": "p10", "trade_type": "h5" }).to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let order: Value = response.json().await.unwrap();
+        assert_eq!(status, 200, "{which}: {order}");
+        let no = order["out_trade_no"].as_str().unwrap().to_string();
+        let h5_url = order["h5_url"].as_str().unwrap().to_string();
+        let at_wechat = stack.sim.pay_order(&no).unwrap();
+        assert_eq!(
+            (at_wechat["trade_type"].as_str(), at_wechat["payer_client_ip"].as_str()),
+            (Some("MWEB"), Some("127.0.0.1"))
+        );
+        let back = format!("{}/member.html?order={no}", stack.app_url(""));
+        let answer = pay_at_h5_cashier(&h5_url, &back).await;
+        assert_eq!(answer.status(), 303, "{which}");
+        assert_eq!(answer.headers()["location"], back.as_str(), "{which}");
+        until_acknowledged(&stack, &no).await;
+        assert_eq!(order_status(&stack, &no).await, "paid", "{which}");
+        assert_eq!(quota(&stack, &alice).await, 20, "{which}");
+
+        // A trade type that does not exist is the client's error, and places nothing.
+        let (status, body) =
+            create_order(&stack, &alice, json!({ "product_id": "p10", "trade_type": "app" })).await;
+        assert_eq!((status, error_code(&body)), (400, "invalid_body"), "{which}: {body}");
+        stack.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiv2_merchants_take_native_and_h5_payments_credited_once_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start_with(&db.url, full_config(), PayApi::V2).await;
+        let alice = stack.login("alice").await;
+        let (status, order) =
+            create_order(&stack, &alice, json!({ "product_id": "p10", "trade_type": "native" })).await;
+        assert_eq!(status, 200, "{which}: {order}");
+        let code_url = order["code_url"].as_str().unwrap().to_string();
+        let paid =
+            stack.sim.pay(&PayRequest { code_url: Some(code_url), ..Default::default() }).await.unwrap();
+        assert!(paid.acknowledged, "{which}: {paid:?}");
+        let no = order["out_trade_no"].as_str().unwrap().to_string();
+        assert_eq!(stack.sim.pay_order(&no).unwrap()["trade_type"], "NATIVE", "{which}");
+        assert_eq!(order_status(&stack, &no).await, "paid", "{which}");
+
+        let (status, order) =
+            create_order(&stack, &alice, json!({ "product_id": "p10", "trade_type": "h5" })).await;
+        assert_eq!(status, 200, "{which}: {order}");
+        let no = order["out_trade_no"].as_str().unwrap().to_string();
+        assert_eq!(
+            stack.sim.pay_order(&no).unwrap()["payer_client_ip"],
+            "127.0.0.1",
+            "{which}: spbill_create_ip"
+        );
+        let back = stack.app_url("/member.html");
+        let answer = pay_at_h5_cashier(order["h5_url"].as_str().unwrap(), &back).await;
+        assert_eq!(answer.status(), 303, "{which}");
+        until_acknowledged(&stack, &no).await;
+        assert_eq!(quota(&stack, &alice).await, 20, "{which}: both credited once");
+        stack.shutdown().await;
+    }
 }

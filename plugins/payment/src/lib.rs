@@ -3,8 +3,11 @@
 //! - `GET /api/v1/payment/products`: the catalog, defined server-side in this
 //!   plugin's `[[plugins.config.products]]`. An order's price always comes
 //!   from here, never from the client.
-//! - `POST /api/v1/payment/create-order`: an order row, a JSAPI order at WeChat
-//!   Pay (signed by the host), and the frontend's pay parameters.
+//! - `POST /api/v1/payment/create-order`: an order row and the order at WeChat
+//!   Pay (signed by the host), paid the way the page can: `jsapi` (WeChat's
+//!   browser: the pay parameters for WeixinJSBridge), `native` (a PC: the
+//!   `code_url` the page draws as a QR code) or `h5` (a phone browser: the
+//!   `h5_url` it goes to).
 //! - `PUT /api/v1/internal/payment/order/update`: the web role's notify plugin
 //!   passes on WeChat Pay's notify as it came; it is verified again here
 //!   (the web role's word, or its HMAC key, never credits money).
@@ -22,7 +25,7 @@ use wxhost_sdk::config;
 use wxhost_sdk::db::{self, DbError, params};
 use wxhost_sdk::prelude::*;
 use wxhost_sdk::session;
-use wxhost_sdk::wechat_pay::{self, JsapiOrder, PayError};
+use wxhost_sdk::wechat_pay::{self, BrowserOrder, JsapiOrder, PayError};
 
 fn routes() -> Router {
     Router::new()
@@ -94,6 +97,82 @@ fn order_ttl_secs() -> i64 {
 struct CreateOrder {
     /// Only the product is taken from the client; a price it sends is ignored.
     product_id: String,
+    #[serde(default)]
+    trade_type: TradeType,
+}
+
+/// How the page pays.
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum TradeType {
+    /// Inside WeChat's browser.
+    #[default]
+    Jsapi,
+    /// A PC browser: a QR code the payer scans with WeChat.
+    Native,
+    /// A phone browser outside WeChat.
+    H5,
+}
+
+impl TradeType {
+    fn name(self) -> &'static str {
+        match self {
+            TradeType::Jsapi => "jsapi",
+            TradeType::Native => "native",
+            TradeType::H5 => "h5",
+        }
+    }
+}
+
+/// What the page pays a placed order with.
+enum Prepared {
+    Jsapi { prepay_id: String, params: wechat_pay::PayParams },
+    Native { code_url: String },
+    H5 { h5_url: String },
+}
+
+/// Places the order at WeChat Pay the way `trade_type` pays.
+fn place(req: &Request, trade_type: TradeType, order: &OrderToPlace) -> Result<Prepared, PayError> {
+    let client_ip = req.client_ip().map(str::to_string);
+    match trade_type {
+        TradeType::Jsapi => {
+            let order = JsapiOrder {
+                out_trade_no: order.out_trade_no.clone(),
+                description: order.description.clone(),
+                amount_fen: order.amount_fen,
+                payer_openid: order.openid.clone(),
+                time_expire: order.time_expire,
+                attach: None,
+                payer_client_ip: client_ip,
+            };
+            let prepay_id = wechat_pay::jsapi_prepay(&order)?;
+            let params = wechat_pay::jsapi_pay_params(&prepay_id)?;
+            Ok(Prepared::Jsapi { prepay_id, params })
+        }
+        TradeType::Native | TradeType::H5 => {
+            let order = BrowserOrder {
+                out_trade_no: order.out_trade_no.clone(),
+                description: order.description.clone(),
+                amount_fen: order.amount_fen,
+                time_expire: order.time_expire,
+                attach: None,
+                payer_client_ip: client_ip,
+            };
+            if trade_type == TradeType::Native {
+                Ok(Prepared::Native { code_url: wechat_pay::native_prepay(&order)? })
+            } else {
+                Ok(Prepared::H5 { h5_url: wechat_pay::h5_prepay(&order)? })
+            }
+        }
+    }
+}
+
+struct OrderToPlace {
+    out_trade_no: String,
+    openid: String,
+    description: String,
+    amount_fen: i64,
+    time_expire: i64,
 }
 
 fn create_order(req: &Request) -> Result<Response> {
@@ -111,7 +190,8 @@ fn create_order(req: &Request) -> Result<Response> {
     // arrive for an order we do not know.
     db::execute(
         "INSERT INTO orders (out_trade_no, openid, product_id, description, amount_fen, credits, status, \
-         time_expire, appid, mchid, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'created', ?, ?, ?, ?, ?)",
+         time_expire, appid, mchid, trade_type, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, ?, ?, 'created', ?, ?, ?, ?, ?, ?)",
         params![
             &out_trade_no,
             &openid,
@@ -122,22 +202,19 @@ fn create_order(req: &Request) -> Result<Response> {
             time_expire,
             appid,
             mchid,
+            wanted.trade_type.name(),
             now,
             now
         ],
     )?;
-    let order = JsapiOrder {
+    let to_place = OrderToPlace {
         out_trade_no: out_trade_no.clone(),
+        openid,
         description: product.name.clone(),
         amount_fen: product.price_fen,
-        payer_openid: openid,
         time_expire,
-        attach: None,
-        payer_client_ip: req.client_ip(),
     };
-    let prepared = wechat_pay::jsapi_prepay(&order)
-        .and_then(|prepay_id| wechat_pay::jsapi_pay_params(&prepay_id).map(|params| (prepay_id, params)));
-    let (prepay_id, params) = match prepared {
+    let prepared = match place(req, wanted.trade_type, &to_place) {
         Ok(p) => p,
         Err(e) => {
             // Never half-made: the order is failed, and says so.
@@ -149,34 +226,49 @@ fn create_order(req: &Request) -> Result<Response> {
             return Err(e.into());
         }
     };
+    let (prepay_id, pay_url) = match &prepared {
+        Prepared::Jsapi { prepay_id, .. } => (Some(prepay_id.as_str()), None),
+        Prepared::Native { code_url } => (None, Some(code_url.as_str())),
+        Prepared::H5 { h5_url } => (None, Some(h5_url.as_str())),
+    };
     db::execute(
-        "UPDATE orders SET status = 'pending', prepay_id = ?, updated_at = ? WHERE out_trade_no = ? AND status = 'created'",
-        params![prepay_id, now, &out_trade_no],
+        "UPDATE orders SET status = 'pending', prepay_id = ?, pay_url = ?, updated_at = ? \
+         WHERE out_trade_no = ? AND status = 'created'",
+        params![prepay_id, pay_url, now, &out_trade_no],
     )?;
-    log::info(&format!("order {out_trade_no} created for product {}", product.id));
-    Ok(Response::json(
-        200,
-        &json!({
-            "out_trade_no": out_trade_no,
-            "product_id": product.id,
-            "description": product.name,
-            "amount_fen": product.price_fen,
-            "credits": product.credits,
-            "time_expire": time_expire,
-            "pay_params": {
+    log::info(&format!(
+        "order {out_trade_no} created for product {} ({})",
+        product.id,
+        wanted.trade_type.name()
+    ));
+    let mut answer = json!({
+        "out_trade_no": out_trade_no,
+        "product_id": product.id,
+        "description": product.name,
+        "amount_fen": product.price_fen,
+        "credits": product.credits,
+        "time_expire": time_expire,
+        "trade_type": wanted.trade_type.name(),
+    });
+    match prepared {
+        Prepared::Jsapi { params, .. } => {
+            answer["pay_params"] = json!({
                 "appId": params.app_id,
                 "timeStamp": params.time_stamp,
                 "nonceStr": params.nonce_str,
                 "package": params.package,
                 "signType": params.sign_type,
                 "paySign": params.pay_sign,
-            },
-        }),
-    ))
+            })
+        }
+        Prepared::Native { code_url } => answer["code_url"] = json!(code_url),
+        Prepared::H5 { h5_url } => answer["h5_url"] = json!(h5_url),
+    }
+    Ok(Response::json(200, &answer))
 }
 
 const ORDER_COLUMNS: &str = "out_trade_no, product_id, description, amount_fen, credits, status, transaction_id, \
-                             paid_at, created_at, time_expire, updated_at";
+                             paid_at, created_at, time_expire, trade_type, pay_url, updated_at";
 
 /// Seconds between two checks of one pending order with WeChat Pay (the page polls).
 const RECHECK_SECS: i64 = 3;

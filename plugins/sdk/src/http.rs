@@ -53,13 +53,11 @@ impl Request {
             .filter(|t| !t.is_empty())
     }
 
-    /// The client's address as the reverse proxy in front of the host saw it.
-    pub fn client_ip(&self) -> Option<String> {
-        let ip = self
-            .header("x-real-ip")
-            .or_else(|| self.header("x-forwarded-for").and_then(|v| v.split(',').next()))
-            .map(str::trim)?;
-        ip.parse::<std::net::IpAddr>().ok().map(|ip| ip.to_string())
+    /// The client's address, as the host determined it: the peer, or what a
+    /// trusted proxy saw (`[host] trusted_proxies`). A client cannot set it
+    /// with a header of its own.
+    pub fn client_ip(&self) -> Option<&str> {
+        self.client_ip.as_deref()
     }
 }
 
@@ -119,6 +117,7 @@ impl Request {
             headers: vec![],
             body: vec![],
             request_id: "test".into(),
+            client_ip: None,
         }
     }
 
@@ -134,6 +133,11 @@ impl Request {
 
     pub fn with_header(mut self, name: &str, value: &str) -> Request {
         self.headers.push((name.to_ascii_lowercase(), value.into()));
+        self
+    }
+
+    pub fn with_client_ip(mut self, ip: &str) -> Request {
+        self.client_ip = Some(ip.into());
         self
     }
 

@@ -113,9 +113,12 @@ pub enum SimCommand {
     Pay {
         #[arg(long, default_value = "http://127.0.0.1:9300")]
         sim_url: String,
+        #[arg(long, required_unless_present = "code_url", conflicts_with = "code_url")]
+        out_trade_no: Option<String>,
+        /// A Native order's QR code content (`weixin://wxpay/bizpayurl?pr=…`), as a scan reads it.
         #[arg(long)]
-        out_trade_no: String,
-        /// The test user who pays (must be the order's payer); default: the payer.
+        code_url: Option<String>,
+        /// The test user who pays (a JSAPI order's payer; anyone for Native and H5).
         #[arg(long)]
         user: Option<String>,
     },

@@ -47,16 +47,50 @@ enum Api {
     V2(V2SignType),
 }
 
+/// How the payer pays: in WeChat's browser (JSAPI), by scanning a QR code
+/// (Native), or from a phone browser sent to WeChat (H5, `MWEB`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum TradeType {
+    Jsapi,
+    Native,
+    H5,
+}
+
+impl TradeType {
+    /// Its name in transactions (`trade_type`).
+    fn name(self) -> &'static str {
+        match self {
+            TradeType::Jsapi => "JSAPI",
+            TradeType::Native => "NATIVE",
+            TradeType::H5 => "MWEB",
+        }
+    }
+}
+
+/// The `code_url` of a Native order: the payer's WeChat opens it from the QR code.
+fn code_url_of(prepay_id: &str) -> String {
+    format!("weixin://wxpay/bizpayurl?pr={prepay_id}")
+}
+
+/// The prepay_id a `code_url` stands for.
+fn prepay_id_of_code_url(code_url: &str) -> Option<&str> {
+    code_url.strip_prefix("weixin://wxpay/bizpayurl?pr=")
+}
+
 struct SimOrder {
     api: Api,
+    trade: TradeType,
     appid: String,
     mchid: String,
     description: String,
     total: i64,
-    openid: String,
+    /// JSAPI: the payer named when ordering; Native and H5: whoever paid.
+    openid: Option<String>,
     notify_url: String,
     time_expire: i64,
     attach: Option<String>,
+    /// The payer's address as the merchant gave it (H5's `scene_info`, APIv2's `spbill_create_ip`).
+    payer_client_ip: Option<String>,
     prepay_id: String,
     /// NOTPAY, SUCCESS, CLOSED.
     state: &'static str,
@@ -90,12 +124,14 @@ fn transaction_json(no: &str, o: &SimOrder) -> Value {
         "appid": o.appid,
         "mchid": o.mchid,
         "out_trade_no": no,
-        "trade_type": "JSAPI",
+        "trade_type": o.trade.name(),
         "trade_state": o.state,
         "trade_state_desc": match o.state { "SUCCESS" => "支付成功", "CLOSED" => "已关闭", _ => "未支付" },
-        "payer": { "openid": o.openid },
         "amount": { "total": o.total, "currency": "CNY" },
     });
+    if let Some(openid) = &o.openid {
+        t["payer"] = json!({ "openid": openid });
+    }
     if let Some(id) = &o.transaction_id {
         t["transaction_id"] = json!(id);
         t["bank_type"] = json!("OTHERS");
@@ -113,15 +149,18 @@ fn transaction_json(no: &str, o: &SimOrder) -> Value {
 
 struct NewOrder {
     api: Api,
+    trade: TradeType,
     appid: String,
     mchid: String,
     description: String,
     no: String,
     total: i64,
-    openid: String,
+    /// JSAPI only.
+    openid: Option<String>,
     notify_url: String,
     time_expire: i64,
     attach: Option<String>,
+    payer_client_ip: Option<String>,
 }
 
 impl Sim {
@@ -137,7 +176,10 @@ impl Sim {
             return match existing.state {
                 "SUCCESS" => Err(("ORDERPAID", "该订单已支付")),
                 "CLOSED" => Err(("ORDER_CLOSED", "该订单已关闭")),
-                _ if existing.total == o.total && existing.openid == o.openid => {
+                _ if existing.total == o.total
+                    && existing.openid == o.openid
+                    && existing.trade == o.trade =>
+                {
                     Ok(existing.prepay_id.clone())
                 }
                 _ => Err(("OUT_TRADE_NO_USED", "商户订单号重复")),
@@ -149,6 +191,7 @@ impl Sim {
             o.no,
             SimOrder {
                 api: o.api,
+                trade: o.trade,
                 appid: o.appid,
                 mchid: o.mchid,
                 description: o.description,
@@ -157,6 +200,7 @@ impl Sim {
                 notify_url: o.notify_url,
                 time_expire: o.time_expire,
                 attach: o.attach,
+                payer_client_ip: o.payer_client_ip,
                 prepay_id: prepay_id.clone(),
                 state: "NOTPAY",
                 transaction_id: None,

@@ -4,15 +4,22 @@
 
 use std::time::Duration;
 
+use axum::Form;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Api, RETRY_SCHEDULE_SECS, SimOrder, SimPayConfig, pay_config, random_digits, transaction_json};
+use super::{
+    Api, RETRY_SCHEDULE_SECS, SimOrder, SimPayConfig, pay_config, prepay_id_of_code_url, random_digits,
+    transaction_json,
+};
+
+/// Who pays a Native or H5 order when no test user is named.
+const DEFAULT_PAYER: &str = "payer";
 use crate::sim::{Sim, now, openid_of};
 use crate::wechat::pay::v2::{self, V2SignType, v2_sign};
 use crate::wechat::pay::v3::{signed_message, v3_encrypt};
@@ -25,6 +32,7 @@ pub(super) fn routes() -> axum::Router<Sim> {
         .route("/sim/pay/notify", post(redeliver))
         .route("/sim/pay/notify-request", post(notify_request))
         .route("/sim/pay/orders/{no}", get(inspect))
+        .route("/sim/pay/h5", get(h5_page).post(h5_pay))
 }
 
 /// A request to pay an order (tests, the CLI, and the member page in development).
@@ -32,6 +40,8 @@ pub(super) fn routes() -> axum::Router<Sim> {
 pub struct PayRequest {
     pub out_trade_no: Option<String>,
     pub prepay_id: Option<String>,
+    /// A Native order's `code_url`, as the payer's WeChat scans it.
+    pub code_url: Option<String>,
     /// The test user who pays; must be the order's payer. Absent: the payer.
     pub user: Option<String>,
 }
@@ -53,18 +63,28 @@ impl Sim {
     pub async fn pay(&self, r: &PayRequest) -> Result<PayOutcome, String> {
         let no = {
             let mut pay = self.pay.lock().expect("sim pay lock");
-            let no = match (&r.out_trade_no, &r.prepay_id) {
+            let prepay_id = match (&r.prepay_id, &r.code_url) {
+                (Some(prepay), _) => Some(prepay.as_str()),
+                (None, Some(code_url)) => {
+                    Some(prepay_id_of_code_url(code_url).ok_or("this is not a WeChat Pay code_url")?)
+                }
+                (None, None) => None,
+            };
+            let no = match (&r.out_trade_no, prepay_id) {
                 (Some(no), _) => no.clone(),
                 (None, Some(prepay)) => {
                     pay.by_prepay_id.get(prepay).cloned().ok_or("no order has this prepay_id")?
                 }
-                (None, None) => return Err("give out_trade_no or prepay_id".into()),
+                (None, None) => return Err("give out_trade_no, prepay_id or code_url".into()),
             };
             let o = pay.orders.get_mut(&no).ok_or("WeChat Pay has no order with this out_trade_no")?;
-            if let Some(user) = &r.user
-                && openid_of(user) != o.openid
-            {
-                return Err("this order belongs to another payer".into());
+            match (&o.openid, &r.user) {
+                (Some(payer), Some(user)) if openid_of(user) != *payer => {
+                    return Err("this order belongs to another payer".into());
+                }
+                (Some(_), _) => {}
+                // Native and H5: whoever pays is the payer.
+                (None, user) => o.openid = Some(openid_of(user.as_deref().unwrap_or(DEFAULT_PAYER))),
             }
             match o.state {
                 "NOTPAY" if o.time_expire > now() => {}
@@ -160,6 +180,7 @@ impl Sim {
             t["acknowledged"] = json!(o.acknowledged);
             t["prepay_id"] = json!(o.prepay_id);
             t["description"] = json!(o.description);
+            t["payer_client_ip"] = json!(o.payer_client_ip);
             t
         })
     }
@@ -212,13 +233,13 @@ fn build_notify(config: &SimPayConfig, no: &str, o: &SimOrder) -> (Vec<(String, 
                 ("is_subscribe", "Y".into()),
                 ("mch_id", o.mchid.clone()),
                 ("nonce_str", random_token(32)),
-                ("openid", o.openid.clone()),
+                ("openid", o.openid.clone().unwrap_or_default()),
                 ("out_trade_no", no.to_string()),
                 ("result_code", "SUCCESS".into()),
                 ("return_code", "SUCCESS".into()),
                 ("time_end", v2::format_time(o.success_time.unwrap_or_else(now))),
                 ("total_fee", o.total.to_string()),
-                ("trade_type", "JSAPI".into()),
+                ("trade_type", o.trade.name().into()),
                 ("transaction_id", o.transaction_id.clone().unwrap_or_default()),
             ]
             .into_iter()
@@ -303,5 +324,52 @@ async fn inspect(State(sim): State<Sim>, Path(no): Path<String>) -> Response {
     match sim.pay_order(&no) {
         Some(o) => Json(o).into_response(),
         None => (StatusCode::NOT_FOUND, Json(json!({ "error": "no such order" }))).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct H5Visit {
+    prepay_id: String,
+    /// Where WeChat sends the payer back to (the merchant's page), as the
+    /// merchant appended it to `h5_url`.
+    redirect_url: Option<String>,
+}
+
+/// What a phone browser sent to an `h5_url` sees: WeChat's cashier, here one button.
+async fn h5_page(State(sim): State<Sim>, Query(v): Query<H5Visit>) -> Response {
+    let order = {
+        let pay = sim.pay.lock().expect("sim pay lock");
+        pay.by_prepay_id
+            .get(&v.prepay_id)
+            .and_then(|no| pay.orders.get(no).map(|o| (no.clone(), o.description.clone(), o.total)))
+    };
+    let Some((no, description, total)) = order else {
+        return (StatusCode::NOT_FOUND, "no order has this prepay_id").into_response();
+    };
+    let escape = |t: &str| quick_xml::escape::escape(t).into_owned();
+    let page = format!(
+        "<!doctype html><meta charset=utf-8><meta name=viewport content=\"width=device-width\"><title>微信支付</title>\
+         <h1>微信支付</h1><p>{}</p><p id=amount>¥{}.{:02}</p><p>订单 {}</p>\
+         <form method=post><input type=hidden name=prepay_id value=\"{}\"><input type=hidden name=redirect_url value=\"{}\">\
+         <button id=pay>确认支付</button></form>",
+        escape(&description),
+        total / 100,
+        total % 100,
+        escape(&no),
+        escape(&v.prepay_id),
+        escape(v.redirect_url.as_deref().unwrap_or_default()),
+    );
+    axum::response::Html(page).into_response()
+}
+
+/// The payer confirms: the order is paid (and notified), and the browser goes back to the merchant.
+async fn h5_pay(State(sim): State<Sim>, Form(v): Form<H5Visit>) -> Response {
+    let request = PayRequest { prepay_id: Some(v.prepay_id), ..PayRequest::default() };
+    match sim.pay(&request).await {
+        Ok(_) => match v.redirect_url.filter(|u| u.starts_with("http://") || u.starts_with("https://")) {
+            Some(back) => axum::response::Redirect::to(&back).into_response(),
+            None => axum::response::Html("<p id=paid>支付成功</p>").into_response(),
+        },
+        Err(why) => (StatusCode::BAD_REQUEST, why).into_response(),
     }
 }

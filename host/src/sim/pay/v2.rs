@@ -4,11 +4,11 @@ use std::collections::HashMap;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 
-use super::{Api, NewOrder, SimPayConfig, pay_config};
+use super::{Api, NewOrder, SimPayConfig, TradeType, code_url_of, pay_config};
 use crate::sim::{Sim, now};
 use crate::wechat::pay::random_token;
 use crate::wechat::pay::v2::{self, V2SignType, v2_code_of, v2_sign};
@@ -89,41 +89,56 @@ fn v2_result_fail(config: &SimPayConfig, key: &str, t: V2SignType, code: &str, m
     )
 }
 
-async fn unifiedorder(State(sim): State<Sim>, body: Bytes) -> Response {
+async fn unifiedorder(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Response {
     let (f, sign_type, key) = match v2_gate(&sim, &body).await {
         Ok(g) => g,
         Err(r) => return *r,
     };
     let config = pay_config(&sim).expect("gated");
     let get = |k: &str| f.get(k).cloned();
-    let (Some(description), Some(no), Some(total), Some(openid), Some(notify_url)) =
-        (get("body"), get("out_trade_no"), get("total_fee"), get("openid"), get("notify_url"))
+    let (Some(description), Some(no), Some(total), Some(notify_url), Some(trade_type)) =
+        (get("body"), get("out_trade_no"), get("total_fee"), get("notify_url"), get("trade_type"))
     else {
         return v2_fail("缺少参数");
+    };
+    let trade = match trade_type.as_str() {
+        "JSAPI" if get("openid").is_some() => TradeType::Jsapi,
+        "NATIVE" if get("product_id").is_some() => TradeType::Native,
+        "MWEB" if get("scene_info").is_some() && get("spbill_create_ip").is_some() => TradeType::H5,
+        "JSAPI" | "NATIVE" | "MWEB" => return v2_fail("缺少参数 (openid, product_id or scene_info)"),
+        _ => return v2_fail("trade_type is not supported"),
     };
     let Ok(total) = total.parse::<i64>() else { return v2_fail("total_fee must be a number") };
     let time_expire = get("time_expire").and_then(|t| v2::parse_time(&t)).unwrap_or(now() + 7200);
     let order = NewOrder {
         api: Api::V2(sign_type),
+        trade,
         appid: config.appid.clone(),
         mchid: config.mchid.clone(),
         description,
         no,
         total,
-        openid,
+        openid: get("openid").filter(|_| trade == TradeType::Jsapi),
         notify_url,
         time_expire,
         attach: get("attach"),
+        payer_client_ip: get("spbill_create_ip"),
     };
-    match sim.place_order(order) {
-        Ok(prepay_id) => v2_answer(
-            config,
-            &key,
-            sign_type,
-            vec![("result_code", "SUCCESS".into()), ("trade_type", "JSAPI".into()), ("prepay_id", prepay_id)],
-        ),
-        Err((code, message)) => v2_result_fail(config, &key, sign_type, &v2_code_of(code), message),
+    let prepay_id = match sim.place_order(order) {
+        Ok(prepay_id) => prepay_id,
+        Err((code, message)) => return v2_result_fail(config, &key, sign_type, &v2_code_of(code), message),
+    };
+    let mut result =
+        vec![("result_code", "SUCCESS".into()), ("trade_type", trade_type), ("prepay_id", prepay_id.clone())];
+    match trade {
+        TradeType::Jsapi => {}
+        TradeType::Native => result.push(("code_url", code_url_of(&prepay_id))),
+        TradeType::H5 => {
+            let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
+            result.push(("mweb_url", format!("http://{host}/sim/pay/h5?prepay_id={prepay_id}")));
+        }
     }
+    v2_answer(config, &key, sign_type, result)
 }
 
 async fn orderquery(State(sim): State<Sim>, body: Bytes) -> Response {
@@ -140,8 +155,8 @@ async fn orderquery(State(sim): State<Sim>, body: Bytes) -> Response {
     let mut result = vec![
         ("result_code", "SUCCESS".to_string()),
         ("out_trade_no", no.clone()),
-        ("openid", o.openid.clone()),
-        ("trade_type", "JSAPI".into()),
+        ("openid", o.openid.clone().unwrap_or_default()),
+        ("trade_type", o.trade.name().into()),
         ("trade_state", o.state.to_string()),
         ("total_fee", o.total.to_string()),
     ];

@@ -10,14 +10,16 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Api, NewOrder, SimPayConfig, pay_config, transaction_json};
+use super::{Api, NewOrder, SimPayConfig, TradeType, code_url_of, pay_config, transaction_json};
 use crate::sim::{Sim, now, random_hex};
-use crate::wechat::pay::random_token;
 use crate::wechat::pay::v3::{Authorization, signed_message};
+use crate::wechat::pay::{parse_rfc3339, random_token};
 
 pub(super) fn routes() -> axum::Router<Sim> {
     axum::Router::new()
         .route("/v3/pay/transactions/jsapi", post(jsapi))
+        .route("/v3/pay/transactions/native", post(native))
+        .route("/v3/pay/transactions/h5", post(h5))
         .route("/v3/pay/transactions/out-trade-no/{no}", get(query))
         .route("/v3/pay/transactions/out-trade-no/{no}/close", post(close))
 }
@@ -111,56 +113,101 @@ impl FromRequest<Sim> for V3Call {
             .await
             .map_err(|_| v3_error(StatusCode::BAD_REQUEST, "PARAM_ERROR", "the body could not be read"))?;
         check_authorization(config, &parts.method, &parts.uri, &parts.headers, &body).map_err(|r| *r)?;
+        // Public-key mode: every request names the platform public key.
+        let named = parts.headers.get("wechatpay-serial").and_then(|v| v.to_str().ok());
+        if config.platform_key_id.starts_with("PUB_KEY_ID_") && named != Some(config.platform_key_id.as_str())
+        {
+            return Err(v3_error(
+                StatusCode::UNAUTHORIZED,
+                "SIGN_ERROR",
+                "Wechatpay-Serial must name the platform public key (PUB_KEY_ID_…)",
+            ));
+        }
         Ok(V3Call { sim: sim.clone(), body })
     }
 }
 
 async fn jsapi(call: V3Call) -> Response {
+    place(call, TradeType::Jsapi, "")
+}
+
+async fn native(call: V3Call) -> Response {
+    place(call, TradeType::Native, "")
+}
+
+async fn h5(headers: HeaderMap, call: V3Call) -> Response {
+    // The cashier page is the simulator's own, where the merchant reached it.
+    let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
+    place(call, TradeType::H5, &format!("http://{host}/sim/pay/h5"))
+}
+
+/// Places an order of any trade type; the answer carries what that type pays
+/// with (`cashier`: where H5 payers are sent).
+fn place(call: V3Call, trade: TradeType, cashier: &str) -> Response {
     let config = call.config();
     let Ok(o) = serde_json::from_slice::<Value>(&call.body) else {
         return v3_error(StatusCode::BAD_REQUEST, "PARAM_ERROR", "the body is not JSON");
     };
     let text = |k: &str| o[k].as_str().map(str::to_string);
-    let (Some(appid), Some(mchid), Some(description), Some(no), Some(expire), Some(notify_url)) = (
+    let (Some(appid), Some(mchid), Some(description), Some(no), Some(expire), Some(notify_url), Some(total)) = (
         text("appid"),
         text("mchid"),
         text("description"),
         text("out_trade_no"),
         text("time_expire"),
         text("notify_url"),
+        o["amount"]["total"].as_i64(),
     ) else {
         return v3_error(StatusCode::BAD_REQUEST, "PARAM_ERROR", "a required field is missing");
     };
-    let (Some(total), Some(openid)) = (o["amount"]["total"].as_i64(), o["payer"]["openid"].as_str()) else {
-        return v3_error(
-            StatusCode::BAD_REQUEST,
-            "PARAM_ERROR",
-            "amount.total and payer.openid are required",
-        );
-    };
+    let openid = o["payer"]["openid"].as_str().map(str::to_string);
+    match trade {
+        TradeType::Jsapi if openid.is_none() => {
+            return v3_error(StatusCode::BAD_REQUEST, "PARAM_ERROR", "payer.openid is required");
+        }
+        TradeType::H5
+            if o["scene_info"]["payer_client_ip"]
+                .as_str()
+                .is_none_or(|ip| ip.parse::<std::net::IpAddr>().is_err())
+                || o["scene_info"]["h5_info"]["type"].as_str().is_none() =>
+        {
+            return v3_error(
+                StatusCode::BAD_REQUEST,
+                "PARAM_ERROR",
+                "scene_info.payer_client_ip and scene_info.h5_info.type are required",
+            );
+        }
+        _ => {}
+    }
     if appid != config.appid || mchid != config.mchid {
         return v3_error(StatusCode::BAD_REQUEST, "APPID_MCHID_NOT_MATCH", "appid and mchid do not match");
     }
-    let Ok(expire) = time::OffsetDateTime::parse(&expire, &time::format_description::well_known::Rfc3339)
-    else {
+    let Some(time_expire) = parse_rfc3339(&expire) else {
         return v3_error(StatusCode::BAD_REQUEST, "PARAM_ERROR", "time_expire is not RFC 3339");
     };
     let order = NewOrder {
         api: Api::V3,
+        trade,
         appid,
         mchid,
         description,
         no,
         total,
-        openid: openid.to_string(),
+        openid: openid.filter(|_| trade == TradeType::Jsapi),
         notify_url,
-        time_expire: expire.unix_timestamp(),
+        time_expire,
         attach: text("attach"),
+        payer_client_ip: o["scene_info"]["payer_client_ip"].as_str().map(str::to_string),
     };
-    match call.sim.place_order(order) {
-        Ok(prepay_id) => v3_signed(config, StatusCode::OK, Some(json!({ "prepay_id": prepay_id }))),
-        Err((code, message)) => v3_error(StatusCode::BAD_REQUEST, code, message),
-    }
+    let answer = match call.sim.place_order(order) {
+        Ok(prepay_id) => match trade {
+            TradeType::Jsapi => json!({ "prepay_id": prepay_id }),
+            TradeType::Native => json!({ "code_url": code_url_of(&prepay_id) }),
+            TradeType::H5 => json!({ "h5_url": format!("{cashier}?prepay_id={prepay_id}") }),
+        },
+        Err((code, message)) => return v3_error(StatusCode::BAD_REQUEST, code, message),
+    };
+    v3_signed(config, StatusCode::OK, Some(answer))
 }
 
 #[derive(Deserialize)]
