@@ -96,6 +96,17 @@ export async function api(path, { method = 'GET', body, auth = false, on401 = 's
   throw new ApiError(response.status, code, data?.error?.message || `服务器错误 · Server error (HTTP ${response.status})`);
 }
 
+/** A signed-in image (a Native order's QR code) as an object URL for an <img>. */
+export async function authImage(path) {
+  if (!session.token) return lostSession('unauthorized', 'sign-in');
+  const response = await request(path, { headers: { Authorization: `Bearer ${session.token}` }, cache: 'no-store' });
+  if (!response.ok) {
+    const data = await response.json().catch(() => null);
+    throw new ApiError(response.status, data?.error?.code ?? 'http_error', data?.error?.message || `服务器错误 · Server error (HTTP ${response.status})`);
+  }
+  return URL.createObjectURL(await response.blob());
+}
+
 /** A cross-origin JSON call (the dev simulator): same error handling, no token. */
 export async function postJson(url, body) {
   const response = await request(url, {
@@ -140,4 +151,14 @@ export function loadConfig() {
 /** WeChat's in-app browser, where OAuth and JSAPI payment work. */
 export function isWeChat() {
   return /MicroMessenger/i.test(navigator.userAgent);
+}
+
+/**
+ * How this browser pays: inside WeChat with JSAPI, a phone browser through
+ * WeChat's H5 cashier, anything else (a PC) by scanning a Native QR code.
+ */
+export function payMode() {
+  if (isWeChat()) return 'jsapi';
+  const phone = /Android|iPhone|iPad|iPod|Mobile|HarmonyOS/i.test(navigator.userAgent);
+  return phone ? 'h5' : 'native';
 }

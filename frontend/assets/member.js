@@ -1,8 +1,8 @@
 // Member page: profile, quota, products, orders, paying and signing out.
 
-import { api, goToSignIn, isWeChat, loadConfig, session } from './api.js';
+import { api, authImage, goToSignIn, loadConfig, payMode, serverNow, session } from './api.js';
 import { payInWeChat, payWithSimulator, pendingOrder, waitForOrder } from './pay.js';
-import { byId, dateTime, el, notify, RETRY, yuan } from './ui.js';
+import { byId, dateTime, el, minutesSeconds, notify, RETRY, sleep, yuan } from './ui.js';
 
 // created: order recorded, no WeChat Pay prepay yet; pending: prepay made, waiting for the money.
 const STATUS_LABELS = {
@@ -20,12 +20,20 @@ const checkoutSummary = byId('checkout-summary');
 const checkoutStatus = byId('checkout-status');
 const wechatPayButton = byId('wechat-pay');
 const simulateButton = byId('simulate-pay');
+const nativePay = byId('native-pay');
+const nativeQr = byId('native-qr');
+const newCodeButton = byId('new-code');
+const NATIVE_POLL_MS = 1500;
 const productList = byId('products');
 
 // The order shown in the checkout panel (create-order's answer, or a stub
 // with only out_trade_no when resuming after a reload).
 let currentOrder = null;
 let busy = false; // one payment at a time: no double orders from double taps
+// The product of the Native code on screen (a new code orders it again), and
+// a counter that stops the polling of a code that is no longer shown.
+let nativeProduct = null;
+let nativeShown = 0;
 
 if (!session.token) {
   goToSignIn();
@@ -34,6 +42,7 @@ if (!session.token) {
   byId('checkout-close').addEventListener('click', closeCheckout);
   wechatPayButton.addEventListener('click', () => currentOrder && payOrderInWeChat(currentOrder));
   simulateButton.addEventListener('click', () => currentOrder && simulatePayment(currentOrder));
+  newCodeButton.addEventListener('click', () => nativeProduct && buy(nativeProduct));
   loadProfile();
   loadProducts();
   loadOrders();
@@ -146,9 +155,14 @@ async function buy(product) {
   setBusy(true);
   openCheckout(`${product.name} · ${yuan(product.price_fen)} · +${product.credits} 次 · uses`);
   notify(checkoutStatus, '正在创建订单… · Creating the order…');
+  const mode = payMode();
   let order;
   try {
-    order = await api('/api/v1/payment/create-order', { method: 'POST', auth: true, body: { product_id: product.id } });
+    order = await api('/api/v1/payment/create-order', {
+      method: 'POST',
+      auth: true,
+      body: { product_id: product.id, trade_type: mode },
+    });
   } catch (error) {
     notify(checkoutStatus, error.message, 'error');
     setBusy(false);
@@ -156,21 +170,77 @@ async function buy(product) {
   }
   currentOrder = order;
   checkout.dataset.outTradeNo = order.out_trade_no;
+  checkout.dataset.tradeType = order.trade_type;
   checkoutSummary.textContent = `${order.description} · ${yuan(order.amount_fen)} · +${order.credits} 次 · uses`;
   loadOrders(); // the new order appears as awaiting payment
   setBusy(false);
 
-  if (isWeChat()) {
+  if (mode === 'jsapi') {
     payOrderInWeChat(order);
     return;
   }
+  if (mode === 'h5') {
+    // WeChat's cashier, and back here to see the result (remembered across the trip).
+    pendingOrder.set(order.out_trade_no);
+    const back = `${location.origin}${location.pathname}`;
+    location.assign(`${order.h5_url}&redirect_url=${encodeURIComponent(back)}`);
+    return;
+  }
+  await showNativeCode(order, product);
   const config = await loadConfig().catch(() => ({ simulator_url: null }));
-  if (config.simulator_url) {
+  if (config.simulator_url && !checkout.hidden && checkout.dataset.outTradeNo === order.out_trade_no) {
     simulateButton.hidden = false;
-    notify(checkoutStatus, '订单已创建，可使用模拟支付 · Order created: use the simulated payment');
-    simulateButton.focus();
-  } else {
-    notify(checkoutStatus, '请在微信中打开本页完成支付 · Open this page in WeChat to pay', 'error');
+  }
+}
+
+/** A PC: the order's QR code, its amount and expiry, until it is paid or expires. */
+async function showNativeCode(order, product) {
+  const shown = ++nativeShown;
+  nativeProduct = product;
+  newCodeButton.hidden = true;
+  nativeQr.classList.remove('expired');
+  byId('native-amount').textContent = yuan(order.amount_fen);
+  try {
+    const previous = nativeQr.src;
+    nativeQr.src = await authImage(`/api/v1/user/orders/${encodeURIComponent(order.out_trade_no)}/qrcode`);
+    if (previous.startsWith('blob:')) URL.revokeObjectURL(previous);
+  } catch (error) {
+    notify(checkoutStatus, error.message, 'error');
+    return;
+  }
+  nativePay.hidden = false;
+  notify(checkoutStatus, '请用微信扫描二维码完成支付 · Scan the QR code with WeChat to pay');
+  pollNativeOrder(order, shown);
+}
+
+async function pollNativeOrder(order, shown) {
+  const expiry = byId('native-expiry');
+  for (;;) {
+    if (shown !== nativeShown || checkout.hidden) return; // another code, or the panel closed
+    const left = Math.round(order.time_expire - serverNow());
+    if (left <= 0) {
+      nativeQr.classList.add('expired');
+      expiry.textContent = '二维码已过期 · The code has expired';
+      notify(checkoutStatus, '二维码已过期，请重新生成 · The code has expired: make a new one', 'error');
+      simulateButton.hidden = true;
+      newCodeButton.hidden = false;
+      newCodeButton.focus();
+      return;
+    }
+    expiry.textContent = `${minutesSeconds(left)} 后过期 · expires in ${minutesSeconds(left)}`;
+    try {
+      const seen = await api(`/api/v1/user/orders/${encodeURIComponent(order.out_trade_no)}`, { auth: true });
+      if (['paid', 'failed', 'closed'].includes(seen.status)) {
+        if (shown !== nativeShown) return;
+        nativePay.hidden = true;
+        simulateButton.hidden = true;
+        await confirmPayment(order.out_trade_no);
+        return;
+      }
+    } catch (error) {
+      notify(checkoutStatus, `${error.message} · 正在重试 · Retrying…`, 'error');
+    }
+    await sleep(NATIVE_POLL_MS);
   }
 }
 
@@ -210,7 +280,8 @@ async function simulatePayment(order) {
     setBusy(false);
     return;
   }
-  await confirmPayment(order.out_trade_no);
+  // A Native code on screen sees the payment through its own polling.
+  if (order.trade_type !== 'native') await confirmPayment(order.out_trade_no);
   setBusy(false);
 }
 
@@ -263,12 +334,18 @@ function openCheckout(summary) {
   checkoutSummary.textContent = summary;
   wechatPayButton.hidden = true;
   simulateButton.hidden = true;
+  newCodeButton.hidden = true;
+  nativePay.hidden = true;
+  nativeShown++;
+  delete checkout.dataset.tradeType;
   checkout.scrollIntoView({ block: 'nearest', behavior: 'smooth' });
   checkout.focus({ preventScroll: true });
 }
 
 function closeCheckout() {
   checkout.hidden = true;
+  nativePay.hidden = true;
+  nativeShown++; // stops the polling of a code no longer shown
   currentOrder = null;
 }
 

@@ -38,7 +38,8 @@ impl Frontend {
         let simulator = settings.dev_simulator_url.as_deref().map(|u| u.trim_end_matches('/').to_string());
         let mut connect = vec!["'self'".to_string()];
         connect.extend(simulator.as_deref().and_then(origin));
-        let mut images = vec!["'self'".to_string(), "data:".into(), AVATAR_HOSTS.into()];
+        // blob: the Native QR code, fetched with the session token and shown from memory.
+        let mut images = vec!["'self'".to_string(), "data:".into(), "blob:".into(), AVATAR_HOSTS.into()];
         images.extend(origin(qrcode_base));
         let csp = format!(
             "default-src 'self'; img-src {}; connect-src {}; style-src 'self'; script-src 'self'; \

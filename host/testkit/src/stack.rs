@@ -55,7 +55,8 @@ role = "app"
 wasm = "payment.wasm"
 routes = [
   "GET /api/v1/payment/products", "POST /api/v1/payment/create-order",
-  "GET /api/v1/user/orders/{out_trade_no}", "PUT /api/v1/internal/payment/order/update",
+  "GET /api/v1/user/orders/{out_trade_no}", "GET /api/v1/user/orders/{out_trade_no}/qrcode",
+  "PUT /api/v1/internal/payment/order/update",
 ]
 capabilities = ["log", "config", "db", "session", "wechat-pay", "callback-crypto"]
 

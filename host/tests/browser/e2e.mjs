@@ -5,7 +5,7 @@
 //   APP_URL=http://127.0.0.1:8082 SIM_URL=http://127.0.0.1:9300 node host/tests/browser/e2e.mjs
 //
 // Drives the system Chromium (no browser download) through QR login, buying
-// with the simulated payment, the mobile layout, sign-out and lost sessions,
+// on a PC by scanning the Native QR code and on a phone through H5, the mobile layout, sign-out and lost sessions,
 // an API error and OAuth login. Stops at the first failed step with a
 // screenshot; after the last step fails if the pages logged a console error, a
 // request failed or an HTTP error came back that no step expected.
@@ -251,18 +251,40 @@ await step('1. desktop QR login', async () => {
   console.log(`  signed in as ${me.openid}, nickname shown: ${nickname}`);
 });
 
-await step('2. buy with the simulated payment', async () => {
+await step('2. buy on a PC: the Native QR code, scanned and paid', async () => {
   const { products } = await http('GET', `${APP_URL}/api/v1/payment/products`);
   assert(products.length > 0, 'the catalog is empty');
   const product = products[0];
   const before = Number(await waitForText(page, '#quota', (t) => /^\d+$/.test(t), 'the quota'));
 
   await page.locator(`#products [data-product-id="${product.id}"] button`).click();
-  const simulate = page.locator('#simulate-pay');
-  await simulate.waitFor({ state: 'visible' });
+  const qr = page.locator('#native-qr');
+  await qr.waitFor({ state: 'visible' });
+  await until('the QR code to load', () => qr.evaluate((img) => img.complete && img.naturalWidth > 0));
   const outTradeNo = await page.locator('#checkout').getAttribute('data-out-trade-no');
   assert(outTradeNo, 'the checkout panel does not name its order');
-  await simulate.click();
+  const tradeType = await page.locator('#checkout').getAttribute('data-trade-type');
+  assert(tradeType === 'native', `a desktop browser ordered "${tradeType}", not native`);
+  await waitForText(page, '#native-amount', (t) => t.includes((product.price_fen / 100).toFixed(2)), 'the amount');
+  await waitForText(page, '#native-expiry', (t) => /\d+:\d\d/.test(t), 'the expiry countdown');
+  await screenshot(page, 'native-qr-desktop.png');
+
+  // What a phone's camera reads off the screen: the pixels of the code as drawn.
+  const { width, height, pixels } = await qr.evaluate((img) => {
+    const canvas = document.createElement('canvas');
+    canvas.width = img.naturalWidth;
+    canvas.height = img.naturalHeight;
+    const context = canvas.getContext('2d');
+    context.fillStyle = '#fff';
+    context.fillRect(0, 0, canvas.width, canvas.height);
+    context.drawImage(img, 0, 0);
+    return { width: canvas.width, height: canvas.height, pixels: Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data) };
+  });
+  const decoded = jsQR(new Uint8ClampedArray(pixels), width, height);
+  assert(decoded?.data?.startsWith('weixin://wxpay/bizpayurl?pr='), `the QR code does not decode as a code_url: ${decoded?.data}`);
+  console.log(`  QR code says ${decoded.data}`);
+  const paid = await http('POST', `${SIM_URL}/sim/pay`, { body: { code_url: decoded.data, user: `dad-${RUN_ID}` } });
+  assert(paid.out_trade_no === outTradeNo, `the code paid order ${paid.out_trade_no}, not ${outTradeNo}`);
 
   await until(`order ${outTradeNo} shown as paid`, () =>
     page.evaluate((no) => document.querySelector(`#orders [data-out-trade-no="${no}"]`)?.dataset.status === 'paid', outTradeNo),
@@ -270,6 +292,7 @@ await step('2. buy with the simulated payment', async () => {
   await waitForText(page, `#orders [data-out-trade-no="${outTradeNo}"] .status`, (t) => t.includes('已支付'), 'the paid label');
   await waitForText(page, '#quota', (t) => Number(t) === before + product.credits, `quota ${before} + ${product.credits}`);
   await waitForText(page, '#checkout-status', (t) => t.includes('支付成功'), 'the success message');
+  assert(await page.locator('#native-pay').isHidden(), 'the QR code is still shown after the payment');
   await screenshot(page, 'member-desktop.png');
 });
 
@@ -293,6 +316,31 @@ await step('3. mobile layout', async () => {
   assert(scrollWidth <= innerWidth, `the page scrolls sideways on a phone: scrollWidth ${scrollWidth} > innerWidth ${innerWidth}`);
   await screenshot(phone, 'member-mobile.png');
   await mobile.close();
+});
+
+await step('3b. buy on a phone outside WeChat: H5, WeChat\'s cashier and back', async () => {
+  const phoneContext = await browser.newContext({
+    viewport: { width: 390, height: 844 },
+    isMobile: true,
+    hasTouch: true,
+    userAgent: 'Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1',
+    storageState: sessionState(aliceToken),
+  });
+  await watch(phoneContext);
+  const phone = await newPage(phoneContext);
+  await phone.goto(`${APP_URL}/member.html`);
+  const before = Number(await waitForText(phone, '#quota', (t) => /^\d+$/.test(t), 'the quota'));
+  const { products } = await http('GET', `${APP_URL}/api/v1/payment/products`);
+  await phone.locator(`#products [data-product-id="${products[0].id}"] button`).click();
+  // Sent to WeChat's H5 cashier (the simulator's), which pays and sends the browser back.
+  await until('the H5 cashier', () => phone.url().startsWith(`${SIM_URL}/sim/pay/h5`));
+  await screenshot(phone, 'h5-cashier.png');
+  await phone.locator('#pay').click();
+  await waitForPage(phone, 'member.html');
+  await waitForText(phone, '#checkout-status', (t) => t.includes('支付成功'), 'the success message after H5');
+  await waitForText(phone, '#quota', (t) => Number(t) === before + products[0].credits, `quota ${before} + ${products[0].credits}`);
+  await screenshot(phone, 'member-after-h5.png');
+  await phoneContext.close();
 });
 
 await step('4. sign out, then revoked and invalid sessions', async () => {

@@ -361,6 +361,49 @@ async fn metrics_show_requests_notifies_applied_vs_duplicate_and_wechat_pay_call
     stack.shutdown().await;
 }
 
+/// Reads the text of the SVG QR code the app role draws, as a phone camera
+/// would: its dark rectangles (`M{x} {y}h{w}v{h}H{x}V{y}`) onto a grey image.
+fn decode_svg_qr(svg: &str) -> String {
+    let number = |name: &str| -> usize {
+        let at =
+            svg.find(&format!(" {name}=\"")).unwrap_or_else(|| panic!("no {name} in {svg}")) + name.len() + 3;
+        svg[at..].split('"').next().unwrap().trim_end_matches("px").parse().unwrap()
+    };
+    let (w, h) = (number("width"), number("height"));
+    let mut pixels = vec![255u8; w * h];
+    let path = svg.split(" d=\"").nth(1).unwrap().split('"').next().unwrap();
+    for rect in path.split('M').filter(|r| !r.is_empty()) {
+        let n: Vec<usize> = rect
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|t| !t.is_empty())
+            .map(|t| t.parse().unwrap())
+            .collect();
+        let (x, y, rw, rh) = (n[0], n[1], n[2], n[3]);
+        for row in y..y + rh {
+            pixels[row * w + x..row * w + x + rw].fill(0);
+        }
+    }
+    let mut image = rqrr::PreparedImage::prepare_from_greyscale(w, h, |x, y| pixels[y * w + x]);
+    let grids = image.detect_grids();
+    assert_eq!(grids.len(), 1, "one QR code in the image");
+    grids[0].decode().unwrap().1
+}
+
+async fn qrcode_of(stack: &Stack, no: &str, token: &str) -> (u16, String) {
+    let r = stack
+        .client
+        .get(stack.app_url(&format!("/api/v1/user/orders/{no}/qrcode")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    if status == 200 {
+        assert_eq!(r.headers()["content-type"], "image/svg+xml");
+    }
+    (status, r.text().await.unwrap())
+}
+
 /// A phone browser at an `h5_url`: WeChat's cashier page, paid, and back to the merchant's page.
 async fn pay_at_h5_cashier(h5_url: &str, back_to: &str) -> reqwest::Response {
     let no_redirects =
@@ -404,6 +447,12 @@ async fn a_pc_pays_by_native_qr_code_and_a_phone_by_h5_each_credited_once_on_bot
             (seen["status"].as_str(), seen["pay_url"].as_str()),
             (Some("pending"), Some(code_url.as_str()))
         );
+        // The code the page shows, drawn by the app role, reads as the code_url; only to its owner.
+        let (status, svg) = qrcode_of(&stack, &no, &alice).await;
+        assert_eq!(status, 200, "{which}: {svg}");
+        assert_eq!(decode_svg_qr(&svg), code_url, "{which}");
+        let bob = stack.login("bob").await;
+        assert_eq!(qrcode_of(&stack, &no, &bob).await.0, 404, "{which}: another user's order");
 
         // Someone scans it with their WeChat and pays: alice, who ordered, is credited.
         let scanned =
@@ -415,6 +464,12 @@ async fn a_pc_pays_by_native_qr_code_and_a_phone_by_h5_each_credited_once_on_bot
         assert_eq!(quota(&stack, &alice).await, 10, "{which}");
         let again = stack.sim.pay(&scanned).await;
         assert!(again.is_err(), "{which}: a paid code cannot be paid twice");
+        let (status, body) = qrcode_of(&stack, &no, &alice).await;
+        assert_eq!(status, 409, "{which}: a paid order shows no code: {body}");
+        assert!(body.contains("order_not_payable"), "{which}: {body}");
+        let (_, jsapi) = create_order(&stack, &alice, json!({ "product_id": "p10" })).await;
+        let (status, body) = qrcode_of(&stack, jsapi["out_trade_no"].as_str().unwrap(), &alice).await;
+        assert!(status == 409 && body.contains("not_native"), "{which}: {status} {body}");
 
         // H5: the page goes to h5_url; WeChat's cashier pays and sends the browser back.
         let response = stack

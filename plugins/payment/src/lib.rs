@@ -8,6 +8,8 @@
 //!   browser: the pay parameters for WeixinJSBridge), `native` (a PC: the
 //!   `code_url` the page draws as a QR code) or `h5` (a phone browser: the
 //!   `h5_url` it goes to).
+//! - `GET /api/v1/user/orders/{out_trade_no}/qrcode`: an unpaid Native order's
+//!   `code_url` as an SVG QR code, drawn here (no outside service sees it).
 //! - `PUT /api/v1/internal/payment/order/update`: the web role's notify plugin
 //!   passes on WeChat Pay's notify as it came; it is verified again here
 //!   (the web role's word, or its HMAC key, never credits money).
@@ -32,6 +34,7 @@ fn routes() -> Router {
         .get("/api/v1/payment/products", products)
         .post("/api/v1/payment/create-order", create_order)
         .get("/api/v1/user/orders/{out_trade_no}", order_status)
+        .get("/api/v1/user/orders/{out_trade_no}/qrcode", order_qrcode)
         .put("/api/v1/internal/payment/order/update", notified)
 }
 
@@ -287,6 +290,28 @@ fn order_status(req: &Request) -> Result<Response> {
         o.remove("updated_at");
     }
     Ok(Response::json(200, &order))
+}
+
+/// The QR code a PC page shows for an unpaid Native order: its `code_url`,
+/// which the payer scans with WeChat.
+fn order_qrcode(req: &Request) -> Result<Response> {
+    let out_trade_no = req.param("out_trade_no")?;
+    let openid = session::signed_in(req)?;
+    let order = load_order(out_trade_no, &openid)?;
+    let code_url = match (order["trade_type"].as_str(), order["status"].as_str(), order["pay_url"].as_str()) {
+        (Some("native"), Some("pending"), Some(code_url)) => code_url.to_string(),
+        (Some("native"), _, _) => {
+            return Err(Error::conflict("order_not_payable", "the order is no longer waiting for payment"));
+        }
+        _ => return Err(Error::conflict("not_native", "only a Native order has a QR code")),
+    };
+    let code = qrcode::QrCode::new(code_url.as_bytes()).map_err(|e| {
+        log::error(&format!("order {out_trade_no}: its code_url does not fit a QR code: {e}"));
+        Error::new(500, "qrcode_failed", "the QR code could not be drawn")
+    })?;
+    let svg =
+        code.render::<qrcode::render::svg::Color<'_>>().min_dimensions(240, 240).quiet_zone(true).build();
+    Ok(Response::with_body(200, "image/svg+xml", svg.into_bytes()).header("cache-control", "no-store"))
 }
 
 /// Another user's order is indistinguishable from no order.
