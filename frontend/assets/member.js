@@ -145,6 +145,14 @@ function orderItem(order) {
     ]),
     el('p', { className: 'price', text: yuan(order.amount_fen) }),
     el('p', { className: 'status', text: STATUS_LABELS[order.status] ?? order.status, attrs: { 'data-status': order.status } }),
+    ...(order.refunded_fen > 0
+      ? [el('p', {
+          className: 'refunded',
+          text: order.refunded_fen >= order.amount_fen
+            ? `已全额退款 · Refunded ${yuan(order.refunded_fen)}`
+            : `已退款 · Refunded ${yuan(order.refunded_fen)}`,
+        })]
+      : []),
   ]);
 }
 

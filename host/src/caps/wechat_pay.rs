@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use wasmtime::component::{HasData, Linker};
 
 use crate::bindings::wxhost::plugin::wechat_pay::{
-    self as wit, BrowserOrder, JsapiOrder, OrderState, PayError, PayParams,
+    self as wit, BrowserOrder, JsapiOrder, OrderState, PayError, PayParams, RefundRequest, RefundState,
 };
 use crate::settings::Settings;
 use crate::wechat::pay::v2::{self, v2_sign};
@@ -287,6 +287,44 @@ impl WechatPay {
         }
     }
 
+    /// Asks WeChat Pay to give money back on a paid order.
+    pub async fn refund(&self, r: &RefundRequest, deadline: Instant) -> Result<RefundState, PayError> {
+        check_out_trade_no(&r.out_trade_no)?;
+        check_out_refund_no(&r.out_refund_no)?;
+        if r.amount_fen <= 0 || r.total_fen <= 0 || r.amount_fen > r.total_fen {
+            return Err(PayError::Invalid("amount_fen must be positive and at most total_fen".into()));
+        }
+        if r.reason.as_ref().is_some_and(|why| why.chars().count() > 80) {
+            return Err(PayError::Invalid("reason must be at most 80 characters".into()));
+        }
+        let PayApi::V3 { .. } = &self.api else { return Err(apiv2_refunds_unsupported()) };
+        let mut body = json!({
+            "out_trade_no": r.out_trade_no,
+            "out_refund_no": r.out_refund_no,
+            "notify_url": self.notify_url,
+            "amount": { "refund": r.amount_fen, "total": r.total_fen, "currency": "CNY" },
+        });
+        if let Some(reason) = &r.reason {
+            body["reason"] = json!(reason);
+        }
+        let answer =
+            self.v3(reqwest::Method::POST, "/v3/refund/domestic/refunds", Some(body), deadline).await?;
+        refund_state(&answer, &r.out_refund_no)
+    }
+
+    /// A refund's state at WeChat Pay.
+    pub async fn query_refund(
+        &self,
+        out_refund_no: &str,
+        deadline: Instant,
+    ) -> Result<RefundState, PayError> {
+        check_out_refund_no(out_refund_no)?;
+        let PayApi::V3 { .. } = &self.api else { return Err(apiv2_refunds_unsupported()) };
+        let path = format!("/v3/refund/domestic/refunds/{out_refund_no}");
+        let answer = self.v3(reqwest::Method::GET, &path, None, deadline).await?;
+        refund_state(&answer, out_refund_no)
+    }
+
     /// The frontend's `getBrandWCPayRequest` parameters for a prepay_id.
     pub fn jsapi_pay_params(&self, prepay_id: &str) -> Result<PayParams, PayError> {
         if prepay_id.is_empty() || prepay_id.len() > 128 || !prepay_id.bytes().all(|b| b.is_ascii_graphic()) {
@@ -517,6 +555,36 @@ impl WechatPay {
     }
 }
 
+/// APIv2's refund API needs the merchant's client certificate (mutual TLS),
+/// which the host does not hold yet.
+fn apiv2_refunds_unsupported() -> PayError {
+    PayError::NotConfigured("refunds need APIv3 (WECHATPAY_API_VERSION=v3)".into())
+}
+
+/// A refund as WeChat Pay describes it (the refund and query answers, and the refund notify's resource).
+fn refund_state(a: &Value, out_refund_no: &str) -> Result<RefundState, PayError> {
+    let text = |k: &str| a[k].as_str().map(str::to_string);
+    Ok(RefundState {
+        out_refund_no: text("out_refund_no").unwrap_or_else(|| out_refund_no.to_string()),
+        out_trade_no: text("out_trade_no").unwrap_or_default(),
+        refund_id: text("refund_id"),
+        status: text("status")
+            .ok_or_else(|| PayError::Unavailable("WeChat Pay's answer has no status".into()))?,
+        amount_fen: a["amount"]["refund"].as_i64().unwrap_or_default(),
+        success_time: a["success_time"].as_str().and_then(parse_rfc3339),
+    })
+}
+
+fn check_out_refund_no(no: &str) -> Result<(), PayError> {
+    let ok = (6..=64).contains(&no.len())
+        && no.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-|*@".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(PayError::Invalid("out_refund_no must be 6-64 letters, digits or _-|*@".into()))
+    }
+}
+
 /// A call's name for metrics: its operation, never the order number in its path.
 fn call_name(path: &str) -> &'static str {
     let path = path.split('?').next().unwrap_or_default();
@@ -531,6 +599,10 @@ fn call_name(path: &str) -> &'static str {
         "h5_prepay"
     } else if path.ends_with("/close") || path.ends_with("/closeorder") {
         "close_order"
+    } else if path.ends_with("/refund/domestic/refunds") {
+        "refund"
+    } else if path.contains("/refund/domestic/refunds/") {
+        "query_refund"
     } else if path.contains("/out-trade-no/") || path.ends_with("/orderquery") {
         "query_order"
     } else {
@@ -672,6 +744,14 @@ impl wit::Host for WechatPayView<'_> {
 
     async fn h5_prepay(&mut self, order: BrowserOrder) -> Result<String, PayFailure> {
         Ok(self.ctx()?.h5_prepay(&order, self.deadline_at).await?)
+    }
+
+    async fn refund(&mut self, request: RefundRequest) -> Result<RefundState, PayFailure> {
+        Ok(self.ctx()?.refund(&request, self.deadline_at).await?)
+    }
+
+    async fn query_refund(&mut self, out_refund_no: String) -> Result<RefundState, PayFailure> {
+        Ok(self.ctx()?.query_refund(&out_refund_no, self.deadline_at).await?)
     }
 
     async fn jsapi_pay_params(&mut self, prepay_id: String) -> Result<PayParams, PayFailure> {

@@ -56,7 +56,8 @@ wasm = "payment.wasm"
 routes = [
   "GET /api/v1/payment/products", "POST /api/v1/payment/create-order",
   "GET /api/v1/user/orders/{out_trade_no}", "GET /api/v1/user/orders/{out_trade_no}/qrcode",
-  "PUT /api/v1/internal/payment/order/update",
+  "PUT /api/v1/internal/payment/order/update", "POST /api/v1/admin/refunds",
+  "GET /api/v1/admin/refunds/{out_refund_no}",
 ]
 capabilities = ["log", "config", "db", "session", "wechat-pay", "callback-crypto"]
 

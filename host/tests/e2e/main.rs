@@ -17,6 +17,7 @@ mod payments;
 mod plugin_sql;
 mod properties;
 mod push;
+mod refunds;
 mod refusal;
 mod router;
 mod sandbox;

@@ -199,8 +199,15 @@ fn me(req: &Request) -> Result<Response> {
 fn orders(req: &Request) -> Result<Response> {
     let openid = session::signed_in(req)?;
     let rows = db::query(
-        "SELECT out_trade_no, product_id, description, amount_fen, credits, status, transaction_id, paid_at, \
-         created_at FROM orders WHERE openid = ? ORDER BY created_at DESC, id DESC LIMIT 100",
+        &format!(
+            "SELECT out_trade_no, product_id, description, amount_fen, credits, status, transaction_id, paid_at, \
+             created_at, trade_type, {} AS refunded_fen FROM orders WHERE openid = ? \
+             ORDER BY created_at DESC, id DESC LIMIT 100",
+            db::as_integer(
+                "(SELECT COALESCE(SUM(r.amount_fen), 0) FROM refunds r \
+                 WHERE r.out_trade_no = orders.out_trade_no AND r.status = 'success')"
+            )
+        ),
         params![openid],
     )?;
     Ok(Response::json(200, &json!({ "orders": rows.to_json() })))

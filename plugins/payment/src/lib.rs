@@ -17,6 +17,10 @@
 //!   one is checked with WeChat Pay (a lost notify is caught here) and an
 //!   unpaid one past its expiry is closed.
 //!
+//! - `POST /api/v1/admin/refunds`, `GET /api/v1/admin/refunds/{out_refund_no}`:
+//!   refunds (see [`refund`]); their `REFUND.*` notify comes the way of the
+//!   payment notify.
+//!
 //! Notify and query both mark an order paid through [`apply_paid`]: one
 //! transaction, the order locked, checked against what WeChat Pay says, and
 //! the quota credited only if the order was not paid already.
@@ -29,6 +33,8 @@ use wxhost_sdk::prelude::*;
 use wxhost_sdk::session;
 use wxhost_sdk::wechat_pay::{self, BrowserOrder, JsapiOrder, PayError};
 
+mod refund;
+
 fn routes() -> Router {
     Router::new()
         .get("/api/v1/payment/products", products)
@@ -36,6 +42,8 @@ fn routes() -> Router {
         .get("/api/v1/user/orders/{out_trade_no}", order_status)
         .get("/api/v1/user/orders/{out_trade_no}/qrcode", order_qrcode)
         .put("/api/v1/internal/payment/order/update", notified)
+        .post("/api/v1/admin/refunds", refund::create)
+        .get("/api/v1/admin/refunds/{out_refund_no}", refund::show)
 }
 
 wxhost_sdk::plugin!(routes);
@@ -271,7 +279,7 @@ fn create_order(req: &Request) -> Result<Response> {
 }
 
 const ORDER_COLUMNS: &str = "out_trade_no, product_id, description, amount_fen, credits, status, transaction_id, \
-                             paid_at, created_at, time_expire, trade_type, pay_url, updated_at";
+                             paid_at, created_at, time_expire, trade_type, pay_url, refunded_fen, updated_at";
 
 /// Seconds between two checks of one pending order with WeChat Pay (the page polls).
 const RECHECK_SECS: i64 = 3;
@@ -286,8 +294,14 @@ fn order_status(req: &Request) -> Result<Response> {
         reconcile(out_trade_no, &order);
         order = load_order(out_trade_no, &openid)?;
     }
+    let refunds = db::query(
+        "SELECT out_refund_no, amount_fen, status, succeeded_at, created_at FROM refunds \
+         WHERE out_trade_no = ? ORDER BY created_at, id",
+        params![out_trade_no],
+    )?;
     if let Some(o) = order.as_object_mut() {
         o.remove("updated_at");
+        o.insert("refunds".into(), Json::Array(refunds.to_json()));
     }
     Ok(Response::json(200, &order))
 }
@@ -406,6 +420,11 @@ fn notified(req: &Request) -> Result<Response> {
             let notify = callback_crypto::verify_pay_notify_v3(&headers, body.as_bytes()).map_err(refused)?;
             let resource: Json = serde_json::from_str(&notify.resource_json)
                 .map_err(|_| Error::bad_request("malformed_notify", "the resource is not JSON"))?;
+            if notify.event_type.starts_with("REFUND.") {
+                let applied = refund::apply(&refund::state_of_resource(&resource))?;
+                let what = if applied { "refund_applied" } else { "refund_duplicate" };
+                return Ok(Response::json(200, &json!({ "applied": applied })).outcome(what));
+            }
             if notify.event_type != "TRANSACTION.SUCCESS" || resource["trade_state"] != "SUCCESS" {
                 return ignored(&format!("{} / {}", notify.event_type, resource["trade_state"]));
             }
@@ -451,7 +470,7 @@ fn ignored(what: &str) -> Result<Response> {
 }
 
 /// `2018-06-08T10:34:56+08:00` as Unix seconds (WeChat Pay's `success_time`).
-fn rfc3339_unix(t: &str) -> Option<i64> {
+pub(crate) fn rfc3339_unix(t: &str) -> Option<i64> {
     time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
         .ok()
         .map(|t| t.unix_timestamp())

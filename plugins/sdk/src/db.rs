@@ -27,6 +27,15 @@ pub fn dialect() -> SqlDialect {
     host::dialect()
 }
 
+/// `expr` as an integer column on either database: MySQL's `SUM` of integers
+/// is a DECIMAL (read back as text), SQLite's is an integer.
+pub fn as_integer(expr: &str) -> String {
+    match dialect() {
+        SqlDialect::Mysql => format!("CAST({expr} AS SIGNED)"),
+        SqlDialect::Sqlite => format!("CAST({expr} AS INTEGER)"),
+    }
+}
+
 /// ` FOR UPDATE` on MySQL, nothing on SQLite (whose transactions lock the database).
 pub fn for_update() -> &'static str {
     match dialect() {

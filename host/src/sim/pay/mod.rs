@@ -6,6 +6,7 @@
 //! retry schedule (compressed by `retry_scale`) until it is acknowledged.
 
 mod notify;
+mod refund;
 mod v2;
 mod v3;
 
@@ -105,13 +106,20 @@ struct SimOrder {
 pub(super) struct PayData {
     orders: HashMap<String, SimOrder>,
     by_prepay_id: HashMap<String, String>,
+    refunds: HashMap<String, refund::SimRefund>,
+    /// Refunds stay PROCESSING until a test settles them.
+    hold_refunds: bool,
     notifies_sent: u64,
 }
 
 pub(super) type SharedPay = Arc<Mutex<PayData>>;
 
 pub(super) fn routes() -> axum::Router<Sim> {
-    axum::Router::new().merge(v3::routes()).merge(v2::routes()).merge(notify::routes())
+    axum::Router::new()
+        .merge(v3::routes())
+        .merge(v2::routes())
+        .merge(notify::routes())
+        .merge(refund::routes())
 }
 
 fn pay_config(sim: &Sim) -> Option<&SimPayConfig> {

@@ -135,29 +135,8 @@ impl Sim {
             pay.notifies_sent += 1;
             pay.orders.get(no).map(|o| (o.api, o.notify_url.clone(), build_notify(config, no, o)))
         };
-        let Some((api, url, (headers, body))) = built else { return (0, false) };
-        let mut request = self.http.post(&url).body(body).timeout(Duration::from_secs(5));
-        for (k, v) in headers {
-            request = request.header(k, v);
-        }
-        let (status, acknowledged) = match request.send().await {
-            Ok(r) => {
-                let status = r.status().as_u16();
-                let text = r.text().await.unwrap_or_default();
-                let ok = match api {
-                    Api::V3 => status == 200 || status == 204,
-                    Api::V2(_) => {
-                        status == 200
-                            && flat_xml(&text)
-                                .ok()
-                                .and_then(|f| f.into_iter().find(|(k, _)| k == "return_code"))
-                                .is_some_and(|(_, v)| v == "SUCCESS")
-                    }
-                };
-                (status, ok)
-            }
-            Err(_) => (0, false),
-        };
+        let Some((api, url, notify)) = built else { return (0, false) };
+        let (status, acknowledged) = post_notify(&self.http, api, &url, notify).await;
         let mut pay = self.pay.lock().expect("sim pay lock");
         if let Some(o) = pay.orders.get_mut(no) {
             o.deliveries.push(status);
@@ -186,44 +165,90 @@ impl Sim {
     }
 }
 
+/// An APIv3 notify, signed now: its `resource` encrypted with the APIv3 key,
+/// the body signed with the platform key; (headers, body).
+/// `event`: (event_type, summary, original_type).
+pub(super) fn signed_v3_notify(
+    config: &SimPayConfig,
+    id: &str,
+    created: i64,
+    (event_type, summary, original_type): (&str, &str, &str),
+    resource: &str,
+) -> (Vec<(String, String)>, String) {
+    let nonce = random_token(12);
+    let ciphertext = v3_encrypt(&config.apiv3_key, &nonce, original_type, resource.as_bytes())
+        .expect("a 12-character nonce");
+    let body = json!({
+        "id": id,
+        "create_time": rfc3339_cst(created),
+        "resource_type": "encrypt-resource",
+        "event_type": event_type,
+        "summary": summary,
+        "resource": {
+            "original_type": original_type,
+            "algorithm": "AEAD_AES_256_GCM",
+            "ciphertext": ciphertext,
+            "associated_data": original_type,
+            "nonce": nonce,
+        },
+    })
+    .to_string();
+    let timestamp = now().to_string();
+    let sig_nonce = random_token(32);
+    let signature = config.platform_key.sign(&signed_message(&timestamp, &sig_nonce, body.as_bytes()));
+    let headers = vec![
+        ("content-type".into(), "application/json".into()),
+        ("wechatpay-timestamp".into(), timestamp),
+        ("wechatpay-nonce".into(), sig_nonce),
+        ("wechatpay-signature".into(), signature),
+        ("wechatpay-serial".into(), config.platform_key_id.clone()),
+        ("wechatpay-signature-type".into(), "WECHATPAY2-SHA256-RSA2048".into()),
+    ];
+    (headers, body)
+}
+
+/// Posts a notify once; returns (status, acknowledged as that API acknowledges).
+pub(super) async fn post_notify(
+    http: &reqwest::Client,
+    api: Api,
+    url: &str,
+    (headers, body): (Vec<(String, String)>, String),
+) -> (u16, bool) {
+    let mut request = http.post(url).body(body).timeout(Duration::from_secs(5));
+    for (k, v) in headers {
+        request = request.header(k, v);
+    }
+    match request.send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap_or_default();
+            let ok = match api {
+                Api::V3 => status == 200 || status == 204,
+                Api::V2(_) => {
+                    status == 200
+                        && flat_xml(&text)
+                            .ok()
+                            .and_then(|f| f.into_iter().find(|(k, _)| k == "return_code"))
+                            .is_some_and(|(_, v)| v == "SUCCESS")
+                }
+            };
+            (status, ok)
+        }
+        Err(_) => (0, false),
+    }
+}
+
 /// The notify for a paid order, signed now: (headers, body).
 fn build_notify(config: &SimPayConfig, no: &str, o: &SimOrder) -> (Vec<(String, String)>, String) {
     match o.api {
-        Api::V3 => {
-            let resource = transaction_json(no, o).to_string();
-            let nonce = random_token(12);
-            let ciphertext = v3_encrypt(&config.apiv3_key, &nonce, "transaction", resource.as_bytes())
-                .expect("a 12-character nonce");
-            let body = json!({
-                // One id per payment: WeChat Pay's retries repeat it.
-                "id": format!("EV-{}", o.transaction_id.as_deref().unwrap_or(no)),
-                "create_time": rfc3339_cst(o.success_time.unwrap_or_else(now)),
-                "resource_type": "encrypt-resource",
-                "event_type": "TRANSACTION.SUCCESS",
-                "summary": "支付成功",
-                "resource": {
-                    "original_type": "transaction",
-                    "algorithm": "AEAD_AES_256_GCM",
-                    "ciphertext": ciphertext,
-                    "associated_data": "transaction",
-                    "nonce": nonce,
-                },
-            })
-            .to_string();
-            let timestamp = now().to_string();
-            let sig_nonce = random_token(32);
-            let signature =
-                config.platform_key.sign(&signed_message(&timestamp, &sig_nonce, body.as_bytes()));
-            let headers = vec![
-                ("content-type".into(), "application/json".into()),
-                ("wechatpay-timestamp".into(), timestamp),
-                ("wechatpay-nonce".into(), sig_nonce),
-                ("wechatpay-signature".into(), signature),
-                ("wechatpay-serial".into(), config.platform_key_id.clone()),
-                ("wechatpay-signature-type".into(), "WECHATPAY2-SHA256-RSA2048".into()),
-            ];
-            (headers, body)
-        }
+        Api::V3 => signed_v3_notify(
+            config,
+            // One id per payment: WeChat Pay's retries repeat it.
+            &format!("EV-{}", o.transaction_id.as_deref().unwrap_or(no)),
+            o.success_time.unwrap_or_else(now),
+            ("TRANSACTION.SUCCESS", "支付成功", "transaction"),
+            &transaction_json(no, o).to_string(),
+        ),
         Api::V2(sign_type) => {
             let mut fields: Vec<(String, String)> = [
                 ("appid", o.appid.clone()),

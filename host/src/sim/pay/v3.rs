@@ -29,7 +29,7 @@ pub(super) fn v3_error(status: StatusCode, code: &str, message: &str) -> Respons
 }
 
 /// An answer signed with the platform key, as WeChat Pay signs its answers.
-fn v3_signed(config: &SimPayConfig, status: StatusCode, body: Option<Value>) -> Response {
+pub(super) fn v3_signed(config: &SimPayConfig, status: StatusCode, body: Option<Value>) -> Response {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let timestamp = now().to_string();
     let nonce = random_token(32);
@@ -83,13 +83,13 @@ fn check_authorization(
 /// A merchant's APIv3 call that passed what WeChat Pay checks first: a
 /// merchant is configured, the service is up, and the merchant's signature
 /// covers the method, path, query and body.
-struct V3Call {
-    sim: Sim,
-    body: Bytes,
+pub(super) struct V3Call {
+    pub(super) sim: Sim,
+    pub(super) body: Bytes,
 }
 
 impl V3Call {
-    fn config(&self) -> &SimPayConfig {
+    pub(super) fn config(&self) -> &SimPayConfig {
         pay_config(&self.sim).expect("the gate found the merchant")
     }
 }

@@ -1,0 +1,331 @@
+//! Refunds end to end on SQLite and MariaDB with the simulator playing WeChat
+//! Pay: full and partial refunds taking the credits back once, the
+//! idempotency key under concurrency, refusals, WeChat Pay down mid-refund,
+//! and refund notifies forged, repeated or not matching the refund.
+
+use std::time::{Duration, Instant};
+
+use crate::common::stack::*;
+use crate::common::*;
+use serde_json::{Value, json};
+use wxhost::config::Role;
+use wxhost::sim::PayRequest;
+use wxhost::wechat::pay::RsaSigner;
+use wxhost::wechat::pay::v3::{signed_message, v3_encrypt};
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or_default()
+}
+
+async fn quota(stack: &Stack, token: &str) -> i64 {
+    let (status, me) = stack.get("/api/v1/user/me", Some(token)).await;
+    assert_eq!(status, 200, "{me}");
+    me["quota"].as_i64().unwrap()
+}
+
+/// A paid order of p10 (990 fen, 10 credits) for `user`: its out_trade_no and the user's token.
+async fn paid_order(stack: &Stack, user: &str) -> (String, String) {
+    let token = stack.login(user).await;
+    let (status, order) = stack
+        .post("/api/v1/payment/create-order", Some(&token), &json!({ "product_id": "p10" }).to_string())
+        .await;
+    assert_eq!(status, 200, "{order}");
+    let no = order["out_trade_no"].as_str().unwrap().to_string();
+    let paid =
+        stack.sim.pay(&PayRequest { out_trade_no: Some(no.clone()), ..Default::default() }).await.unwrap();
+    assert!(paid.acknowledged, "{paid:?}");
+    assert_eq!(quota(stack, &token).await, 10);
+    (no, token)
+}
+
+async fn ask_refund(stack: &Stack, credential: Option<&str>, body: Value) -> (u16, Value) {
+    stack.post("/api/v1/admin/refunds", credential, &body.to_string()).await
+}
+
+/// Polls the admin's view of a refund until it has left `processing`.
+async fn settled(stack: &Stack, out_refund_no: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let (status, refund) =
+            stack.get(&format!("/api/v1/admin/refunds/{out_refund_no}"), Some(ADMIN)).await;
+        assert_eq!(status, 200, "{refund}");
+        if refund["status"] != "processing" {
+            return refund;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "never settled: {refund}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A `REFUND.*` notify as WeChat Pay sends it, signed with `signer_pem` now.
+fn refund_notify(resource: &Value, signer_pem: &str) -> (Vec<(&'static str, String)>, String) {
+    let ciphertext = v3_encrypt(
+        APIV3_KEY.as_bytes().try_into().unwrap(),
+        "n0nce0n0nce0",
+        "refund",
+        resource.to_string().as_bytes(),
+    )
+    .unwrap();
+    let body = json!({
+        "id": format!("EV-TEST-{}", resource["out_refund_no"].as_str().unwrap_or_default()),
+        "create_time": "2026-12-02T10:00:00+08:00", "resource_type": "encrypt-resource",
+        "event_type": format!("REFUND.{}", resource["refund_status"].as_str().unwrap_or("SUCCESS")), "summary": "退款成功",
+        "resource": { "original_type": "refund", "algorithm": "AEAD_AES_256_GCM", "ciphertext": ciphertext,
+                      "associated_data": "refund", "nonce": "n0nce0n0nce0" },
+    })
+    .to_string();
+    let signer = RsaSigner::from_pem(&std::fs::read_to_string(fixture(signer_pem)).unwrap()).unwrap();
+    let timestamp = wxhost::wechat::unix_now().to_string();
+    let signature = signer.sign(&signed_message(&timestamp, "N", body.as_bytes()));
+    let headers = vec![
+        ("content-type", "application/json".to_string()),
+        ("wechatpay-timestamp", timestamp),
+        ("wechatpay-nonce", "N".to_string()),
+        ("wechatpay-signature", signature),
+        ("wechatpay-serial", PUB_KEY_ID.to_string()),
+    ];
+    (headers, body)
+}
+
+async fn send_notify(stack: &Stack, (headers, body): (Vec<(&'static str, String)>, String)) -> (u16, String) {
+    let url = format!("http://{}/api/v1/payment/notify", stack.web.role_addrs[&Role::Web]);
+    let mut request = stack.client.post(url).body(body);
+    for (k, v) in headers {
+        request = request.header(k, v);
+    }
+    let r = request.send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_and_partial_refunds_take_the_credits_back_once_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start(&db.url).await;
+        let (no, alice) = paid_order(&stack, "alice").await;
+
+        // A partial refund: 300 of 990 fen takes back ceil(10 × 300 / 990) = 4 credits.
+        let (status, refund) = ask_refund(
+            &stack,
+            Some(ADMIN),
+            json!({ "out_trade_no": no, "amount_fen": 300, "reason": "部分退款", "idempotency_key": "r1" }),
+        )
+        .await;
+        assert_eq!(status, 200, "{which}: {refund}");
+        assert_eq!(refund["amount_fen"], 300, "{which}");
+        let first = refund["out_refund_no"].as_str().unwrap().to_string();
+        let done = settled(&stack, &first).await;
+        assert_eq!(
+            (done["status"].as_str(), done["credits_taken"].as_i64()),
+            (Some("success"), Some(4)),
+            "{which}: {done}"
+        );
+        assert_eq!(quota(&stack, &alice).await, 6, "{which}");
+
+        // WeChat Pay delivers its notify 10 times at once: acknowledged, applied once.
+        let r = stack
+            .client
+            .post(stack.sim_url(&format!("/sim/pay/refunds/{first}/notify")))
+            .json(&json!({ "times": 10 }))
+            .send()
+            .await
+            .unwrap();
+        let statuses: Value = r.json().await.unwrap();
+        assert_eq!(statuses["statuses"], json!(vec![204; 10]), "{which}: {statuses}");
+        assert_eq!(quota(&stack, &alice).await, 6, "{which}: still taken back once");
+
+        // The rest: 690 fen would take back 7, but only 6 are left: the shortfall is recorded.
+        let (status, rest) =
+            ask_refund(&stack, Some(ADMIN), json!({ "out_trade_no": no, "idempotency_key": "r2" })).await;
+        assert_eq!((status, rest["amount_fen"].as_i64()), (200, Some(690)), "{which}: {rest}");
+        let done = settled(&stack, rest["out_refund_no"].as_str().unwrap()).await;
+        assert_eq!(
+            (done["credits_taken"].as_i64(), done["credits_shortfall"].as_i64()),
+            (Some(6), Some(1)),
+            "{which}: {done}"
+        );
+        assert_eq!(quota(&stack, &alice).await, 0, "{which}: never below 0");
+
+        // Nothing is left to refund.
+        let (status, body) = ask_refund(
+            &stack,
+            Some(ADMIN),
+            json!({ "out_trade_no": no, "amount_fen": 1, "idempotency_key": "r3" }),
+        )
+        .await;
+        assert_eq!((status, code(&body)), (409, "refund_exceeds_paid"), "{which}: {body}");
+
+        // The user sees the refunds on the order and in the list.
+        let (_, order) = stack.get(&format!("/api/v1/user/orders/{no}"), Some(&alice)).await;
+        let refunds = order["refunds"].as_array().unwrap();
+        assert_eq!(refunds.len(), 2, "{which}: {order}");
+        assert!(refunds.iter().all(|r| r["status"] == "success"), "{which}: {order}");
+        let (_, list) = stack.get("/api/v1/user/orders", Some(&alice)).await;
+        assert_eq!(list["orders"][0]["refunded_fen"], 990, "{which}: {list}");
+        stack.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_idempotency_key_is_one_refund_even_sent_ten_times_at_once_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start(&db.url).await;
+        let (no, alice) = paid_order(&stack, "alice").await;
+        let ask = json!({ "out_trade_no": no, "reason": "重复提交", "idempotency_key": "same-key" });
+        let answers =
+            futures::future::join_all((0..10).map(|_| ask_refund(&stack, Some(ADMIN), ask.clone()))).await;
+        let numbers: std::collections::BTreeSet<String> = answers
+            .iter()
+            .map(|(status, body)| {
+                assert_eq!(*status, 200, "{which}: {body}");
+                body["out_refund_no"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(numbers.len(), 1, "{which}: one refund, not {numbers:?}");
+        assert_eq!(stack.sim.pay_refunds_of(&no), 1, "{which}: WeChat Pay was asked for one refund");
+        settled(&stack, numbers.first().unwrap()).await;
+        assert_eq!(quota(&stack, &alice).await, 0, "{which}");
+        // Again later: the same refund; the same key for another amount: a conflict.
+        let (status, again) = ask_refund(&stack, Some(ADMIN), ask.clone()).await;
+        assert_eq!(
+            (status, again["out_refund_no"].as_str()),
+            (200, numbers.first().map(String::as_str)),
+            "{which}"
+        );
+        let (status, body) = ask_refund(
+            &stack,
+            Some(ADMIN),
+            json!({ "out_trade_no": no, "amount_fen": 5, "idempotency_key": "same-key" }),
+        )
+        .await;
+        assert_eq!((status, code(&body)), (409, "idempotency_key_reused"), "{which}: {body}");
+        stack.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_are_refused_without_the_admin_token_or_a_paid_order_and_change_nothing() {
+    let db = sqlite_database().await;
+    let stack = Stack::start(&db.url).await;
+    let (no, alice) = paid_order(&stack, "alice").await;
+    let ask = json!({ "out_trade_no": no, "idempotency_key": "k" });
+    assert_eq!(ask_refund(&stack, None, ask.clone()).await.0, 401);
+    assert_eq!(
+        ask_refund(&stack, Some(&alice), ask.clone()).await.0,
+        403,
+        "a user's session is not the admin"
+    );
+    let (status, body) = ask_refund(
+        &stack,
+        Some(ADMIN),
+        json!({ "out_trade_no": "NO_SUCH_ORDER_1", "idempotency_key": "k2" }),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (404, "unknown_order"), "{body}");
+    let (_, unpaid) = stack
+        .post("/api/v1/payment/create-order", Some(&alice), &json!({ "product_id": "p10" }).to_string())
+        .await;
+    let (status, body) = ask_refund(
+        &stack,
+        Some(ADMIN),
+        json!({ "out_trade_no": unpaid["out_trade_no"], "idempotency_key": "k3" }),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (409, "order_not_paid"), "{body}");
+    let (status, body) = ask_refund(
+        &stack,
+        Some(ADMIN),
+        json!({ "out_trade_no": no, "amount_fen": 991, "idempotency_key": "k4" }),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (409, "refund_exceeds_paid"), "{body}");
+    for bad in [
+        json!({ "out_trade_no": no }),
+        json!({ "out_trade_no": no, "idempotency_key": "k5", "amount_fen": -1 }),
+        json!({ "out_trade_no": no, "idempotency_key": "k6", "price": 1 }),
+    ] {
+        let (status, body) = ask_refund(&stack, Some(ADMIN), bad.clone()).await;
+        assert_eq!((status, code(&body)), (400, "invalid_body"), "{bad}: {body}");
+    }
+    assert_eq!(stack.sim.pay_refunds_of(&no), 0, "nothing reached WeChat Pay");
+    assert_eq!(quota(&stack, &alice).await, 10);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wechat_pay_down_during_a_refund_leaves_it_processing_until_a_check_settles_it_once_on_both_databases()
+ {
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start(&db.url).await;
+        let (no, alice) = paid_order(&stack, "alice").await;
+        stack.sim.set_down(true);
+        let (status, refund) =
+            ask_refund(&stack, Some(ADMIN), json!({ "out_trade_no": no, "idempotency_key": "down" })).await;
+        assert_eq!((status, refund["status"].as_str()), (200, Some("processing")), "{which}: {refund}");
+        let out_refund_no = refund["out_refund_no"].as_str().unwrap().to_string();
+        // While it is processing, its amount is reserved: no second refund of the same money.
+        let (status, body) = ask_refund(
+            &stack,
+            Some(ADMIN),
+            json!({ "out_trade_no": no, "amount_fen": 1, "idempotency_key": "down-2" }),
+        )
+        .await;
+        assert_eq!((status, code(&body)), (409, "refund_exceeds_paid"), "{which}: {body}");
+        stack.sim.set_down(false);
+        // A later check finds WeChat Pay never heard of it, asks again with the same number, and it settles.
+        let done = settled(&stack, &out_refund_no).await;
+        assert_eq!(done["status"], "success", "{which}: {done}");
+        assert_eq!(stack.sim.pay_refunds_of(&no), 1, "{which}: one refund at WeChat Pay");
+        assert_eq!(quota(&stack, &alice).await, 0, "{which}: credits taken back once");
+        stack.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refund_notifies_forged_unknown_or_not_matching_the_refund_change_nothing_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start(&db.url).await;
+        let (no, alice) = paid_order(&stack, "alice").await;
+        stack.sim.hold_refunds(true);
+        let (_, refund) = ask_refund(
+            &stack,
+            Some(ADMIN),
+            json!({ "out_trade_no": no, "amount_fen": 500, "idempotency_key": "held" }),
+        )
+        .await;
+        let out_refund_no = refund["out_refund_no"].as_str().unwrap().to_string();
+        let resource = |amount: i64, trade: &str, refund_no: &str| {
+            json!({
+                "mchid": MCHID, "out_trade_no": trade, "transaction_id": "4200", "out_refund_no": refund_no,
+                "refund_id": "50000", "refund_status": "SUCCESS", "success_time": "2026-12-02T10:00:00+08:00",
+                "amount": { "total": 990, "refund": amount, "payer_total": 990, "payer_refund": amount },
+            })
+        };
+        // Signed by another key: refused at the web role.
+        let (status, _) =
+            send_notify(&stack, refund_notify(&resource(500, &no, &out_refund_no), "merchant_test_key.pem"))
+                .await;
+        assert_eq!(status, 401, "{which}");
+        // Correctly signed, but not this refund's amount or order, or no refund of ours.
+        for (what, bad) in [
+            ("another amount", resource(990, &no, &out_refund_no)),
+            ("another order", resource(500, "OTHER_ORDER_1", &out_refund_no)),
+            ("an unknown refund", resource(500, &no, "RF_NOT_OURS_01")),
+        ] {
+            let (status, body) =
+                send_notify(&stack, refund_notify(&bad, "wechatpay_platform_test_key.pem")).await;
+            assert!((400..500).contains(&status), "{which}: {what} answered {status} {body}");
+        }
+        let (_, seen) = stack.get(&format!("/api/v1/admin/refunds/{out_refund_no}"), Some(ADMIN)).await;
+        assert_eq!(seen["status"], "processing", "{which}: {seen}");
+        assert_eq!(quota(&stack, &alice).await, 10, "{which}: nothing taken back");
+        // WeChat Pay's own notify then settles it.
+        let settled_now = stack.sim.settle_refund(&out_refund_no, "SUCCESS").await.unwrap();
+        assert!(settled_now.1, "{which}: acknowledged: {settled_now:?}");
+        assert_eq!(quota(&stack, &alice).await, 4, "{which}: ceil(10 × 500 / 990) = 6 taken back");
+        stack.shutdown().await;
+    }
+}
