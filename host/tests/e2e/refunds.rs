@@ -329,3 +329,36 @@ async fn refund_notifies_forged_unknown_or_not_matching_the_refund_change_nothin
         stack.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_app_role_down_the_refund_notify_fails_and_a_retry_settles_it_once_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let mut stack = Stack::start(&db.url).await;
+        let (no, alice) = paid_order(&stack, "alice").await;
+        stack.sim.hold_refunds(true);
+        let (_, refund) =
+            ask_refund(&stack, Some(ADMIN), json!({ "out_trade_no": no, "idempotency_key": "app-down" }))
+                .await;
+        let out_refund_no = refund["out_refund_no"].as_str().unwrap().to_string();
+
+        stack.stop_app().await;
+        let (status, acknowledged) = stack.sim.settle_refund(&out_refund_no, "SUCCESS").await.unwrap();
+        assert!(!acknowledged && status >= 500, "{which}: WeChat Pay is told to retry: {status}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(stack.sim.pay_refund(&out_refund_no).unwrap()["acknowledged"], false, "{which}");
+        stack.restart_app().await;
+        let started = Instant::now();
+        while stack.sim.pay_refund(&out_refund_no).unwrap()["acknowledged"] != true {
+            assert!(started.elapsed() < Duration::from_secs(45), "{which}: never acknowledged");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let deliveries =
+            stack.sim.pay_refund(&out_refund_no).unwrap()["deliveries"].as_array().unwrap().len();
+        assert!(deliveries >= 3, "{which}: retried ({deliveries} deliveries)");
+        let (_, seen) = stack.get(&format!("/api/v1/admin/refunds/{out_refund_no}"), Some(ADMIN)).await;
+        assert_eq!(seen["status"], "success", "{which}: {seen}");
+        assert_eq!(quota(&stack, &alice).await, 0, "{which}: taken back once");
+        stack.shutdown().await;
+    }
+}

@@ -85,7 +85,7 @@ pub async fn dev(config_path: PathBuf, sim_listen: std::net::SocketAddr) -> anyh
     let exe = std::env::args().next().unwrap_or_else(|| "wxhost".into());
     println!(
         r#"
-Member pages: http://{app}/   (QR login, quota, buy with simulated WeChat Pay)
+Member pages: http://{app}/   (QR login, quota, buy: a QR code on a PC, H5 on a phone; simulated WeChat Pay)
 
 wxhost dev: web role http://{web}, app role http://{app}, WeChat simulator http://{sim_addr}
 secrets: {DEV_SECRETS} and {DEV_KEYS}/ (generated; delete them to make new ones)
@@ -100,11 +100,16 @@ Web authorization (OAuth):
   {exe} sim code --sim-url http://{sim_addr} --user bob                 # -> code
   curl -s "http://{app}/api/v1/auth/wechat?code=CODE"
 
-Buy (with the token from a login):
+Buy on a PC (with the token from a login): a Native order, paid by scanning its code_url
   curl -s http://{app}/api/v1/payment/products
-  curl -s -X POST -H "Authorization: Bearer TOKEN" http://{app}/api/v1/payment/create-order -d '{{"product_id":"p10"}}'
-  {exe} sim pay --sim-url http://{sim_addr} --out-trade-no OUT_TRADE_NO    # WeChat Pay pays and notifies
+  curl -s -X POST -H "Authorization: Bearer TOKEN" http://{app}/api/v1/payment/create-order -d '{{"product_id":"p10","trade_type":"native"}}'
+  {exe} sim pay --sim-url http://{sim_addr} --code-url 'CODE_URL'    # a phone scans it: WeChat Pay pays and notifies
   curl -s -H "Authorization: Bearer TOKEN" http://{app}/api/v1/user/orders/OUT_TRADE_NO
+  ("trade_type":"jsapi" inside WeChat, "h5" from a phone browser: the answer's h5_url is WeChat's cashier)
+
+Refund it (admin credential below): the credits are taken back when WeChat Pay's notify comes
+  curl -s -X POST -H "Authorization: Bearer {admin}" http://{app}/api/v1/admin/refunds -d '{{"out_trade_no":"OUT_TRADE_NO","reason":"test","idempotency_key":"k1"}}'
+  curl -s -H "Authorization: Bearer {admin}" http://{app}/api/v1/admin/refunds/OUT_REFUND_NO
 
 Menu (admin credential from {DEV_SECRETS}: {admin}):
   curl -s -X POST -H "Authorization: Bearer {admin}" http://{app}/api/v1/auth/wechat/create-menu        -d '{{"button":[{{"type":"click","name":"帮助","key":"MENU_HELP"}}]}}'
