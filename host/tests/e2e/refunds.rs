@@ -248,6 +248,12 @@ async fn refunds_are_refused_without_the_admin_token_or_a_paid_order_and_change_
         let (status, body) = ask_refund(&stack, Some(ADMIN), bad.clone()).await;
         assert_eq!((status, code(&body)), (400, "invalid_body"), "{bad}: {body}");
     }
+    // An order paid to another merchant (an earlier merchant id) is not ours to refund.
+    db_exec(&db.url, "UPDATE orders SET mchid = '1900000999' WHERE out_trade_no = ?", &[&no]).await;
+    let (status, body) =
+        ask_refund(&stack, Some(ADMIN), json!({ "out_trade_no": no, "idempotency_key": "k7" })).await;
+    assert_eq!((status, code(&body)), (409, "merchant_mismatch"), "{body}");
+    db_exec(&db.url, &format!("UPDATE orders SET mchid = '{MCHID}' WHERE out_trade_no = ?"), &[&no]).await;
     assert_eq!(stack.sim.pay_refunds_of(&no), 0, "nothing reached WeChat Pay");
     assert_eq!(quota(&stack, &alice).await, 10);
     stack.shutdown().await;

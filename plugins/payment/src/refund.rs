@@ -92,7 +92,7 @@ fn reserve(ask: &Ask) -> Result<String> {
     let tx = db::begin()?;
     let rows = tx.query(
         &format!(
-            "SELECT openid, amount_fen, refunded_fen, status FROM orders WHERE out_trade_no = ?{}",
+            "SELECT openid, amount_fen, refunded_fen, status, appid, mchid FROM orders WHERE out_trade_no = ?{}",
             db::for_update()
         ),
         params![&ask.out_trade_no],
@@ -109,6 +109,12 @@ fn reserve(ask: &Ask) -> Result<String> {
     }
     if status != "paid" {
         return Err(Error::conflict("order_not_paid", "only a paid order can be refunded"));
+    }
+    // An order paid to another merchant (an earlier WECHATPAY_MCHID) is not this merchant's to refund.
+    let (appid, mchid): (String, String) = (order.get("appid")?, order.get("mchid")?);
+    let (our_appid, our_mchid) = wechat_pay::merchant()?;
+    if (!appid.is_empty() || !mchid.is_empty()) && (appid != our_appid || mchid != our_mchid) {
+        return Err(Error::conflict("merchant_mismatch", "the order was paid to another merchant"));
     }
     let amount = ask.amount_fen.unwrap_or(paid - refunded);
     if amount <= 0 || refunded + amount > paid {
