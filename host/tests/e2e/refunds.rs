@@ -59,6 +59,15 @@ async fn settled(stack: &Stack, out_refund_no: &str) -> Value {
 
 /// A `REFUND.*` notify as WeChat Pay sends it, signed with `signer_pem` now.
 fn refund_notify(resource: &Value, signer_pem: &str) -> (Vec<(&'static str, String)>, String) {
+    refund_notify_at(resource, signer_pem, wxhost::wechat::unix_now())
+}
+
+/// The same, signed at `timestamp`.
+fn refund_notify_at(
+    resource: &Value,
+    signer_pem: &str,
+    timestamp: i64,
+) -> (Vec<(&'static str, String)>, String) {
     let ciphertext = v3_encrypt(
         APIV3_KEY.as_bytes().try_into().unwrap(),
         "n0nce0n0nce0",
@@ -75,7 +84,7 @@ fn refund_notify(resource: &Value, signer_pem: &str) -> (Vec<(&'static str, Stri
     })
     .to_string();
     let signer = RsaSigner::from_pem(&std::fs::read_to_string(fixture(signer_pem)).unwrap()).unwrap();
-    let timestamp = wxhost::wechat::unix_now().to_string();
+    let timestamp = timestamp.to_string();
     let signature = signer.sign(&signed_message(&timestamp, "N", body.as_bytes()));
     let headers = vec![
         ("content-type", "application/json".to_string()),
@@ -315,6 +324,21 @@ async fn refund_notifies_forged_unknown_or_not_matching_the_refund_change_nothin
             send_notify(&stack, refund_notify(&resource(500, &no, &out_refund_no), "merchant_test_key.pem"))
                 .await;
         assert_eq!(status, 401, "{which}");
+        // Signed by WeChat Pay, but 10 minutes old (a replay), or a signature probe.
+        let stale = refund_notify_at(
+            &resource(500, &no, &out_refund_no),
+            "wechatpay_platform_test_key.pem",
+            wxhost::wechat::unix_now() - 600,
+        );
+        assert_eq!(send_notify(&stack, stale).await.0, 401, "{which}: stale");
+        let (mut headers, body) =
+            refund_notify(&resource(500, &no, &out_refund_no), "wechatpay_platform_test_key.pem");
+        for (name, value) in headers.iter_mut() {
+            if *name == "wechatpay-signature" {
+                *value = format!("WECHATPAY/SIGNTEST/{value}");
+            }
+        }
+        assert_eq!(send_notify(&stack, (headers, body)).await.0, 401, "{which}: SIGNTEST");
         // Correctly signed, but not this refund's amount or order, or no refund of ours.
         for (what, bad) in [
             ("another amount", resource(990, &no, &out_refund_no)),
