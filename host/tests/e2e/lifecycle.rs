@@ -393,29 +393,38 @@ async fn the_app_role_answers_as_its_openapi_document_says() {
     let token = login["token"].as_str().unwrap_or_else(|| panic!("no session: {login}")).to_string();
     let app = dev.app.clone();
     let runs = tokio::task::spawn_blocking(move || {
-        let run_once = |extra: &[&str]| {
+        let run_once = |extra: &[&str], seed: &str| {
             Command::new(&schemathesis)
                 .args(["run", &format!("{app}/api/v1/openapi.json"), "--url", &app])
                 .args([
                     "--checks",
                     "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
                 ])
-                .args(["--max-examples", "20", "--seed", "20261202", "--workers", "2", "--request-timeout", "15"])
+                .args(["--max-examples", "20", "--seed", seed, "--workers", "2", "--request-timeout", "15"])
                 .args(extra)
                 .output()
                 .unwrap()
         };
         // CPython 3.11 before 3.11.8 (gh-106905) can raise this SystemError
-        // when Hypothesis parses its own source deep in a recursive schema
-        // (the menu's buttons): a crash of the tool, not an answer of ours.
-        // Such a run, and only such a run, is made once more.
+        // when Hypothesis parses its own source while drawing deep bodies (the
+        // menu's buttons, the refund request): a crash of the tool, not an
+        // answer of ours. Such a run, and only such a run, is made again with
+        // the next seed, at most twice; a run with a finding never is.
         let run = |extra: &[&str]| {
-            let first = run_once(extra);
-            let report = String::from_utf8_lossy(&first.stdout);
-            let tool_crash_only = !first.status.success()
-                && report.contains("AST constructor recursion depth mismatch")
-                && !report.contains("FAILURES");
-            if tool_crash_only { run_once(extra) } else { first }
+            let mut attempt = 0;
+            loop {
+                let seed = (20261202 + attempt).to_string();
+                let outcome = run_once(extra, &seed);
+                let report = String::from_utf8_lossy(&outcome.stdout);
+                let tool_crash_only = !outcome.status.success()
+                    && report.contains("AST constructor recursion depth mismatch")
+                    && !report.contains("FAILURES");
+                if !tool_crash_only || attempt == 2 {
+                    return outcome;
+                }
+                eprintln!("schemathesis crashed in CPython (gh-106905) with seed {seed}; running it again");
+                attempt += 1;
+            }
         };
         [
             // Everything on this listener, as anyone (the web role's and the
