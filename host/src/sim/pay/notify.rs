@@ -18,6 +18,12 @@ use super::{
     transaction_json,
 };
 
+/// What a notify is about: a paid order or a settled refund, by its number.
+pub(super) enum Notified {
+    Order(String),
+    Refund(String),
+}
+
 /// Who pays a Native or H5 order when no test user is named.
 const DEFAULT_PAYER: &str = "payer";
 use crate::sim::{Sim, now, openid_of};
@@ -100,7 +106,7 @@ impl Sim {
         if !acknowledged {
             let sim = self.clone();
             let no = no.clone();
-            tokio::spawn(async move { sim.retry_notify(&no).await });
+            tokio::spawn(async move { sim.retry_notify(Notified::Order(no)).await });
         }
         let pay = self.pay.lock().expect("sim pay lock");
         let o = &pay.orders[&no];
@@ -113,15 +119,26 @@ impl Sim {
         })
     }
 
-    /// WeChat Pay's retries: on its schedule (scaled), until acknowledged.
-    async fn retry_notify(&self, no: &str) {
+    /// WeChat Pay's retries of one notify: on its schedule (scaled), until acknowledged.
+    pub(super) async fn retry_notify(&self, what: Notified) {
         let scale = pay_config(self).map(|c| c.retry_scale).unwrap_or(1.0);
         for secs in RETRY_SCHEDULE_SECS {
             tokio::time::sleep(Duration::from_secs_f64(secs as f64 * scale)).await;
-            if self.pay.lock().expect("sim pay lock").orders.get(no).is_none_or(|o| o.acknowledged) {
+            let acknowledged = {
+                let pay = self.pay.lock().expect("sim pay lock");
+                match &what {
+                    Notified::Order(no) => pay.orders.get(no).is_none_or(|o| o.acknowledged),
+                    Notified::Refund(no) => pay.refunds_acknowledged(no),
+                }
+            };
+            if acknowledged {
                 return;
             }
-            if self.deliver(no).await.1 {
+            let delivered = match &what {
+                Notified::Order(no) => self.deliver(no).await,
+                Notified::Refund(no) => self.deliver_refund(no).await,
+            };
+            if delivered.1 {
                 return;
             }
         }

@@ -13,9 +13,9 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::notify::{post_notify, signed_v3_notify};
+use super::notify::{Notified, post_notify, signed_v3_notify};
 use super::v3::{V3Call, v3_error, v3_signed};
-use super::{Api, RETRY_SCHEDULE_SECS, pay_config, random_digits};
+use super::{Api, PayData, pay_config, random_digits};
 use crate::sim::{Sim, now};
 use crate::wechat::pay::rfc3339_cst;
 
@@ -155,6 +155,13 @@ async fn query(Path(no): Path<String>, call: V3Call) -> Response {
     }
 }
 
+impl PayData {
+    /// Whether the refund's notify was acknowledged (or there is no such refund).
+    pub(super) fn refunds_acknowledged(&self, no: &str) -> bool {
+        self.refunds.get(no).is_none_or(|r| r.acknowledged)
+    }
+}
+
 impl Sim {
     /// The refund reaches its final state (once) and its notify is delivered,
     /// then repeated on WeChat Pay's schedule until acknowledged.
@@ -180,22 +187,9 @@ impl Sim {
         if !first.1 {
             let sim = self.clone();
             let no = no.to_string();
-            tokio::spawn(async move { sim.retry_refund_notify(&no).await });
+            tokio::spawn(async move { sim.retry_notify(Notified::Refund(no)).await });
         }
         Some(first)
-    }
-
-    async fn retry_refund_notify(&self, no: &str) {
-        let scale = pay_config(self).map(|c| c.retry_scale).unwrap_or(1.0);
-        for secs in RETRY_SCHEDULE_SECS {
-            tokio::time::sleep(Duration::from_secs_f64(secs as f64 * scale)).await;
-            if self.pay.lock().expect("sim pay lock").refunds.get(no).is_none_or(|r| r.acknowledged) {
-                return;
-            }
-            if self.deliver_refund(no).await.1 {
-                return;
-            }
-        }
     }
 
     /// Delivers a settled refund's notify once; returns (status, acknowledged).
