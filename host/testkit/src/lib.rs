@@ -405,3 +405,13 @@ pub fn require_programs(programs: &[(&str, &str)]) {
         assert!(present(program), "{program} is still missing after installing {package}");
     }
 }
+
+/// A capability call's result as the plugin sees it, for tests that call a
+/// capability directly: its WIT error, or a failed test if the host trapped
+/// (a trap is a host bug).
+pub fn plain<T, E>(result: Result<T, wxhost::bindings::CapabilityError<E>>) -> Result<T, E>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    result.map_err(|e| e.downcast().expect("a WIT error, not a trap"))
+}

@@ -6,7 +6,7 @@ use crate::common::*;
 use serde_json::{Value as Json, json};
 use wasmtime::component::ResourceTable;
 use wxhost::bindings::wxhost::plugin::db::{Error, Host, HostTransaction, Value};
-use wxhost::caps::db::{DbCtx, DbFailure, DbView};
+use wxhost::caps::db::{DbCtx, DbView};
 use wxhost::config::Role;
 use wxhost::database;
 
@@ -33,11 +33,6 @@ fn text(s: &str) -> Value {
 }
 
 type Tx = wasmtime::component::Resource<wxhost::caps::db::Transaction>;
-
-/// A capability call's result as the plugin sees it (a trap is a host bug: the test fails).
-fn plain<T>(result: Result<T, DbFailure>) -> Result<T, Error> {
-    result.map_err(|e| e.downcast().expect("a WIT error, not a trap"))
-}
 
 fn borrow(tx: &Tx) -> Tx {
     Tx::new_borrow(tx.rep())

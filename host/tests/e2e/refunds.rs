@@ -340,14 +340,16 @@ async fn refund_notifies_forged_unknown_or_not_matching_the_refund_change_nothin
         }
         assert_eq!(send_notify(&stack, (headers, body)).await.0, 401, "{which}: SIGNTEST");
         // Correctly signed, but not this refund's amount or order, or no refund of ours.
-        for (what, bad) in [
-            ("another amount", resource(990, &no, &out_refund_no)),
-            ("another order", resource(500, "OTHER_ORDER_1", &out_refund_no)),
-            ("an unknown refund", resource(500, &no, "RF_NOT_OURS_01")),
+        // (The web role passes the app role's refusal on as WeChat Pay's `code`.)
+        for (what, bad, status, refusal) in [
+            ("another amount", resource(990, &no, &out_refund_no), 409, "refund_mismatch"),
+            ("another order", resource(500, "OTHER_ORDER_1", &out_refund_no), 409, "refund_mismatch"),
+            ("an unknown refund", resource(500, &no, "RF_NOT_OURS_01"), 404, "unknown_refund"),
         ] {
-            let (status, body) =
+            let (got, body) =
                 send_notify(&stack, refund_notify(&bad, "wechatpay_platform_test_key.pem")).await;
-            assert!((400..500).contains(&status), "{which}: {what} answered {status} {body}");
+            assert_eq!(got, status, "{which}: {what}: {body}");
+            assert!(body.contains(refusal), "{which}: {what}: {body}");
         }
         let (_, seen) = stack.get(&format!("/api/v1/admin/refunds/{out_refund_no}"), Some(ADMIN)).await;
         assert_eq!(seen["status"], "processing", "{which}: {seen}");

@@ -255,8 +255,3 @@ async fn wechat_down_or_slow_is_a_clear_error_within_the_deadline() {
     assert!(matches!(down, Err(ApiError::Unavailable(_))), "{text}");
     assert!(!text.contains(SECRET) && !text.contains("127.0.0.1"), "{text}");
 }
-
-/// A capability call's result as the plugin sees it (a trap is a host bug: the test fails).
-fn plain<T>(result: Result<T, wxhost::caps::wechat_api::ApiFailure>) -> Result<T, ApiError> {
-    result.map_err(|e| e.downcast().expect("a WIT error, not a trap"))
-}
