@@ -196,10 +196,16 @@ pub async fn prune_expired(db: &Database, now: i64) -> anyhow::Result<(u64, u64)
 
 /// Tables only the host reads and writes: the shared access token, the host's
 /// keys (the session signing key, the plugin database user's password), login
-/// sessions, the plaintext push signatures seen and the migration log. Every
-/// other table is a plugin table.
-pub const HOST_TABLES: [&str; 5] =
-    ["token_cache", "host_keys", "sessions", "callback_signatures", "_sqlx_migrations"];
+/// sessions, the plaintext push signatures seen, WeChat Pay's platform
+/// certificates and the migration log. Every other table is a plugin table.
+pub const HOST_TABLES: [&str; 6] = [
+    "token_cache",
+    "host_keys",
+    "sessions",
+    "callback_signatures",
+    "platform_certificates",
+    "_sqlx_migrations",
+];
 
 /// Whether `table` (any case) is one of [`HOST_TABLES`].
 pub fn is_host_table(table: &str) -> bool {

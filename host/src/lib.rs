@@ -17,6 +17,7 @@ pub mod host;
 pub mod internal_auth;
 pub mod metrics;
 pub mod openapi;
+pub mod platform_certificates;
 pub mod plugin;
 pub mod role;
 pub mod runtime;

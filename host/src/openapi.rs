@@ -17,6 +17,7 @@ pub const HOST_ROUTES: &[(&str, &str, &str)] = &[
     ("GET", "/healthz", "app"),
     ("GET", PATH, "app"),
     ("GET", "/config.json", "app"),
+    ("GET", crate::platform_certificates::INTERNAL_PATH, "app"),
     ("GET", "/admin/plugins", "admin"),
     ("POST", "/admin/reload", "admin"),
     ("GET", "/metrics", "admin"),

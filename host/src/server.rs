@@ -20,6 +20,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bindings::wxhost::plugin::types as wit;
+use crate::caps::internal_call::InternalClient;
+use crate::caps::wechat_pay::WechatPay;
 use crate::caps::{ServiceInputs, Services, db::DbCtx};
 use crate::config::{self, Config, Role};
 use crate::database;
@@ -27,8 +29,10 @@ use crate::error::ApiError;
 use crate::frontend::Frontend;
 use crate::host::{self, Host};
 use crate::internal_auth::{INTERNAL_PREFIX, InternalAuth, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use crate::platform_certificates::{self, CertificateKeeper};
 use crate::runtime::{self, PluginFailure, RouteMatch};
 use crate::settings::Settings;
+use crate::wechat::pay::LiveKeys;
 
 /// What `wxhost serve` needs.
 pub struct ServeOptions {
@@ -130,8 +134,13 @@ pub async fn start(mut options: ServeOptions) -> anyhow::Result<RunningServer> {
     if options.watch {
         tasks.spawn(watch_files(host.clone(), shutdown.clone()));
     }
-    if let Some(db) = host.services.get::<DbCtx>().map(|d| d.db.clone()) {
-        tasks.spawn(prune_periodically(db, shutdown.clone()));
+    let db = host.services.get::<DbCtx>().map(|d| d.db.clone());
+    if let Some(db) = &db {
+        tasks.spawn(prune_periodically(db.clone(), shutdown.clone()));
+    }
+    if let Some(keeper) = host.services.shared::<CertificateKeeper>() {
+        let (pay, app) = (host.services.shared::<WechatPay>(), host.services.shared::<InternalClient>());
+        platform_certificates::spawn_refresher(keeper, db, pay, app, &mut tasks, shutdown.clone());
     }
     Ok(RunningServer { role_addrs, admin_addr, host, shutdown, tasks })
 }
@@ -158,8 +167,20 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
         session_ttl: std::time::Duration::from_secs(config.session_ttl_secs),
         timestamp_window_secs: config.timestamp_window_secs,
         accept_plaintext_with_aes_key: config.accept_plaintext_with_aes_key,
+        // A broken key file is reported by the capabilities that need it, with the rest.
+        platform_keys: options.settings.platform_keys().ok().flatten().map(LiveKeys::new),
     };
-    Services::open(&inputs).await
+    let services = Services::open(&inputs).await?;
+    let keeper = match &inputs.platform_keys {
+        Some(live) => CertificateKeeper::for_settings(&options.settings, live)?,
+        None => None,
+    };
+    let Some(keeper) = keeper else { return Ok(services) };
+    // Trust what other processes downloaded before serving the first request.
+    if let Some(db) = services.get::<DbCtx>().map(|d| &d.db) {
+        platform_certificates::install_stored(&keeper, db).await;
+    }
+    Ok(services.with(keeper))
 }
 
 async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) {
@@ -192,10 +213,28 @@ pub fn role_router(
     let router = Router::new().route("/healthz", get(healthz));
     // The API's description, beside the API (the app role serves it).
     let router = match role {
-        Role::App => router.route(crate::openapi::PATH, get(crate::openapi::serve)),
+        Role::App => router
+            .route(crate::openapi::PATH, get(crate::openapi::serve))
+            .route(platform_certificates::INTERNAL_PATH, get(hand_on_platform_certificates)),
         Role::Web => router,
     };
     router.fallback(dispatch).with_state(RoleState { host, role, internal_auth, frontend })
+}
+
+/// The app role's downloaded platform certificates, sealed, for the web role
+/// (internal API); `?refresh=1` first asks WeChat Pay (a notify named a
+/// serial the web role lacks).
+async fn hand_on_platform_certificates(
+    State(state): State<RoleState>,
+    request: Request,
+) -> Result<axum::Json<platform_certificates::HandedOn>, ApiError> {
+    let (parts, _) = request.into_parts();
+    authenticate_internal(&state, &parts, &[])?;
+    let keeper = state.host.services.get::<CertificateKeeper>().ok_or_else(ApiError::not_found)?;
+    if parts.uri.query() == Some("refresh=1") {
+        keeper.refresh_now(Duration::from_secs(5)).await;
+    }
+    Ok(axum::Json(platform_certificates::HandedOn { certificates: keeper.held() }))
 }
 
 async fn healthz() -> impl IntoResponse {

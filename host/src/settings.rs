@@ -127,8 +127,12 @@ impl Settings {
     }
 
     /// WeChat Pay notify verification keys (APIv3: APIv3 key + platform keys;
-    /// APIv2: the APIv2 key), when the settings name any.
-    pub fn pay_notify_keys(&self) -> anyhow::Result<Option<crate::wechat::pay::PayNotifyKeys>> {
+    /// APIv2: the APIv2 key), when the settings name any. `shared`: the
+    /// process's live platform keys, which certificate renewal replaces.
+    pub fn pay_notify_keys(
+        &self,
+        shared: Option<&crate::wechat::pay::LiveKeys>,
+    ) -> anyhow::Result<Option<crate::wechat::pay::PayNotifyKeys>> {
         let (apiv3_key, platform) = (self.apiv3_key()?, self.platform_keys()?);
         if apiv3_key.is_some() != platform.is_some() {
             anyhow::bail!("APIv3 notifies need both WECHATPAY_APIV3_KEY and WECHATPAY_PLATFORM_PUBLIC_KEY");
@@ -138,7 +142,10 @@ impl Settings {
         }
         Ok(Some(crate::wechat::pay::PayNotifyKeys {
             apiv3_key,
-            platform: platform.unwrap_or_default(),
+            platform: match shared {
+                Some(live) => live.clone(),
+                None => crate::wechat::pay::LiveKeys::new(platform.unwrap_or_default()),
+            },
             apiv2_key: self.wechatpay_apiv2_key.clone(),
             apiv2_sign_type: self.apiv2_sign_type()?,
         }))

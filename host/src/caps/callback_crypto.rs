@@ -270,7 +270,7 @@ fn open<'a>(inputs: &'a ServiceInputs<'a>) -> BoxFuture<'a, anyhow::Result<Optio
             inputs.timestamp_window_secs,
         )?
         .accept_plaintext_with_aes_key(inputs.accept_plaintext_with_aes_key);
-        let crypto = match s.pay_notify_keys()? {
+        let crypto = match s.pay_notify_keys(inputs.platform_keys.as_ref())? {
             Some(keys) => crypto.with_pay(keys),
             None => crypto,
         };

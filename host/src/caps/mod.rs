@@ -80,6 +80,9 @@ pub struct ServiceInputs<'a> {
     pub session_ttl: Duration,
     pub timestamp_window_secs: Option<u64>,
     pub accept_plaintext_with_aes_key: bool,
+    /// WeChat Pay's keys (WECHATPAY_PLATFORM_PUBLIC_KEY), one live set per
+    /// process shared by every capability that checks WeChat Pay's signatures.
+    pub platform_keys: Option<crate::wechat::pay::LiveKeys>,
 }
 
 /// A capability a role can grant and a plugin can declare; one WIT interface each.
@@ -224,6 +227,12 @@ impl Services {
         let id = (*context).type_id();
         self.contexts.retain(|(t, _)| *t != id);
         self.contexts.push((id, Arc::from(context)));
+    }
+
+    /// The context of type `T`, shared, for a task that outlives a request.
+    pub fn shared<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        let (_, context) = self.contexts.iter().find(|(t, _)| *t == TypeId::of::<T>())?;
+        context.clone().downcast().ok()
     }
 
     /// The context of type `T`, if this process has one.

@@ -27,7 +27,7 @@ use crate::settings::Settings;
 use crate::wechat::pay::v2::{self, v2_sign};
 use crate::wechat::pay::v3::SignedRequest;
 use crate::wechat::pay::{
-    PlatformKeys, RsaSigner, SignatureHeaders, V2SignType, is_merchant_order_no, parse_rfc3339, random_token,
+    LiveKeys, RsaSigner, SignatureHeaders, V2SignType, is_merchant_order_no, parse_rfc3339, random_token,
     rfc3339_cst,
 };
 use crate::wechat::xml::{field, flat_xml, to_xml};
@@ -45,7 +45,8 @@ pub enum PayApi {
         merchant_key: Box<RsaSigner>,
         /// The merchant API certificate's serial (`serial_no`).
         serial: String,
-        platform: PlatformKeys,
+        /// Shared with the notify checks; renewed in place in certificate mode.
+        platform: LiveKeys,
         /// Public-key mode: the `PUB_KEY_ID_…` every request names in
         /// `Wechatpay-Serial` (WeChat Pay answers signature errors without it
         /// while a merchant moves from platform certificates to a public key).
@@ -143,7 +144,7 @@ impl WechatPay {
                     (Some(merchant_key), Some(platform)) => Some(PayApi::V3 {
                         merchant_key: Box::new(merchant_key),
                         serial,
-                        platform,
+                        platform: LiveKeys::new(platform),
                         public_key_id: s.wechatpay_public_key_id.clone(),
                     }),
                     _ => None,
@@ -173,6 +174,22 @@ impl WechatPay {
                 "WeChat Pay (WECHATPAY_MCHID is set) is misconfigured:\n  {}",
                 problems.join("\n  ")
             ),
+        }
+    }
+
+    /// Checks WeChat Pay's answers with `live`, the process's shared keys.
+    pub fn share_platform_keys(mut self, live: Option<LiveKeys>) -> Self {
+        if let (PayApi::V3 { platform, .. }, Some(live)) = (&mut self.api, live) {
+            *platform = live;
+        }
+        self
+    }
+
+    /// The keys WeChat Pay's signatures are checked with (APIv3).
+    pub fn platform_keys(&self) -> Option<&LiveKeys> {
+        match &self.api {
+            PayApi::V3 { platform, .. } => Some(platform),
+            PayApi::V2 { .. } => None,
         }
     }
 
@@ -433,7 +450,46 @@ impl WechatPay {
         body: Option<Value>,
         deadline: Instant,
     ) -> Result<Value, PayError> {
-        let PayApi::V3 { merchant_key, serial, platform, public_key_id } = &self.api else {
+        let (signed, bytes) = self.v3_exchange(method, path_and_query, body, deadline).await?;
+        let PayApi::V3 { platform, .. } = &self.api else {
+            return Err(PayError::NotConfigured("not an APIv3 merchant".into()));
+        };
+        // A new certificate signing is waited for (certificate mode), within the call's time.
+        let wait = deadline.saturating_duration_since(Instant::now()).min(RENEWAL_WAIT);
+        if let Err(why) = platform.verify_or_await_renewal(&signed, &bytes, wait).await {
+            tracing::warn!(path = path_and_query.split('?').next(), %why, "WeChat Pay answer refused");
+            return Err(PayError::BadSignature);
+        }
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|_| PayError::Unavailable("WeChat Pay's answer is not JSON".into()))
+    }
+
+    /// `GET /v3/certificates`, its signature not yet checked: that takes the
+    /// certificates inside, opened with the APIv3 key
+    /// ([`crate::wechat::pay::certificates::accept_answer`]).
+    pub async fn certificates_answer(
+        &self,
+        deadline: Instant,
+    ) -> Result<(SignatureHeaders, axum::body::Bytes), PayError> {
+        let started = Instant::now();
+        let result = self.v3_exchange(reqwest::Method::GET, "/v3/certificates", None, deadline).await;
+        crate::metrics::outbound("wechatpay", "certificates", outcome(&result), started.elapsed());
+        result
+    }
+
+    /// Sends one signed APIv3 request; a successful answer comes back with its
+    /// `Wechatpay-*` headers, unchecked.
+    async fn v3_exchange(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<Value>,
+        deadline: Instant,
+    ) -> Result<(SignatureHeaders, axum::body::Bytes), PayError> {
+        let PayApi::V3 { merchant_key, serial, public_key_id, .. } = &self.api else {
             return Err(PayError::NotConfigured("not an APIv3 merchant".into()));
         };
         let timeout = time_left(deadline)?;
@@ -474,15 +530,7 @@ impl WechatPay {
             return Err(PayError::Refused((code, message)));
         }
         let signed = SignatureHeaders::from_lookup(|name| headers.get(name).and_then(|v| v.to_str().ok()));
-        if let Err(why) = platform.verify(&signed, &bytes, unix_now()) {
-            tracing::warn!(path = path_and_query.split('?').next(), %why, "WeChat Pay answer refused");
-            return Err(PayError::BadSignature);
-        }
-        if bytes.is_empty() {
-            return Ok(Value::Null);
-        }
-        serde_json::from_slice(&bytes)
-            .map_err(|_| PayError::Unavailable("WeChat Pay's answer is not JSON".into()))
+        Ok((signed, bytes))
     }
 
     /// One signed APIv2 call; the answer's `sign` is checked, then
@@ -680,6 +728,10 @@ fn unix_now() -> i64 {
     crate::wechat::unix_now()
 }
 
+/// The longest an answer signed under a certificate the host lacks waits for
+/// the certificates to be renewed.
+const RENEWAL_WAIT: Duration = Duration::from_secs(5);
+
 /// The app role's: it holds the merchant's keys.
 pub const SPEC: CapabilitySpec = CapabilitySpec { name: "wechat-pay", roles: &[Role::App], open, link };
 
@@ -688,7 +740,8 @@ fn open<'a>(inputs: &'a ServiceInputs<'a>) -> BoxFuture<'a, anyhow::Result<Optio
         if !inputs.roles.contains(&Role::App) {
             return Ok(None);
         }
-        let pay = WechatPay::from_settings(inputs.settings)?;
+        let pay = WechatPay::from_settings(inputs.settings)?
+            .map(|p| p.share_platform_keys(inputs.platform_keys.clone()));
         if pay.is_none() {
             tracing::info!("WECHATPAY_MCHID is not set: WeChat Pay calls will answer not-configured");
         }
@@ -775,6 +828,7 @@ impl wit::Host for WechatPayView<'_> {
 mod tests {
     use super::*;
     use crate::sim::{Sim, SimConfig, SimPayConfig};
+    use crate::wechat::pay::PlatformKeys;
 
     const MCHID: &str = "1900000109";
     const SERIAL: &str = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1";
@@ -904,7 +958,7 @@ mod tests {
                         .unwrap(),
                 ),
                 serial: SERIAL.into(),
-                platform: keys,
+                platform: LiveKeys::new(keys),
                 public_key_id: named.clone(),
             };
             let pay = WechatPay::new(

@@ -92,6 +92,9 @@ credits = 50
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum PayApi {
     V3,
+    /// APIv3 for a merchant still on platform certificates (no public key):
+    /// the host keeps them fresh from `GET /v3/certificates`.
+    V3Certificates,
     V2,
 }
 
@@ -116,6 +119,39 @@ pub fn with_merchant(mut settings: Settings) -> Settings {
     settings.wechatpay_public_key_id = Some(PUB_KEY_ID.into());
     settings.wechatpay_apiv3_key = Some(APIV3_KEY.to_string().into());
     settings
+}
+
+/// The merchant still on platform certificates: it trusts the SDK test
+/// certificate (the simulator's first) and no public key.
+pub fn on_certificates(mut merchant: Settings) -> Settings {
+    merchant.wechatpay_platform_public_key = Some(fixture("wechatpay_platform_test_cert.pem"));
+    merchant.wechatpay_public_key_id = None;
+    merchant
+}
+
+/// The simulator playing WeChat and WeChat Pay for `merchant` (the SDK test
+/// keys), served on loopback, WeChat Pay's retry schedule times `retry_scale`;
+/// returns it and its address.
+pub async fn pay_simulator(merchant: &Settings, retry_scale: f64) -> (Sim, std::net::SocketAddr) {
+    let pay = SimPayConfig::from_settings(
+        merchant,
+        &fixture("merchant_test_pub.pem"),
+        &fixture("wechatpay_platform_test_key.pem"),
+        retry_scale,
+    )
+    .unwrap();
+    let sim = Sim::new(SimConfig {
+        appid: APPID.into(),
+        secret: APPSECRET.into(),
+        token: TOKEN.into(),
+        aes_key: Some(AES_KEY.into()),
+        web_url: None,
+        token_ttl: Duration::from_secs(7200),
+    })
+    .with_pay(pay);
+    let (addr, _) =
+        sim.serve("127.0.0.1:0".parse().unwrap(), tokio_util::sync::CancellationToken::new()).await.unwrap();
+    (sim, addr)
 }
 
 /// What the web role needs to check WeChat Pay's notifies (and nothing else of the merchant's).
@@ -147,30 +183,13 @@ impl Stack {
     pub async fn start_with(database_url: &str, config: TestConfig, api: PayApi) -> Stack {
         let mut merchant = with_merchant(settings(Some(database_url)));
         merchant.wechatpay_apiv2_key = Some(APIV2_KEY.to_string().into());
-        if api == PayApi::V2 {
-            merchant.wechatpay_api_version = Some("v2".into());
+        match api {
+            PayApi::V3 => {}
+            PayApi::V3Certificates => merchant = on_certificates(merchant),
+            PayApi::V2 => merchant.wechatpay_api_version = Some("v2".into()),
         }
         // WeChat Pay's retry schedule, 1000 times faster (15 s → 15 ms).
-        let pay = SimPayConfig::from_settings(
-            &merchant,
-            &fixture("merchant_test_pub.pem"),
-            &fixture("wechatpay_platform_test_key.pem"),
-            0.001,
-        )
-        .unwrap();
-        let sim = Sim::new(SimConfig {
-            appid: APPID.into(),
-            secret: APPSECRET.into(),
-            token: TOKEN.into(),
-            aes_key: Some(AES_KEY.into()),
-            web_url: None,
-            token_ttl: Duration::from_secs(7200),
-        })
-        .with_pay(pay);
-        let (sim_addr, _) = sim
-            .serve("127.0.0.1:0".parse().unwrap(), tokio_util::sync::CancellationToken::new())
-            .await
-            .unwrap();
+        let (sim, sim_addr) = pay_simulator(&merchant, 0.001).await;
 
         // The web role first: WeChat Pay must know where to send notifies.
         let mut web_settings = notify_keys(&merchant, settings(None));

@@ -14,6 +14,7 @@ mod lifecycle;
 mod login;
 mod payment_notify;
 mod payments;
+mod platform_certificates;
 mod plugin_sql;
 mod properties;
 mod push;

@@ -39,7 +39,7 @@ fn pay_keys() -> PayNotifyKeys {
     platform.insert(KEY_ID, public_key_from_pem(&fixture("wechatpay_platform_test_pub.pem")).unwrap());
     PayNotifyKeys {
         apiv3_key: Some(secrecy::SecretBox::new(Box::new(*APIV3_KEY))),
-        platform,
+        platform: wxhost::wechat::pay::LiveKeys::new(platform),
         apiv2_key: Some("192006250b4c09247ec02edce69f6a2d".to_string().into()),
         apiv2_sign_type: V2SignType::HmacSha256,
     }

@@ -5,11 +5,13 @@
 //! APIv2: signed XML) to the order's `notify_url`, repeated on WeChat Pay's
 //! retry schedule (compressed by `retry_scale`) until it is acknowledged.
 
+pub mod certificates;
 mod notify;
 mod refund;
 mod v2;
 mod v3;
 
+pub use certificates::{PlatformIdentities, PlatformIdentity};
 pub use notify::{PayOutcome, PayRequest};
 
 use std::collections::HashMap;
@@ -32,10 +34,9 @@ pub struct SimPayConfig {
     /// Checks the merchant's APIv3 request signatures.
     pub merchant_public_key: RsaPublicKey,
     pub merchant_serial: String,
-    /// Signs answers and notifies.
-    pub platform_key: RsaSigner,
-    /// The id answers and notifies are signed under (`Wechatpay-Serial`).
-    pub platform_key_id: String,
+    /// The keys answers and notifies are signed with (the newest signs),
+    /// named in `Wechatpay-Serial`.
+    pub platform: PlatformIdentities,
     pub apiv3_key: [u8; 32],
     pub apiv2_key: Option<String>,
     /// 1.0 = WeChat Pay's real retry schedule; 0.001 turns 15 s into 15 ms.
@@ -110,6 +111,9 @@ pub(super) struct PayData {
     /// Refunds stay PROCESSING until a test settles them.
     hold_refunds: bool,
     notifies_sent: u64,
+    certificate_downloads: u64,
+    /// `GET /v3/certificates` answers a forgery while set.
+    forge_certificates: bool,
 }
 
 pub(super) type SharedPay = Arc<Mutex<PayData>>;
@@ -120,6 +124,7 @@ pub(super) fn routes() -> axum::Router<Sim> {
         .merge(v2::routes())
         .merge(notify::routes())
         .merge(refund::routes())
+        .merge(certificates::routes())
 }
 
 fn pay_config(sim: &Sim) -> Option<&SimPayConfig> {
@@ -241,9 +246,11 @@ fn random_digits(n: usize) -> String {
 
 impl SimPayConfig {
     /// What WeChat Pay knows of the merchant, from the merchant's own settings
-    /// (WECHAT_APPID, WECHATPAY_MCHID, WECHATPAY_SERIAL, WECHATPAY_PUBLIC_KEY_ID,
-    /// WECHATPAY_APIV3_KEY, WECHATPAY_APIV2_KEY), plus the merchant's public key
-    /// and the platform's private key.
+    /// (WECHAT_APPID, WECHATPAY_MCHID, WECHATPAY_SERIAL, WECHATPAY_APIV3_KEY,
+    /// WECHATPAY_APIV2_KEY, and the platform key the merchant trusts:
+    /// WECHATPAY_PLATFORM_PUBLIC_KEY holding a certificate, or a public key
+    /// named by WECHATPAY_PUBLIC_KEY_ID), plus the merchant's public key and
+    /// the platform's private key.
     pub fn from_settings(
         s: &crate::settings::Settings,
         merchant_public_key: &std::path::Path,
@@ -261,13 +268,29 @@ impl SimPayConfig {
             mchid: need(&s.wechatpay_mchid, "WECHATPAY_MCHID")?,
             merchant_public_key: crate::wechat::pay::v3::public_key_from_pem(&read(merchant_public_key)?)?,
             merchant_serial: need(&s.wechatpay_serial, "WECHATPAY_SERIAL")?,
-            platform_key: RsaSigner::from_pem(&read(platform_private_key)?)?,
-            platform_key_id: need(&s.wechatpay_public_key_id, "WECHATPAY_PUBLIC_KEY_ID")?,
+            platform: PlatformIdentities::new(platform_identity(
+                s,
+                RsaSigner::from_pem(&read(platform_private_key)?)?,
+            )?),
             apiv3_key: *s.apiv3_key()?.context("WECHATPAY_APIV3_KEY is not set")?.expose_secret(),
             apiv2_key: s.wechatpay_apiv2_key.as_ref().map(|k| k.expose_secret().to_string()),
             retry_scale,
         })
     }
+}
+
+/// The platform identity the merchant's settings trust: the certificate in
+/// WECHATPAY_PLATFORM_PUBLIC_KEY, else the public key WECHATPAY_PUBLIC_KEY_ID names.
+fn platform_identity(s: &crate::settings::Settings, signer: RsaSigner) -> anyhow::Result<PlatformIdentity> {
+    use anyhow::Context as _;
+    let path =
+        s.wechatpay_platform_public_key.as_ref().context("WECHATPAY_PLATFORM_PUBLIC_KEY is not set")?;
+    let pem = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    if pem.contains("-----BEGIN CERTIFICATE-----") {
+        return PlatformIdentity::certificate(&pem, signer);
+    }
+    let id = s.wechatpay_public_key_id.clone().context("WECHATPAY_PUBLIC_KEY_ID is not set")?;
+    Ok(PlatformIdentity::public_key(id, signer))
 }
 
 /// `{name}_key.pem` (PKCS#8, mode 0600) and `{name}_pub.pem` in `dir`, made

@@ -212,13 +212,14 @@ pub(super) fn signed_v3_notify(
     .to_string();
     let timestamp = now().to_string();
     let sig_nonce = random_token(32);
-    let signature = config.platform_key.sign(&signed_message(&timestamp, &sig_nonce, body.as_bytes()));
+    let signing = config.platform.signing();
+    let signature = signing.signer.sign(&signed_message(&timestamp, &sig_nonce, body.as_bytes()));
     let headers = vec![
         ("content-type".into(), "application/json".into()),
         ("wechatpay-timestamp".into(), timestamp),
         ("wechatpay-nonce".into(), sig_nonce),
         ("wechatpay-signature".into(), signature),
-        ("wechatpay-serial".into(), config.platform_key_id.clone()),
+        ("wechatpay-serial".into(), signing.id.clone()),
         ("wechatpay-signature-type".into(), "WECHATPAY2-SHA256-RSA2048".into()),
     ];
     (headers, body)

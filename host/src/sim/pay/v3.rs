@@ -10,6 +10,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::certificates::PlatformIdentity;
 use super::{Api, NewOrder, SimPayConfig, TradeType, code_url_of, pay_config, transaction_json};
 use crate::sim::{Sim, now, random_hex};
 use crate::wechat::pay::v3::{Authorization, signed_message};
@@ -30,10 +31,15 @@ pub(super) fn v3_error(status: StatusCode, code: &str, message: &str) -> Respons
 
 /// An answer signed with the platform key, as WeChat Pay signs its answers.
 pub(super) fn v3_signed(config: &SimPayConfig, status: StatusCode, body: Option<Value>) -> Response {
+    signed_by(&config.platform.signing(), status, body)
+}
+
+/// An answer signed with `identity`'s key, under its id.
+pub(super) fn signed_by(identity: &PlatformIdentity, status: StatusCode, body: Option<Value>) -> Response {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let timestamp = now().to_string();
     let nonce = random_token(32);
-    let signature = config.platform_key.sign(&signed_message(&timestamp, &nonce, body.as_bytes()));
+    let signature = identity.signer.sign(&signed_message(&timestamp, &nonce, body.as_bytes()));
     let mut response = (status, body).into_response();
     let h = response.headers_mut();
     let mut set = |k: &'static str, v: &str| {
@@ -43,7 +49,7 @@ pub(super) fn v3_signed(config: &SimPayConfig, status: StatusCode, body: Option<
     set("wechatpay-timestamp", &timestamp);
     set("wechatpay-nonce", &nonce);
     set("wechatpay-signature", &signature);
-    set("wechatpay-serial", &config.platform_key_id);
+    set("wechatpay-serial", &identity.id);
     set("request-id", &random_hex(16));
     response
 }
@@ -115,8 +121,8 @@ impl FromRequest<Sim> for V3Call {
         check_authorization(config, &parts.method, &parts.uri, &parts.headers, &body).map_err(|r| *r)?;
         // Public-key mode: every request names the platform public key.
         let named = parts.headers.get("wechatpay-serial").and_then(|v| v.to_str().ok());
-        if config.platform_key_id.starts_with("PUB_KEY_ID_") && named != Some(config.platform_key_id.as_str())
-        {
+        let signing = config.platform.signing();
+        if !signing.is_certificate() && named != Some(signing.id.as_str()) {
             return Err(v3_error(
                 StatusCode::UNAUTHORIZED,
                 "SIGN_ERROR",

@@ -1,13 +1,14 @@
 //! WeChat Pay's protocol: APIv2 ([`v2`]), APIv3 ([`v3`]) and the checks of
 //! the notifies both send ([`notify`]).
 
+pub mod certificates;
 pub mod notify;
 pub mod v2;
 pub mod v3;
 
 pub use notify::PayNotifyKeys;
 pub use v2::V2SignType;
-pub use v3::{PlatformKeys, RsaSigner, SignatureError, SignatureHeaders};
+pub use v3::{LiveKeys, PlatformKeys, RsaSigner, SignatureError, SignatureHeaders};
 
 /// China Standard Time, in which WeChat Pay writes times.
 pub const CST: time::UtcOffset = time::macros::offset!(+8);

@@ -5,7 +5,7 @@
 use secrecy::ExposeSecret as _;
 
 use super::v2::{self, V2SignType};
-use super::v3::{self, PlatformKeys, SignatureError, SignatureHeaders};
+use super::v3::{self, LiveKeys, SignatureError, SignatureHeaders};
 use crate::wechat::VerifyError;
 use crate::wechat::xml::{field, flat_xml};
 
@@ -13,7 +13,8 @@ use crate::wechat::xml::{field, flat_xml};
 /// public keys, and (for APIv2 merchants) the APIv2 key.
 pub struct PayNotifyKeys {
     pub apiv3_key: Option<secrecy::SecretBox<[u8; 32]>>,
-    pub platform: PlatformKeys,
+    /// Shared with the WeChat Pay capability, renewed in place.
+    pub platform: LiveKeys,
     pub apiv2_key: Option<secrecy::SecretString>,
     /// The APIv2 sign type the merchant uses: a notify signed otherwise is
     /// refused (no downgrade from HMAC-SHA256 to MD5).
@@ -97,6 +98,7 @@ impl PayNotifyKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wechat::pay::PlatformKeys;
     use crate::wechat::pay::v2::v2_sign;
     use crate::wechat::pay::v3::{private_key_from_pem, public_key_from_pem, rsa_sign, v3_encrypt};
     use crate::wechat::test_support::fixture;
@@ -111,7 +113,7 @@ mod tests {
         platform.insert(KEY_ID, public_key_from_pem(&fixture("wechatpay_platform_test_pub.pem")).unwrap());
         PayNotifyKeys {
             apiv3_key: Some(SecretBox::new(Box::new(*APIV3_KEY))),
-            platform,
+            platform: LiveKeys::new(platform),
             apiv2_key: Some("192006250b4c09247ec02edce69f6a2d".to_string().into()),
             apiv2_sign_type: V2SignType::Md5,
         }

@@ -167,11 +167,31 @@ impl SignatureHeaders {
 #[derive(Default, Clone)]
 pub struct PlatformKeys {
     by_id: HashMap<String, RsaPublicKey>,
+    /// Whether any key is a platform certificate's (which WeChat Pay renews).
+    has_certificate: bool,
 }
 
 impl PlatformKeys {
     pub fn insert(&mut self, id: impl Into<String>, key: RsaPublicKey) {
         self.by_id.insert(id.into().to_ascii_uppercase(), key);
+    }
+
+    pub fn insert_certificate(&mut self, cert: &super::certificates::PlatformCertificate) {
+        self.insert(cert.serial.clone(), cert.key.clone());
+        self.has_certificate = true;
+    }
+
+    /// Certificate mode: a platform certificate is among the keys.
+    pub fn has_certificate(&self) -> bool {
+        self.has_certificate
+    }
+
+    /// These keys and `others`' (the configured ones beside the downloaded).
+    pub fn joined(&self, others: &PlatformKeys) -> PlatformKeys {
+        let mut all = self.clone();
+        all.by_id.extend(others.by_id.iter().map(|(k, v)| (k.clone(), v.clone())));
+        all.has_certificate |= others.has_certificate;
+        all
     }
 
     pub fn get(&self, id: &str) -> Option<&RsaPublicKey> {
@@ -190,7 +210,7 @@ impl PlatformKeys {
     /// id = its serial; several allow a rotation) and at most one `PUBLIC KEY`
     /// (public-key mode, id = `public_key_id`, the `PUB_KEY_ID_…`).
     pub fn from_pem(text: &str, public_key_id: Option<&str>) -> anyhow::Result<PlatformKeys> {
-        use x509_cert::der::{Decode, Encode};
+        use x509_cert::der::Decode;
         let mut keys = PlatformKeys::default();
         let mut public_keys = 0;
         for block in pem_blocks(text) {
@@ -200,10 +220,9 @@ impl PlatformKeys {
                 "CERTIFICATE" => {
                     let cert = x509_cert::Certificate::from_der(&der)
                         .map_err(|_| anyhow::anyhow!("a CERTIFICATE block is not an X.509 certificate"))?;
-                    let spki = cert.tbs_certificate.subject_public_key_info.to_der()?;
-                    let key = RsaPublicKey::from_public_key_der(&spki)
-                        .map_err(|_| anyhow::anyhow!("a platform certificate does not hold an RSA key"))?;
-                    keys.insert(serial_hex(cert.tbs_certificate.serial_number.as_bytes()), key);
+                    let cert = super::certificates::parse_certificate(&cert)
+                        .ok_or_else(|| anyhow::anyhow!("a platform certificate does not hold an RSA key"))?;
+                    keys.insert_certificate(&cert);
                 }
                 "PUBLIC KEY" => {
                     public_keys += 1;
@@ -244,6 +263,78 @@ impl PlatformKeys {
     }
 }
 
+/// WeChat Pay's keys as this process holds them now, shared by everything
+/// that checks WeChat Pay's signatures: replaced whole when certificates are
+/// renewed, read without a lock. A signature under an id none of them has
+/// wakes whoever renews them.
+#[derive(Clone, Default)]
+pub struct LiveKeys {
+    keys: std::sync::Arc<arc_swap::ArcSwap<PlatformKeys>>,
+    unknown_key: std::sync::Arc<tokio::sync::Notify>,
+    /// Counts replacements, so a check can wait for the next one.
+    replaced: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    /// Someone renews them (certificate mode): an unknown id is worth waiting for.
+    renewed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LiveKeys {
+    pub fn new(keys: PlatformKeys) -> LiveKeys {
+        LiveKeys { keys: std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(keys)), ..LiveKeys::default() }
+    }
+
+    pub fn current(&self) -> std::sync::Arc<PlatformKeys> {
+        self.keys.load_full()
+    }
+
+    pub fn replace(&self, keys: PlatformKeys) {
+        self.keys.store(std::sync::Arc::new(keys));
+        self.replaced.send_modify(|n| *n += 1);
+    }
+
+    /// Says that something renews these keys (and answers [`Self::unknown_key_seen`]).
+    pub fn renewed_elsewhere(&self) {
+        self.renewed.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// [`PlatformKeys::verify`] with the current keys.
+    pub fn verify(&self, h: &SignatureHeaders, body: &[u8], now_unix: i64) -> Result<(), SignatureError> {
+        let result = self.keys.load().verify(h, body, now_unix);
+        if let Err(SignatureError::UnknownKey(_)) = &result {
+            self.unknown_key.notify_one();
+        }
+        result
+    }
+
+    /// [`Self::verify`]; when the id is unknown and the keys are renewed,
+    /// waits (at most `wait`) for renewals and checks again after each. WeChat
+    /// Pay signs its answers with a new certificate from the moment it
+    /// switches, so the first answer under it is waited for, not refused.
+    pub async fn verify_or_await_renewal(
+        &self,
+        h: &SignatureHeaders,
+        body: &[u8],
+        wait: std::time::Duration,
+    ) -> Result<(), SignatureError> {
+        let mut replaced = self.replaced.subscribe();
+        let mut result = self.verify(h, body, crate::wechat::unix_now());
+        let until = tokio::time::Instant::now() + wait;
+        while matches!(result, Err(SignatureError::UnknownKey(_)))
+            && self.renewed.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            if !matches!(tokio::time::timeout_at(until, replaced.changed()).await, Ok(Ok(()))) {
+                break;
+            }
+            result = self.keys.load().verify(h, body, crate::wechat::unix_now());
+        }
+        result
+    }
+
+    /// Resolves when a signature named a key none of the current ones has.
+    pub async fn unknown_key_seen(&self) {
+        self.unknown_key.notified().await
+    }
+}
+
 /// What WeChat Pay signs in notifies and answers: `timestamp\nnonce\nbody\n`.
 pub fn signed_message(timestamp: &str, nonce: &str, body: &[u8]) -> Vec<u8> {
     let mut message = format!("{timestamp}\n{nonce}\n").into_bytes();
@@ -253,7 +344,7 @@ pub fn signed_message(timestamp: &str, nonce: &str, body: &[u8]) -> Vec<u8> {
 }
 
 /// A certificate serial as WeChat Pay writes it: upper-case hex, no leading zero bytes.
-fn serial_hex(bytes: &[u8]) -> String {
+pub(crate) fn serial_hex(bytes: &[u8]) -> String {
     let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len().saturating_sub(1));
     hex::encode_upper(&bytes[start..])
 }
