@@ -177,21 +177,35 @@ pub fn mysql_session(options: MySqlConnectOptions) -> MySqlConnectOptions {
 /// How long an expired QR binding is kept (its poll answers "expired" meanwhile).
 pub const EXPIRED_BINDING_KEPT_SECS: i64 = 24 * 3600;
 
-/// Deletes QR bindings expired for a day and sessions past their expiry;
-/// returns how many of each.
-pub async fn prune_expired(db: &Database, now: i64) -> anyhow::Result<(u64, u64)> {
+/// How long an applied WeChat event (`processed_events`) is remembered:
+/// WeChat retries within seconds; a week also covers replays of captured
+/// pushes within their timestamp window.
+pub const PROCESSED_EVENT_KEPT_SECS: i64 = 7 * 24 * 3600;
+
+/// What one pruning deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pruned {
+    pub bindings: u64,
+    pub sessions: u64,
+    pub events: u64,
+}
+
+/// Deletes QR bindings expired for a day, sessions past their expiry and
+/// applied-event records older than a week. Here, in the host's maintenance
+/// and never inside a request's transaction: on InnoDB a range delete beside
+/// concurrent inserts of the same event deadlocks them.
+pub async fn prune_expired(db: &Database, now: i64) -> anyhow::Result<Pruned> {
     let _turn = db.writer_turn().await?;
-    let bindings = on_pool!(&db.pool, |p| sqlx::query("DELETE FROM bindings WHERE expires_at < ?")
-        .bind(now - EXPIRED_BINDING_KEPT_SECS)
-        .execute(p)
-        .await
-        .map(|r| r.rows_affected()))?;
-    let sessions = on_pool!(&db.pool, |p| sqlx::query("DELETE FROM sessions WHERE expires_at < ?")
-        .bind(now)
-        .execute(p)
-        .await
-        .map(|r| r.rows_affected()))?;
-    Ok((bindings, sessions))
+    let delete = async |sql: &'static str, before: i64| -> anyhow::Result<u64> {
+        Ok(on_pool!(&db.pool, |p| sqlx::query(sql).bind(before).execute(p).await.map(|r| r.rows_affected()))?)
+    };
+    Ok(Pruned {
+        bindings: delete("DELETE FROM bindings WHERE expires_at < ?", now - EXPIRED_BINDING_KEPT_SECS)
+            .await?,
+        sessions: delete("DELETE FROM sessions WHERE expires_at < ?", now).await?,
+        events: delete("DELETE FROM processed_events WHERE created_at < ?", now - PROCESSED_EVENT_KEPT_SECS)
+            .await?,
+    })
 }
 
 /// Tables only the host reads and writes: the shared access token, the host's

@@ -609,8 +609,8 @@ const SETTLE: Duration = Duration::from_millis(200);
 
 /// Reloads when plugins.toml or a plugin's wasm changes. Folders are watched,
 /// not files, so an editor's or a deploy's rename-over is seen too.
-/// Expired QR bindings and sessions are deleted every few minutes (every app
-/// process does it; the deletes are idempotent).
+/// Expired QR bindings, sessions and old applied-event records are deleted
+/// every few minutes (every app process does it; the deletes are idempotent).
 async fn prune_periodically(db: database::Database, shutdown: CancellationToken) {
     let mut every = tokio::time::interval(std::time::Duration::from_secs(600));
     loop {
@@ -619,11 +619,14 @@ async fn prune_periodically(db: database::Database, shutdown: CancellationToken)
             _ = every.tick() => {}
         }
         match database::prune_expired(&db, crate::caps::session::unix_now()).await {
-            Ok((bindings, sessions)) if bindings + sessions > 0 => {
-                tracing::info!(bindings, sessions, "expired QR bindings and sessions deleted")
-            }
+            Ok(p) if p != database::Pruned::default() => tracing::info!(
+                bindings = p.bindings,
+                sessions = p.sessions,
+                events = p.events,
+                "expired QR bindings, sessions and applied-event records deleted"
+            ),
             Ok(_) => {}
-            Err(e) => tracing::warn!("pruning expired bindings and sessions failed: {e:#}"),
+            Err(e) => tracing::warn!("pruning expired rows failed: {e:#}"),
         }
     }
 }

@@ -32,6 +32,9 @@ pub struct Settings {
     pub wechatpay_mchid: Option<String>,
     /// Path of the merchant's API private key (`apiclient_key.pem`).
     pub wechatpay_private_key: Option<std::path::PathBuf>,
+    /// Path of the merchant's API certificate (`apiclient_cert.pem`): APIv2's
+    /// refund API is called with it and the private key (mutual TLS).
+    pub wechatpay_client_cert: Option<std::path::PathBuf>,
     /// Serial of the merchant's API certificate (`serial_no` of APIv3 requests).
     pub wechatpay_serial: Option<String>,
     pub wechatpay_api_base: Option<String>,
@@ -72,6 +75,7 @@ impl Settings {
             wechatpay_public_key_id: var("WECHATPAY_PUBLIC_KEY_ID"),
             wechatpay_mchid: var("WECHATPAY_MCHID"),
             wechatpay_private_key: var("WECHATPAY_PRIVATE_KEY").map(Into::into),
+            wechatpay_client_cert: var("WECHATPAY_CLIENT_CERT").map(Into::into),
             wechatpay_serial: var("WECHATPAY_SERIAL"),
             wechatpay_api_base: var("WECHATPAY_API_BASE"),
             wechatpay_notify_url: var("WECHATPAY_NOTIFY_URL"),
@@ -190,6 +194,7 @@ pub fn secrets_read_by(role: crate::role::Role) -> &'static [&'static str] {
             "WECHAT_APPSECRET",
             "WECHATPAY_MCHID",
             "WECHATPAY_PRIVATE_KEY",
+            "WECHATPAY_CLIENT_CERT",
             "WECHATPAY_SERIAL",
             "WECHATPAY_PLATFORM_PUBLIC_KEY",
             "WECHATPAY_PUBLIC_KEY_ID",
@@ -255,6 +260,7 @@ impl Settings {
             wechatpay_apiv2_key => "WECHATPAY_APIV2_KEY",
             wechatpay_mchid => "WECHATPAY_MCHID",
             wechatpay_private_key => "WECHATPAY_PRIVATE_KEY",
+            wechatpay_client_cert => "WECHATPAY_CLIENT_CERT",
             wechatpay_serial => "WECHATPAY_SERIAL",
             session_secret => "SESSION_SECRET",
             admin_token => "WXHOST_ADMIN_TOKEN",

@@ -248,6 +248,10 @@ impl CallbackCrypto {
     pub fn verify_pay_notify_v2(&self, xml: &str) -> Result<Vec<(String, String)>, VerifyError> {
         self.pay()?.verify_v2(xml)
     }
+
+    pub fn open_refund_notify_v2(&self, xml: &str) -> Result<Vec<(String, String)>, VerifyError> {
+        self.pay()?.open_refund_v2(xml)
+    }
 }
 
 /// Both roles: the web role checks at the edge, the app role again before it
@@ -364,6 +368,10 @@ impl wit::Host for CallbackCryptoView<'_> {
 
     async fn verify_pay_notify_v2(&mut self, xml: String) -> Result<Vec<(String, String)>, CryptoFailure> {
         Ok(self.ctx()?.verify_pay_notify_v2(&xml)?)
+    }
+
+    async fn open_refund_notify_v2(&mut self, xml: String) -> Result<Vec<(String, String)>, CryptoFailure> {
+        Ok(self.ctx()?.open_refund_notify_v2(&xml)?)
     }
 }
 

@@ -66,6 +66,9 @@ pub struct WechatPay {
     notify_url: String,
     api: PayApi,
     http: reqwest::Client,
+    /// APIv2's `/secapi/` calls (refunds): the merchant API certificate and
+    /// key presented to WeChat Pay (mutual TLS).
+    certified_http: Option<reqwest::Client>,
 }
 
 impl WechatPay {
@@ -81,11 +84,25 @@ impl WechatPay {
             base.starts_with("https://") || base.starts_with("http://"),
             "WECHATPAY_API_BASE must be an http(s) URL"
         );
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .user_agent(concat!("wxhost/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(WechatPay { base, appid, mchid, notify_url, api, http })
+        let http = client_builder().build()?;
+        Ok(WechatPay { base, appid, mchid, notify_url, api, http, certified_http: None })
+    }
+
+    /// Presents the merchant API certificate (`apiclient_cert.pem`) and its
+    /// private key on APIv2's `/secapi/` calls.
+    pub fn with_client_certificate(
+        mut self,
+        certificate_pem: &str,
+        key_pem: &str,
+    ) -> anyhow::Result<WechatPay> {
+        anyhow::ensure!(
+            crate::wechat::pay::certificates::parse_certificate_pem(certificate_pem).is_some(),
+            "not a PEM X.509 certificate with an RSA key"
+        );
+        let identity = reqwest::Identity::from_pem(format!("{certificate_pem}\n{key_pem}").as_bytes())
+            .context("the certificate and the private key do not make a TLS client identity")?;
+        self.certified_http = Some(client_builder().identity(identity).build()?);
+        Ok(self)
     }
 
     /// From the settings, or `None` when WECHATPAY_MCHID is not set. Every
@@ -166,9 +183,35 @@ impl WechatPay {
                 None
             }
         };
+        // The merchant API certificate, for APIv2's refunds (mutual TLS).
+        let client_identity = match (&s.wechatpay_client_cert, &s.wechatpay_private_key) {
+            (None, _) => None,
+            (Some(_), None) => {
+                problems.push("WECHATPAY_CLIENT_CERT needs its private key in WECHATPAY_PRIVATE_KEY".into());
+                None
+            }
+            (Some(cert), Some(key)) => {
+                let mut read = |p: &std::path::Path, name: &str| {
+                    std::fs::read_to_string(p)
+                        .map_err(|e| problems.push(format!("{name} ({}) cannot be read: {e}", p.display())))
+                        .ok()
+                };
+                let pair = (read(cert, "WECHATPAY_CLIENT_CERT"), read(key, "WECHATPAY_PRIVATE_KEY"));
+                match pair {
+                    (Some(c), Some(k)) => Some((c, k)),
+                    _ => None,
+                }
+            }
+        };
         match api {
             Some(api) if problems.is_empty() => {
-                Ok(Some(WechatPay::new(s.wechatpay_api_base.as_deref(), appid, mchid, notify_url, api)?))
+                let pay = WechatPay::new(s.wechatpay_api_base.as_deref(), appid, mchid, notify_url, api)?;
+                Ok(Some(match client_identity {
+                    Some((cert, key)) => {
+                        pay.with_client_certificate(&cert, &key).context("WECHATPAY_CLIENT_CERT")?
+                    }
+                    None => pay,
+                }))
             }
             _ => anyhow::bail!(
                 "WeChat Pay (WECHATPAY_MCHID is set) is misconfigured:\n  {}",
@@ -314,7 +357,34 @@ impl WechatPay {
         if r.reason.as_ref().is_some_and(|why| why.chars().count() > 80) {
             return Err(PayError::Invalid("reason must be at most 80 characters".into()));
         }
-        let PayApi::V3 { .. } = &self.api else { return Err(apiv2_refunds_unsupported()) };
+        if let PayApi::V2 { .. } = &self.api {
+            let http = self.certified_http.as_ref().ok_or_else(|| {
+                PayError::NotConfigured(
+                    "APIv2 refunds need the merchant API certificate: set WECHATPAY_CLIENT_CERT and WECHATPAY_PRIVATE_KEY"
+                        .into(),
+                )
+            })?;
+            let mut fields = vec![
+                ("out_trade_no", r.out_trade_no.clone()),
+                ("out_refund_no", r.out_refund_no.clone()),
+                ("total_fee", r.total_fen.to_string()),
+                ("refund_fee", r.amount_fen.to_string()),
+                ("notify_url", self.notify_url.clone()),
+            ];
+            if let Some(reason) = &r.reason {
+                fields.push(("refund_desc", reason.clone()));
+            }
+            let a = self.v2_on(http, "/secapi/pay/refund", fields, deadline).await?;
+            // Accepted: the bank settles it later (query or notify).
+            return Ok(RefundState {
+                out_refund_no: field(&a, "out_refund_no").unwrap_or_else(|| r.out_refund_no.clone()),
+                out_trade_no: field(&a, "out_trade_no").unwrap_or_else(|| r.out_trade_no.clone()),
+                refund_id: field(&a, "refund_id"),
+                status: "PROCESSING".into(),
+                amount_fen: field(&a, "refund_fee").and_then(|f| f.parse().ok()).unwrap_or(r.amount_fen),
+                success_time: None,
+            });
+        }
         let mut body = json!({
             "out_trade_no": r.out_trade_no,
             "out_refund_no": r.out_refund_no,
@@ -336,7 +406,23 @@ impl WechatPay {
         deadline: Instant,
     ) -> Result<RefundState, PayError> {
         check_out_refund_no(out_refund_no)?;
-        let PayApi::V3 { .. } = &self.api else { return Err(apiv2_refunds_unsupported()) };
+        if let PayApi::V2 { .. } = &self.api {
+            let a = self
+                .v2("/pay/refundquery", vec![("out_refund_no", out_refund_no.to_string())], deadline)
+                .await?;
+            // One refund asked for by its number: the answer's entry 0.
+            let status = field(&a, "refund_status_0")
+                .and_then(|s| v2::v3_refund_status_of(&s))
+                .ok_or_else(|| PayError::Unavailable("WeChat Pay's answer has no refund_status_0".into()))?;
+            return Ok(RefundState {
+                out_refund_no: field(&a, "out_refund_no_0").unwrap_or_else(|| out_refund_no.to_string()),
+                out_trade_no: field(&a, "out_trade_no").unwrap_or_default(),
+                refund_id: field(&a, "refund_id_0"),
+                status: status.into(),
+                amount_fen: field(&a, "refund_fee_0").and_then(|f| f.parse().ok()).unwrap_or_default(),
+                success_time: field(&a, "refund_success_time_0").and_then(|t| v2::parse_refund_time(&t)),
+            });
+        }
         let path = format!("/v3/refund/domestic/refunds/{out_refund_no}");
         let answer = self.v3(reqwest::Method::GET, &path, None, deadline).await?;
         refund_state(&answer, out_refund_no)
@@ -541,14 +627,26 @@ impl WechatPay {
         fields: Vec<(&str, String)>,
         deadline: Instant,
     ) -> Result<Vec<(String, String)>, PayError> {
+        self.v2_on(&self.http, path, fields, deadline).await
+    }
+
+    /// [`Self::v2`] over `http` (the certified client for `/secapi/`).
+    async fn v2_on(
+        &self,
+        http: &reqwest::Client,
+        path: &str,
+        fields: Vec<(&str, String)>,
+        deadline: Instant,
+    ) -> Result<Vec<(String, String)>, PayError> {
         let started = Instant::now();
-        let result = self.v2_once(path, fields, deadline).await;
+        let result = self.v2_once(http, path, fields, deadline).await;
         crate::metrics::outbound("wechatpay", call_name(path), outcome(&result), started.elapsed());
         result
     }
 
     async fn v2_once(
         &self,
+        http: &reqwest::Client,
         path: &str,
         fields: Vec<(&str, String)>,
         deadline: Instant,
@@ -566,8 +664,7 @@ impl WechatPay {
         all.extend(fields.into_iter().map(|(k, v)| (k.to_string(), v)));
         let sign = v2_sign(&all, key.expose_secret(), *sign_type);
         all.push(("sign".into(), sign));
-        let response = self
-            .http
+        let response = http
             .post(format!("{}{path}", self.base))
             .header(reqwest::header::CONTENT_TYPE, "text/xml; charset=utf-8")
             .body(to_xml(&all))
@@ -603,10 +700,10 @@ impl WechatPay {
     }
 }
 
-/// APIv2's refund API needs the merchant's client certificate (mutual TLS),
-/// which the host does not hold yet.
-fn apiv2_refunds_unsupported() -> PayError {
-    PayError::NotConfigured("refunds need APIv3 (WECHATPAY_API_VERSION=v3)".into())
+fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .user_agent(concat!("wxhost/", env!("CARGO_PKG_VERSION")))
 }
 
 /// A refund as WeChat Pay describes it (the refund and query answers, and the refund notify's resource).
@@ -647,9 +744,9 @@ fn call_name(path: &str) -> &'static str {
         "h5_prepay"
     } else if path.ends_with("/close") || path.ends_with("/closeorder") {
         "close_order"
-    } else if path.ends_with("/refund/domestic/refunds") {
+    } else if path.ends_with("/refund/domestic/refunds") || path.ends_with("/secapi/pay/refund") {
         "refund"
-    } else if path.contains("/refund/domestic/refunds/") {
+    } else if path.contains("/refund/domestic/refunds/") || path.ends_with("/refundquery") {
         "query_refund"
     } else if path.contains("/out-trade-no/") || path.ends_with("/orderquery") {
         "query_order"
@@ -855,6 +952,10 @@ mod tests {
 
     /// The simulator playing WeChat Pay for the merchant; returns its base URL.
     async fn wechat_pay_sim() -> (Sim, String) {
+        wechat_pay_sim_for(&merchant_settings()).await
+    }
+
+    async fn wechat_pay_sim_for(merchant: &Settings) -> (Sim, String) {
         let sim = Sim::new(SimConfig {
             appid: "wxb11529c136998cb6".into(),
             secret: "s".into(),
@@ -865,7 +966,7 @@ mod tests {
         })
         .with_pay(
             SimPayConfig::from_settings(
-                &merchant_settings(),
+                merchant,
                 &fixture("merchant_test_pub.pem"),
                 &fixture("wechatpay_platform_test_key.pem"),
                 1.0,
@@ -1080,5 +1181,64 @@ mod tests {
             ..Settings::default()
         };
         assert!(WechatPay::from_settings(&v2).err().unwrap().to_string().contains("WECHATPAY_APIV2_KEY"));
+    }
+
+    #[tokio::test]
+    async fn apiv2_refunds_present_the_merchant_certificate_and_are_queried_by_their_number() {
+        let mut s = merchant_settings();
+        s.wechatpay_api_version = Some("v2".into());
+        s.wechatpay_apiv2_key = Some("192006250b4c09247ec02edce69f6a2d".to_string().into());
+        let (sim, base) = wechat_pay_sim_for(&s).await;
+        s.wechatpay_api_base = Some(base);
+        let pay = WechatPay::from_settings(&s).unwrap().unwrap();
+        let browser = BrowserOrder {
+            out_trade_no: "WX_CAP_V2R1".into(),
+            description: "10 次识别".into(),
+            amount_fen: 990,
+            time_expire: unix_now() + 600,
+            attach: None,
+            payer_client_ip: None,
+        };
+        pay.native_prepay(&browser, deadline()).await.unwrap();
+        sim.pay(&crate::sim::PayRequest { out_trade_no: Some("WX_CAP_V2R1".into()), ..Default::default() })
+            .await
+            .unwrap();
+        let ask = RefundRequest {
+            out_trade_no: "WX_CAP_V2R1".into(),
+            out_refund_no: "RF_CAP_V2R1".into(),
+            amount_fen: 300,
+            total_fen: 990,
+            reason: Some("部分退款".into()),
+        };
+        // Without the merchant API certificate APIv2 cannot refund: said by name, nothing sent.
+        match pay.refund(&ask, deadline()).await {
+            Err(PayError::NotConfigured(why)) => assert!(why.contains("WECHATPAY_CLIENT_CERT"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(sim.pay_refund("RF_CAP_V2R1").is_none());
+
+        s.wechatpay_client_cert = Some(fixture("merchant_test_cert.pem"));
+        let pay = WechatPay::from_settings(&s).unwrap().unwrap();
+        sim.hold_refunds(true);
+        let asked = pay.refund(&ask, deadline()).await.unwrap();
+        assert_eq!((asked.status.as_str(), asked.amount_fen), ("PROCESSING", 300));
+        assert!(asked.refund_id.is_some());
+        let state = pay.query_refund("RF_CAP_V2R1", deadline()).await.unwrap();
+        assert_eq!((state.status.as_str(), state.out_trade_no.as_str()), ("PROCESSING", "WX_CAP_V2R1"));
+        sim.settle_refund("RF_CAP_V2R1", "SUCCESS").await.unwrap();
+        let state = pay.query_refund("RF_CAP_V2R1", deadline()).await.unwrap();
+        assert_eq!((state.status.as_str(), state.amount_fen), ("SUCCESS", 300));
+        assert!(state.success_time.is_some_and(|t| unix_now() - t < 60));
+        // The same number again is the same refund.
+        assert_eq!(pay.refund(&ask, deadline()).await.unwrap().refund_id, asked.refund_id);
+        assert_eq!(sim.pay_refunds_of("WX_CAP_V2R1"), 1);
+        match pay.query_refund("RF_CAP_NONE", deadline()).await {
+            Err(PayError::Refused((code, _))) => assert_eq!(code, "RESOURCE_NOT_EXISTS"),
+            other => panic!("{other:?}"),
+        }
+        // A file that is not a certificate is refused at start, by name.
+        s.wechatpay_client_cert = Some(fixture("merchant_test_pub.pem"));
+        let e = WechatPay::from_settings(&s).err().unwrap();
+        assert!(format!("{e:#}").contains("WECHATPAY_CLIENT_CERT"), "{e:#}");
     }
 }

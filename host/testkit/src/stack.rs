@@ -186,7 +186,11 @@ impl Stack {
         match api {
             PayApi::V3 => {}
             PayApi::V3Certificates => merchant = on_certificates(merchant),
-            PayApi::V2 => merchant.wechatpay_api_version = Some("v2".into()),
+            PayApi::V2 => {
+                merchant.wechatpay_api_version = Some("v2".into());
+                // APIv2 refunds present the merchant API certificate.
+                merchant.wechatpay_client_cert = Some(fixture("merchant_test_cert.pem"));
+            }
         }
         // WeChat Pay's retry schedule, 1000 times faster (15 s → 15 ms).
         let (sim, sim_addr) = pay_simulator(&merchant, 0.001).await;

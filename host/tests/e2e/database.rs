@@ -384,7 +384,7 @@ async fn wxhost_migrate_creates_the_plugin_database_user_and_is_idempotent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_bindings_and_sessions_are_pruned_and_live_ones_kept_on_both_databases() {
+async fn expired_bindings_sessions_and_week_old_events_are_pruned_and_live_ones_kept_on_both_databases() {
     for test_db in all_databases().await {
         let which = test_db.name;
         let db = database::connect(&test_db.url, &Default::default()).await.unwrap();
@@ -413,8 +413,31 @@ async fn expired_bindings_and_sessions_are_pruned_and_live_ones_kept_on_both_dat
             .map(|_| ()))
             .unwrap();
         }
-        assert_eq!(database::prune_expired(&db, now).await.unwrap(), (1, 1), "{which}");
-        assert_eq!(database::prune_expired(&db, now).await.unwrap(), (0, 0), "{which}: idempotent");
+        let week = database::PROCESSED_EVENT_KEPT_SECS;
+        for (key, created_at) in [("push:old", now - week - 1), ("push:recent", now - 60)] {
+            wxhost::on_pool!(&db.pool, |p| sqlx::query(
+                "INSERT INTO processed_events (event_key, kind, created_at) VALUES (?, 'push', ?)"
+            )
+            .bind(key)
+            .bind(created_at)
+            .execute(p)
+            .await
+            .map(|_| ()))
+            .unwrap();
+        }
+        let pruned = database::prune_expired(&db, now).await.unwrap();
+        assert_eq!(pruned, database::Pruned { bindings: 1, sessions: 1, events: 1 }, "{which}");
+        assert_eq!(
+            database::prune_expired(&db, now).await.unwrap(),
+            database::Pruned::default(),
+            "{which}: idempotent"
+        );
+        let events: Vec<String> =
+            wxhost::on_pool!(&db.pool, |p| sqlx::query_scalar("SELECT event_key FROM processed_events")
+                .fetch_all(p)
+                .await)
+            .unwrap();
+        assert_eq!(events, ["push:recent"], "{which}: a week of applied events is remembered");
         let scenes: Vec<String> =
             wxhost::on_pool!(&db.pool, |p| sqlx::query_scalar("SELECT scene FROM bindings ORDER BY scene")
                 .fetch_all(p)

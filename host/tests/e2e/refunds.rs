@@ -1,7 +1,8 @@
 //! Refunds end to end on SQLite and MariaDB with the simulator playing WeChat
-//! Pay: full and partial refunds taking the credits back once, the
-//! idempotency key under concurrency, refusals, WeChat Pay down mid-refund,
-//! and refund notifies forged, repeated or not matching the refund.
+//! Pay: full and partial refunds taking the credits back once (APIv3 and
+//! APIv2), the idempotency key under concurrency, refusals, WeChat Pay down
+//! mid-refund, a refund racing the payment's own notify, and refund notifies
+//! forged, repeated or not matching the refund.
 
 use std::time::{Duration, Instant};
 
@@ -106,6 +107,33 @@ async fn send_notify(stack: &Stack, (headers, body): (Vec<(&'static str, String)
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
+/// Refunds 300 of the order's 990 fen and waits for it: ceil(10 × 300 / 990) = 4 credits back.
+async fn partial_refund_settled(stack: &Stack, which: &str, no: &str, key: &str) -> String {
+    let ask = json!({ "out_trade_no": no, "amount_fen": 300, "reason": "部分退款", "idempotency_key": key });
+    let (status, refund) = ask_refund(stack, Some(ADMIN), ask).await;
+    assert_eq!((status, refund["amount_fen"].as_i64()), (200, Some(300)), "{which}: {refund}");
+    let out_refund_no = refund["out_refund_no"].as_str().unwrap().to_string();
+    let done = settled(stack, &out_refund_no).await;
+    assert_eq!(
+        (done["status"].as_str(), done["credits_taken"].as_i64()),
+        (Some("success"), Some(4)),
+        "{which}: {done}"
+    );
+    out_refund_no
+}
+
+/// Has WeChat Pay deliver a settled refund's notify `times` times at once; the statuses it got.
+async fn redelivered(stack: &Stack, out_refund_no: &str, times: usize) -> Value {
+    let r = stack
+        .client
+        .post(stack.sim_url(&format!("/sim/pay/refunds/{out_refund_no}/notify")))
+        .json(&json!({ "times": times }))
+        .send()
+        .await
+        .unwrap();
+    r.json::<Value>().await.unwrap()["statuses"].clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_and_partial_refunds_take_the_credits_back_once_on_both_databases() {
     for db in all_databases().await {
@@ -113,34 +141,11 @@ async fn full_and_partial_refunds_take_the_credits_back_once_on_both_databases()
         let stack = Stack::start(&db.url).await;
         let (no, alice) = paid_order(&stack, "alice").await;
 
-        // A partial refund: 300 of 990 fen takes back ceil(10 × 300 / 990) = 4 credits.
-        let (status, refund) = ask_refund(
-            &stack,
-            Some(ADMIN),
-            json!({ "out_trade_no": no, "amount_fen": 300, "reason": "部分退款", "idempotency_key": "r1" }),
-        )
-        .await;
-        assert_eq!(status, 200, "{which}: {refund}");
-        assert_eq!(refund["amount_fen"], 300, "{which}");
-        let first = refund["out_refund_no"].as_str().unwrap().to_string();
-        let done = settled(&stack, &first).await;
-        assert_eq!(
-            (done["status"].as_str(), done["credits_taken"].as_i64()),
-            (Some("success"), Some(4)),
-            "{which}: {done}"
-        );
+        let first = partial_refund_settled(&stack, which, &no, "r1").await;
         assert_eq!(quota(&stack, &alice).await, 6, "{which}");
 
         // WeChat Pay delivers its notify 10 times at once: acknowledged, applied once.
-        let r = stack
-            .client
-            .post(stack.sim_url(&format!("/sim/pay/refunds/{first}/notify")))
-            .json(&json!({ "times": 10 }))
-            .send()
-            .await
-            .unwrap();
-        let statuses: Value = r.json().await.unwrap();
-        assert_eq!(statuses["statuses"], json!(vec![204; 10]), "{which}: {statuses}");
+        assert_eq!(redelivered(&stack, &first, 10).await, json!(vec![204; 10]), "{which}");
         assert_eq!(quota(&stack, &alice).await, 6, "{which}: still taken back once");
 
         // The rest: 690 fen would take back 7, but only 6 are left: the shortfall is recorded.
@@ -392,5 +397,164 @@ async fn with_the_app_role_down_the_refund_notify_fails_and_a_retry_settles_it_o
         assert_eq!(seen["status"], "success", "{which}: {seen}");
         assert_eq!(quota(&stack, &alice).await, 0, "{which}: taken back once");
         stack.shutdown().await;
+    }
+}
+
+/// An APIv2 refund notify as WeChat Pay sends it: `req_info` sealed under `key`.
+fn v2_refund_notify(fields: &[(&str, String)], key: &str) -> String {
+    let inner: Vec<(String, String)> = fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    let root = wxhost::wechat::xml::to_xml(&inner).replace("<xml>", "<root>").replace("</xml>", "</root>");
+    let outer = [
+        ("return_code", "SUCCESS".to_string()),
+        ("appid", APPID.to_string()),
+        ("mch_id", MCHID.to_string()),
+        ("nonce_str", "n0nce".to_string()),
+        ("req_info", wxhost::wechat::pay::v2::seal_req_info(&root, key)),
+    ]
+    .map(|(k, v)| (k.to_string(), v));
+    wxhost::wechat::xml::to_xml(&outer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiv2_refunds_settle_by_their_sealed_notify_once_and_a_forged_one_changes_nothing_on_both_databases()
+{
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start_with(&db.url, full_config(), PayApi::V2).await;
+        let (no, alice) = paid_order(&stack, "alice").await;
+
+        let first = partial_refund_settled(&stack, which, &no, "v2-r1").await;
+        assert_eq!(quota(&stack, &alice).await, 6, "{which}");
+        let at_wechat = stack.sim.pay_refund(&first).unwrap();
+        assert_eq!(at_wechat["acknowledged"], true, "{which}: the sealed notify was taken: {at_wechat}");
+
+        // Delivered 10 times at once: each acknowledged with APIv2's SUCCESS, applied once.
+        assert_eq!(redelivered(&stack, &first, 10).await, json!(vec![200; 10]), "{which}");
+        assert_eq!(quota(&stack, &alice).await, 6, "{which}: still taken back once");
+
+        // The rest, held at WeChat Pay; then notifies that must change nothing.
+        stack.sim.hold_refunds(true);
+        let (status, rest) =
+            ask_refund(&stack, Some(ADMIN), json!({ "out_trade_no": no, "idempotency_key": "v2-r2" })).await;
+        assert_eq!((status, rest["status"].as_str()), (200, Some("processing")), "{which}: {rest}");
+        let second = rest["out_refund_no"].as_str().unwrap().to_string();
+        let refund_of = |amount: i64| {
+            vec![
+                ("out_refund_no", second.clone()),
+                ("out_trade_no", no.clone()),
+                ("refund_fee", amount.to_string()),
+                ("refund_id", "50000000000000000000000000001".to_string()),
+                ("refund_status", "SUCCESS".to_string()),
+                ("success_time", "2026-12-03 10:00:00".to_string()),
+                ("total_fee", "990".to_string()),
+            ]
+        };
+        let cases = [
+            (
+                "sealed under another key",
+                v2_refund_notify(&refund_of(690), "another APIv2 key, not the one!!"),
+            ),
+            ("another amount", v2_refund_notify(&refund_of(1), APIV2_KEY)),
+            (
+                "not sealed at all",
+                v2_refund_notify(&refund_of(690), APIV2_KEY).replace("<req_info>", "<req_info>x"),
+            ),
+        ];
+        for (case, xml) in cases {
+            let (status, body) = send_notify(&stack, (vec![("content-type", "text/xml".into())], xml)).await;
+            assert!(
+                body.contains("<return_code><![CDATA[FAIL]]></return_code>"),
+                "{which}: {case}: {status} {body}"
+            );
+            let (_, shown) = stack.get(&format!("/api/v1/admin/refunds/{second}"), Some(ADMIN)).await;
+            assert_eq!(shown["status"], "processing", "{which}: {case}: {shown}");
+        }
+        assert_eq!(quota(&stack, &alice).await, 6, "{which}: nothing taken back by them");
+
+        // WeChat Pay settles it: its own notify takes back the rest (6 of 7; 1 short).
+        stack.sim.settle_refund(&second, "SUCCESS").await.unwrap();
+        let done = settled(&stack, &second).await;
+        assert_eq!(
+            (done["credits_taken"].as_i64(), done["credits_shortfall"].as_i64()),
+            (Some(6), Some(1)),
+            "{which}: {done}"
+        );
+        assert_eq!(quota(&stack, &alice).await, 0, "{which}");
+        stack.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_racing_the_payments_notify_is_refunded_once_and_credited_once_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let mut stack = Stack::start(&db.url).await;
+        let alice = stack.login("alice").await;
+        let order = || async {
+            let (status, order) = stack
+                .post(
+                    "/api/v1/payment/create-order",
+                    Some(&alice),
+                    &json!({ "product_id": "p10" }).to_string(),
+                )
+                .await;
+            assert_eq!(status, 200, "{order}");
+            order["out_trade_no"].as_str().unwrap().to_string()
+        };
+
+        // The payer pays and the admin refunds at the same moment, five times over.
+        let mut refunds = Vec::new();
+        for i in 0..5 {
+            let no = order().await;
+            let pay = PayRequest { out_trade_no: Some(no.clone()), ..Default::default() };
+            let key = format!("race-{i}");
+            let ask = json!({ "out_trade_no": no, "idempotency_key": key });
+            let (paid, (status, refund)) =
+                tokio::join!(stack.sim.pay(&pay), ask_refund(&stack, Some(ADMIN), ask.clone()));
+            assert!(paid.unwrap().acknowledged, "{which}");
+            let refund = match (status, code(&refund)) {
+                (200, _) => refund,
+                // WeChat Pay had not taken the money yet when asked: refused, nothing reserved; asked again, refunded.
+                (409, "order_not_paid") => {
+                    let (status, again) = ask_refund(&stack, Some(ADMIN), ask).await;
+                    assert_eq!(status, 200, "{which}: {again}");
+                    again
+                }
+                other => panic!("{which}: {other:?}: {refund}"),
+            };
+            assert_eq!(refund["amount_fen"], 990, "{which}: {refund}");
+            refunds.push((no, refund["out_refund_no"].as_str().unwrap().to_string()));
+        }
+        let mut taken = 0;
+        for (no, out_refund_no) in &refunds {
+            let done = settled(&stack, out_refund_no).await;
+            assert_eq!(done["status"], "success", "{which}: {done}");
+            taken += done["credits_taken"].as_i64().unwrap();
+            assert_eq!(stack.sim.pay_refunds_of(no), 1, "{which}: one refund at WeChat Pay");
+        }
+        assert_eq!(taken, 50, "{which}: each order credited once and taken back once");
+        assert_eq!(quota(&stack, &alice).await, 0, "{which}");
+
+        // The notify never arrives (the web role is down): the refund still finds the payment.
+        stack.web.shutdown();
+        let no = order().await;
+        let paid = stack
+            .sim
+            .pay(&PayRequest { out_trade_no: Some(no.clone()), ..Default::default() })
+            .await
+            .unwrap();
+        assert!(!paid.acknowledged, "{which}: {paid:?}");
+        let (status, refund) =
+            ask_refund(&stack, Some(ADMIN), json!({ "out_trade_no": no, "idempotency_key": "lost-notify" }))
+                .await;
+        assert_eq!(status, 200, "{which}: WeChat Pay was asked about the order first: {refund}");
+        let done = settled(&stack, refund["out_refund_no"].as_str().unwrap()).await;
+        assert_eq!(
+            (done["status"].as_str(), done["credits_taken"].as_i64()),
+            (Some("success"), Some(10)),
+            "{which}: {done}"
+        );
+        assert_eq!(quota(&stack, &alice).await, 0, "{which}");
+        stack.stop_app().await;
     }
 }

@@ -14,7 +14,6 @@ use serde::Deserialize;
 use wxhost_sdk::callback_crypto::{self, CryptoError, PushProof};
 use wxhost_sdk::db::{self, DbError, SqlDialect, Transaction, params};
 use wxhost_sdk::prelude::*;
-use wxhost_sdk::random_u64;
 
 fn routes() -> Router {
     Router::new()
@@ -238,18 +237,12 @@ fn update_binding(req: &Request) -> Result<Response> {
         .outcome("applied"))
 }
 
-/// How long an applied event is remembered. WeChat retries within seconds;
-/// a week also covers replays of captured pushes within their timestamp window.
-const EVENT_MEMORY_SECS: i64 = 7 * 24 * 3600;
-
-/// Records that an event was applied; `false` if it already was.
+/// Records that an event was applied; `false` if it already was. The host
+/// forgets records older than a week (its periodic pruning, never inside this
+/// transaction: a range delete here deadlocked concurrent retries on InnoDB).
 fn claim_event(tx: &Transaction, event_id: Option<&str>, kind: &str) -> Result<bool> {
     let Some(event_id) = event_id else { return Ok(true) };
     check_len("event_id", Some(event_id), 180)?;
-    // Now and then (one call in 64, at random), forget old events so the table stays small.
-    if random_u64().is_multiple_of(64) {
-        tx.execute("DELETE FROM processed_events WHERE created_at < ?", params![now() - EVENT_MEMORY_SECS])?;
-    }
     let key = format!("{kind}:{event_id}");
     match tx.execute(
         "INSERT INTO processed_events (event_key, kind, created_at) VALUES (?, ?, ?)",

@@ -340,7 +340,7 @@ fn load_order(out_trade_no: &str, openid: &str) -> Result<Json> {
 /// Asks WeChat Pay about an unfinished order and applies what it says: paid →
 /// the same exactly-once update as a notify; unpaid past its expiry → closed.
 /// If WeChat Pay cannot be asked, the order stays as it is.
-fn reconcile(out_trade_no: &str, order: &Json) {
+pub(crate) fn reconcile(out_trade_no: &str, order: &Json) {
     let now = now();
     let touch = || {
         let _ = db::execute(
@@ -437,6 +437,13 @@ fn notified(req: &Request) -> Result<Response> {
                 mchid: text(&resource["mchid"]),
                 paid_at: resource["success_time"].as_str().and_then(rfc3339_unix),
             }
+        }
+        // A refund's notify is sealed (`req_info`), not signed.
+        Notified::V2(xml) if xml.contains("<req_info>") => {
+            let fields = callback_crypto::open_refund_notify_v2(&xml).map_err(refused)?;
+            let applied = refund::apply(&refund::state_of_v2_fields(&fields))?;
+            let what = if applied { "refund_applied" } else { "refund_duplicate" };
+            return Ok(Response::json(200, &json!({ "applied": applied })).outcome(what));
         }
         Notified::V2(xml) => {
             let fields = callback_crypto::verify_pay_notify_v2(&xml).map_err(refused)?;

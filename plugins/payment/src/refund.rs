@@ -58,6 +58,11 @@ pub fn create(req: &Request) -> Result<Response> {
     if let Some(existing) = by_key(&ask)? {
         return Ok(Response::json(200, &shown(&existing)?));
     }
+    // Paid at WeChat Pay while its notify is still on the way: asked first,
+    // applied exactly as the notify would be.
+    if let Some(order) = unfinished_order(&ask.out_trade_no)? {
+        crate::reconcile(&ask.out_trade_no, &order);
+    }
     let out_refund_no = match reserve(&ask) {
         Ok(no) => no,
         // The same key, committed by a concurrent request first: that refund.
@@ -69,6 +74,15 @@ pub fn create(req: &Request) -> Result<Response> {
     };
     ask_wechat_pay(&out_refund_no);
     Ok(Response::json(200, &load(&out_refund_no)?))
+}
+
+/// The order, if it is still waiting for its payment here.
+fn unfinished_order(out_trade_no: &str) -> Result<Option<Json>> {
+    let rows = db::query(
+        "SELECT status, time_expire FROM orders WHERE out_trade_no = ? AND status IN ('created', 'pending')",
+        params![out_trade_no],
+    )?;
+    Ok(rows.first().map(|r| r.to_json()))
 }
 
 /// The refund this key already made, if any; another order or amount under the same key is a conflict.
@@ -278,6 +292,33 @@ pub fn state_of_resource(resource: &Json) -> RefundState {
         amount_fen: resource["amount"]["refund"].as_i64().unwrap_or(-1),
         success_time: resource["success_time"].as_str().and_then(crate::rfc3339_unix),
     }
+}
+
+/// What an APIv2 refund notify says (its opened `req_info`), in APIv3's words.
+pub fn state_of_v2_fields(fields: &[(String, String)]) -> RefundState {
+    let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone());
+    let status = match get("refund_status").as_deref() {
+        Some("SUCCESS") => "SUCCESS",
+        Some("REFUNDCLOSE") => "CLOSED",
+        Some("CHANGE") => "ABNORMAL",
+        Some("PROCESSING") => "PROCESSING",
+        _ => "",
+    };
+    RefundState {
+        out_refund_no: get("out_refund_no").unwrap_or_default(),
+        out_trade_no: get("out_trade_no").unwrap_or_default(),
+        refund_id: get("refund_id"),
+        status: status.to_string(),
+        amount_fen: get("refund_fee").and_then(|f| f.parse().ok()).unwrap_or(-1),
+        success_time: get("success_time").and_then(|t| v2_time_unix(&t)),
+    }
+}
+
+/// `2017-11-25 15:36:17` (China Standard Time) as Unix seconds.
+fn v2_time_unix(t: &str) -> Option<i64> {
+    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    let cst = time::UtcOffset::from_hms(8, 0, 0).ok()?;
+    time::PrimitiveDateTime::parse(t, format).ok().map(|t| t.assume_offset(cst).unix_timestamp())
 }
 
 /// Applies WeChat Pay's state of a refund, once: the refund locked, checked

@@ -1,7 +1,9 @@
-//! The simulated refunds (APIv3): a refund of a paid order is PROCESSING when
-//! asked for, then settles (SUCCESS, or CLOSED / ABNORMAL when a test says so)
-//! and its `REFUND.*` notify goes to the `notify_url` on WeChat Pay's retry
-//! schedule until acknowledged. Tests can hold refunds in PROCESSING.
+//! The simulated refunds, APIv3 (`/v3/refund/domestic/refunds`) and APIv2
+//! (`/secapi/pay/refund`, `/pay/refundquery`): a refund of a paid order is
+//! PROCESSING when asked for, then settles (SUCCESS, or CLOSED / ABNORMAL
+//! when a test says so) and its notify (APIv3 `REFUND.*`; APIv2 `req_info`
+//! sealed under the MD5 of the APIv2 key) goes to the `notify_url` on WeChat
+//! Pay's retry schedule until acknowledged. Tests can hold refunds in PROCESSING.
 
 use std::time::Duration;
 
@@ -15,11 +17,15 @@ use serde_json::{Value, json};
 
 use super::notify::{Notified, post_notify, signed_v3_notify};
 use super::v3::{V3Call, v3_error, v3_signed};
-use super::{Api, PayData, pay_config, random_digits};
+use super::{Api, PayData, SimPayConfig, pay_config, random_digits};
 use crate::sim::{Sim, now};
-use crate::wechat::pay::rfc3339_cst;
+use crate::wechat::pay::v2;
+use crate::wechat::pay::{random_token, rfc3339_cst};
+use crate::wechat::xml::to_xml;
 
 pub(super) struct SimRefund {
+    /// The API it was asked for in, and its notify goes out in.
+    api: Api,
     out_trade_no: String,
     transaction_id: String,
     refund_id: String,
@@ -79,70 +85,20 @@ async fn create(call: V3Call) -> Response {
         return v3_error(StatusCode::BAD_REQUEST, "PARAM_ERROR", "a required field is missing");
     };
     let notify_url = text("notify_url").unwrap_or_default();
-    let answer = {
-        let mut pay = call.sim.pay.lock().expect("sim pay lock");
-        let already =
-            pay.refunds.get(&no).map(|r| (r.out_trade_no == out_trade_no && r.amount == amount, r.status));
-        match already {
-            // The same out_refund_no again is the same refund.
-            Some((true, _)) => Ok(()),
-            Some((false, _)) => Err(("INVALID_REQUEST", "out_refund_no was used for another refund")),
-            None => {
-                let refunded: i64 = pay
-                    .refunds
-                    .values()
-                    .filter(|r| r.out_trade_no == out_trade_no && r.status != "CLOSED")
-                    .map(|r| r.amount)
-                    .sum();
-                match pay.orders.get(&out_trade_no) {
-                    None => Err(("RESOURCE_NOT_EXISTS", "订单不存在")),
-                    Some(o) if o.state != "SUCCESS" => Err(("INVALID_REQUEST", "订单未支付")),
-                    Some(o) if o.total != total => Err(("INVALID_REQUEST", "订单金额不一致")),
-                    Some(_) if amount <= 0 || refunded + amount > total => {
-                        Err(("INVALID_REQUEST", "申请退款金额超过订单可退金额"))
-                    }
-                    Some(o) => {
-                        let transaction_id = o.transaction_id.clone().unwrap_or_default();
-                        pay.refunds.insert(
-                            no.clone(),
-                            SimRefund {
-                                out_trade_no: out_trade_no.clone(),
-                                transaction_id,
-                                refund_id: format!("50000{}", random_digits(24)),
-                                amount,
-                                total,
-                                notify_url,
-                                status: "PROCESSING",
-                                created: now(),
-                                success_time: None,
-                                deliveries: Vec::new(),
-                                acknowledged: false,
-                            },
-                        );
-                        Ok(())
-                    }
-                }
-            }
-        }
-    };
+    let answer = call.sim.open_refund(NewRefund {
+        api: Api::V3,
+        out_trade_no,
+        no: no.clone(),
+        amount,
+        total,
+        notify_url,
+    });
     if let Err((code, message)) = answer {
         let status =
             if code == "RESOURCE_NOT_EXISTS" { StatusCode::NOT_FOUND } else { StatusCode::BAD_REQUEST };
         return v3_error(status, code, message);
     }
-    let (held, shown) = {
-        let pay = call.sim.pay.lock().expect("sim pay lock");
-        (pay.hold_refunds, refund_json(&config.mchid, &no, &pay.refunds[&no]))
-    };
-    if !held && shown["status"] == "PROCESSING" {
-        // The bank answers a moment later: settled and notified in the background.
-        let sim = call.sim.clone();
-        let no = no.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            sim.settle_refund(&no, "SUCCESS").await;
-        });
-    }
+    let shown = refund_json(&config.mchid, &no, &call.sim.pay.lock().expect("sim pay lock").refunds[&no]);
     v3_signed(config, StatusCode::OK, Some(shown))
 }
 
@@ -155,14 +111,153 @@ async fn query(Path(no): Path<String>, call: V3Call) -> Response {
     }
 }
 
+/// An APIv2 refund notify: unsigned, the refund in `req_info` sealed under
+/// the MD5 of the APIv2 key.
+fn sealed_v2_notify(config: &SimPayConfig, no: &str, r: &SimRefund) -> (Vec<(String, String)>, String) {
+    let key = config.apiv2_key.as_deref().unwrap_or_default();
+    let mut inner: Vec<(String, String)> = [
+        ("out_refund_no", no.to_string()),
+        ("out_trade_no", r.out_trade_no.clone()),
+        ("refund_account", "REFUND_SOURCE_UNSETTLED_FUNDS".into()),
+        ("refund_fee", r.amount.to_string()),
+        ("refund_id", r.refund_id.clone()),
+        ("refund_recv_accout", "支付用户零钱".into()),
+        ("refund_request_source", "API".into()),
+        ("refund_status", v2::v2_refund_status_of(r.status).into()),
+        ("settlement_refund_fee", r.amount.to_string()),
+        ("settlement_total_fee", r.total.to_string()),
+        ("total_fee", r.total.to_string()),
+        ("transaction_id", r.transaction_id.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    if let Some(at) = r.success_time {
+        inner.push(("success_time".into(), v2::format_refund_time(at)));
+    }
+    let root = to_xml(&inner).replacen("<xml>", "<root>", 1);
+    let root = format!("{}</root>", root.strip_suffix("</xml>").unwrap_or(&root));
+    let outer: Vec<(String, String)> = [
+        ("return_code", "SUCCESS".to_string()),
+        ("appid", config.appid.clone()),
+        ("mch_id", config.mchid.clone()),
+        ("nonce_str", random_token(32)),
+        ("req_info", v2::seal_req_info(&root, key)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    (vec![("content-type".into(), "text/xml".into())], to_xml(&outer))
+}
+
 impl PayData {
+    /// A refund as APIv2's `/pay/refundquery` answers it (one refund, entry 0).
+    pub(super) fn v2_refund_query(&self, no: &str) -> Option<Vec<(&'static str, String)>> {
+        let r = self.refunds.get(no)?;
+        let mut fields = vec![
+            ("result_code", "SUCCESS".to_string()),
+            ("out_trade_no", r.out_trade_no.clone()),
+            ("transaction_id", r.transaction_id.clone()),
+            ("total_fee", r.total.to_string()),
+            ("refund_count", "1".into()),
+            ("out_refund_no_0", no.to_string()),
+            ("refund_id_0", r.refund_id.clone()),
+            ("refund_fee_0", r.amount.to_string()),
+            ("refund_status_0", v2::v2_refund_status_of(r.status).into()),
+        ];
+        if let Some(at) = r.success_time {
+            fields.push(("refund_success_time_0", v2::format_refund_time(at)));
+        }
+        Some(fields)
+    }
+
     /// Whether the refund's notify was acknowledged (or there is no such refund).
     pub(super) fn refunds_acknowledged(&self, no: &str) -> bool {
         self.refunds.get(no).is_none_or(|r| r.acknowledged)
     }
 }
 
+/// A refund as a merchant asks for it.
+pub(super) struct NewRefund {
+    pub(super) api: Api,
+    pub(super) out_trade_no: String,
+    pub(super) no: String,
+    pub(super) amount: i64,
+    pub(super) total: i64,
+    pub(super) notify_url: String,
+}
+
 impl Sim {
+    /// Records a refund as WeChat Pay accepts one (the same out_refund_no
+    /// again is the same refund) and settles it a moment later unless refunds
+    /// are held. `Err` is WeChat Pay's (code, message).
+    pub(super) fn open_refund(&self, r: NewRefund) -> Result<(), (&'static str, &'static str)> {
+        let NewRefund { api, out_trade_no, no, amount, total, notify_url } = r;
+        let answer = {
+            let mut pay = self.pay.lock().expect("sim pay lock");
+            let already = pay
+                .refunds
+                .get(&no)
+                .map(|r| (r.out_trade_no == out_trade_no && r.amount == amount, r.status));
+            match already {
+                // The same out_refund_no again is the same refund.
+                Some((true, _)) => Ok(()),
+                Some((false, _)) => Err(("INVALID_REQUEST", "out_refund_no was used for another refund")),
+                None => {
+                    let refunded: i64 = pay
+                        .refunds
+                        .values()
+                        .filter(|r| r.out_trade_no == out_trade_no && r.status != "CLOSED")
+                        .map(|r| r.amount)
+                        .sum();
+                    match pay.orders.get(&out_trade_no) {
+                        None => Err(("RESOURCE_NOT_EXISTS", "订单不存在")),
+                        Some(o) if o.state != "SUCCESS" => Err(("INVALID_REQUEST", "订单未支付")),
+                        Some(o) if o.total != total => Err(("INVALID_REQUEST", "订单金额不一致")),
+                        Some(_) if amount <= 0 || refunded + amount > total => {
+                            Err(("INVALID_REQUEST", "申请退款金额超过订单可退金额"))
+                        }
+                        Some(o) => {
+                            let transaction_id = o.transaction_id.clone().unwrap_or_default();
+                            pay.refunds.insert(
+                                no.clone(),
+                                SimRefund {
+                                    api,
+                                    out_trade_no: out_trade_no.clone(),
+                                    transaction_id,
+                                    refund_id: format!("50000{}", random_digits(24)),
+                                    amount,
+                                    total,
+                                    notify_url,
+                                    status: "PROCESSING",
+                                    created: now(),
+                                    success_time: None,
+                                    deliveries: Vec::new(),
+                                    acknowledged: false,
+                                },
+                            );
+                            Ok(())
+                        }
+                    }
+                }
+            }
+        };
+        answer?;
+        let (held, processing) = {
+            let pay = self.pay.lock().expect("sim pay lock");
+            (pay.hold_refunds, pay.refunds[&no].status == "PROCESSING")
+        };
+        if !held && processing {
+            // The bank answers a moment later: settled and notified in the background.
+            let sim = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                sim.settle_refund(&no, "SUCCESS").await;
+            });
+        }
+        Ok(())
+    }
+
     /// The refund reaches its final state (once) and its notify is delivered,
     /// then repeated on WeChat Pay's schedule until acknowledged.
     pub async fn settle_refund(&self, no: &str, status: &str) -> Option<(u16, bool)> {
@@ -199,19 +294,24 @@ impl Sim {
             let mut pay = self.pay.lock().expect("sim pay lock");
             pay.notifies_sent += 1;
             pay.refunds.get(no).filter(|r| r.status != "PROCESSING").map(|r| {
-                let event = match r.status {
-                    "SUCCESS" => ("REFUND.SUCCESS", "退款成功"),
-                    "CLOSED" => ("REFUND.CLOSED", "退款关闭"),
-                    _ => ("REFUND.ABNORMAL", "退款异常"),
+                let notify = match r.api {
+                    Api::V3 => {
+                        let event = match r.status {
+                            "SUCCESS" => ("REFUND.SUCCESS", "退款成功"),
+                            "CLOSED" => ("REFUND.CLOSED", "退款关闭"),
+                            _ => ("REFUND.ABNORMAL", "退款异常"),
+                        };
+                        let resource = refund_json(&config.mchid, no, r).to_string();
+                        let id = format!("EV-{}-{}", r.refund_id, r.status);
+                        signed_v3_notify(config, &id, now(), (event.0, event.1, "refund"), &resource)
+                    }
+                    Api::V2(_) => sealed_v2_notify(config, no, r),
                 };
-                let resource = refund_json(&config.mchid, no, r).to_string();
-                let id = format!("EV-{}-{}", r.refund_id, r.status);
-                let notify = signed_v3_notify(config, &id, now(), (event.0, event.1, "refund"), &resource);
-                (r.notify_url.clone(), notify)
+                (r.api, r.notify_url.clone(), notify)
             })
         };
-        let Some((url, notify)) = built else { return (0, false) };
-        let (status, acknowledged) = post_notify(&self.http, Api::V3, &url, notify).await;
+        let Some((api, url, notify)) = built else { return (0, false) };
+        let (status, acknowledged) = post_notify(&self.http, api, &url, notify).await;
         if let Some(r) = self.pay.lock().expect("sim pay lock").refunds.get_mut(no) {
             r.deliveries.push(status);
             r.acknowledged |= acknowledged;

@@ -8,6 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 
+use super::refund::NewRefund;
 use super::{Api, NewOrder, SimPayConfig, TradeType, code_url_of, pay_config};
 use crate::sim::{Sim, now};
 use crate::wechat::pay::random_token;
@@ -19,6 +20,8 @@ pub(super) fn routes() -> axum::Router<Sim> {
         .route("/pay/unifiedorder", post(unifiedorder))
         .route("/pay/orderquery", post(orderquery))
         .route("/pay/closeorder", post(closeorder))
+        .route("/secapi/pay/refund", post(refund))
+        .route("/pay/refundquery", post(refundquery))
 }
 
 fn v2_fail(message: &str) -> Response {
@@ -178,5 +181,72 @@ async fn closeorder(State(sim): State<Sim>, body: Bytes) -> Response {
     match sim.close(f.get("out_trade_no").map(String::as_str).unwrap_or_default()) {
         Ok(()) => v2_answer(config, &key, sign_type, vec![("result_code", "SUCCESS".into())]),
         Err((code, message)) => v2_result_fail(config, &key, sign_type, &v2_code_of(code), message),
+    }
+}
+
+/// `/secapi/pay/refund`. WeChat Pay asks for the merchant API certificate
+/// here (mutual TLS); the simulator serves plain HTTP on loopback and checks
+/// the signed request only.
+async fn refund(State(sim): State<Sim>, body: Bytes) -> Response {
+    let (f, sign_type, key) = match v2_gate(&sim, &body).await {
+        Ok(g) => g,
+        Err(r) => return *r,
+    };
+    let config = pay_config(&sim).expect("gated");
+    let get = |k: &str| f.get(k).cloned();
+    let (Some(out_trade_no), Some(no), Some(total), Some(amount)) =
+        (get("out_trade_no"), get("out_refund_no"), get("total_fee"), get("refund_fee"))
+    else {
+        return v2_fail("缺少参数");
+    };
+    let (Ok(total), Ok(amount)) = (total.parse::<i64>(), amount.parse::<i64>()) else {
+        return v2_fail("total_fee and refund_fee must be numbers");
+    };
+    let notify_url = get("notify_url").unwrap_or_default();
+    let asked = NewRefund {
+        api: Api::V2(sign_type),
+        out_trade_no: out_trade_no.clone(),
+        no: no.clone(),
+        amount,
+        total,
+        notify_url,
+    };
+    if let Err((code, message)) = sim.open_refund(asked) {
+        let code = if code == "RESOURCE_NOT_EXISTS" { "ORDERNOTEXIST" } else { code };
+        return v2_result_fail(config, &key, sign_type, code, message);
+    }
+    let fields = sim.pay.lock().expect("sim pay lock").v2_refund_query(&no).unwrap_or_default();
+    let refund_id =
+        fields.iter().find(|(k, _)| *k == "refund_id_0").map(|(_, v)| v.clone()).unwrap_or_default();
+    let transaction_id =
+        fields.iter().find(|(k, _)| *k == "transaction_id").map(|(_, v)| v.clone()).unwrap_or_default();
+    v2_answer(
+        config,
+        &key,
+        sign_type,
+        vec![
+            ("result_code", "SUCCESS".into()),
+            ("transaction_id", transaction_id),
+            ("out_trade_no", out_trade_no),
+            ("out_refund_no", no),
+            ("refund_id", refund_id),
+            ("refund_fee", amount.to_string()),
+            ("total_fee", total.to_string()),
+            ("cash_fee", total.to_string()),
+        ],
+    )
+}
+
+async fn refundquery(State(sim): State<Sim>, body: Bytes) -> Response {
+    let (f, sign_type, key) = match v2_gate(&sim, &body).await {
+        Ok(g) => g,
+        Err(r) => return *r,
+    };
+    let config = pay_config(&sim).expect("gated");
+    let no = f.get("out_refund_no").cloned().unwrap_or_default();
+    let found = sim.pay.lock().expect("sim pay lock").v2_refund_query(&no);
+    match found {
+        Some(fields) => v2_answer(config, &key, sign_type, fields),
+        None => v2_result_fail(config, &key, sign_type, "REFUNDNOTEXIST", "退款单不存在"),
     }
 }

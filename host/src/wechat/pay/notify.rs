@@ -1,6 +1,7 @@
 //! The checks of WeChat Pay's notifies: APIv3 (the signature over
 //! `timestamp\nnonce\nbody\n` with the key `Wechatpay-Serial` names, then the
-//! AEAD resource) and APIv2 (`sign` over every received field).
+//! AEAD resource) and APIv2 (`sign` over every received field; a refund
+//! notify's `req_info` sealed under the APIv2 key).
 
 use secrecy::ExposeSecret as _;
 
@@ -91,6 +92,26 @@ impl PayNotifyKeys {
         {
             return Err(VerifyError::BadSignature);
         }
+        Ok(fields)
+    }
+
+    /// APIv2 refund notify: `return_code` SUCCESS and `req_info`, opened with
+    /// the APIv2 key (it is not signed: only WeChat Pay and the merchant can
+    /// seal it). Returns the outer fields (`appid`, `mch_id`, …) then the
+    /// refund's, `req_info` itself left out.
+    pub fn open_refund_v2(&self, xml: &str) -> Result<Vec<(String, String)>, VerifyError> {
+        let key =
+            self.apiv2_key.as_ref().ok_or(VerifyError::NotConfigured("WECHATPAY_APIV2_KEY is not set"))?;
+        let outer = flat_xml(xml).map_err(VerifyError::Malformed)?;
+        if field(&outer, "return_code").as_deref() != Some("SUCCESS") {
+            return Err(VerifyError::Malformed("the refund notify does not report SUCCESS".into()));
+        }
+        let sealed =
+            field(&outer, "req_info").ok_or_else(|| VerifyError::Malformed("req_info is missing".into()))?;
+        let inner = v2::open_req_info(&sealed, key.expose_secret()).map_err(|_| VerifyError::BadSignature)?;
+        let inner = flat_xml(&inner).map_err(|_| VerifyError::BadSignature)?;
+        let mut fields: Vec<(String, String)> = outer.into_iter().filter(|(k, _)| k != "req_info").collect();
+        fields.extend(inner);
         Ok(fields)
     }
 }
