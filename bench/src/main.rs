@@ -428,6 +428,7 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
         body: vec![],
         request_id: "bench".into(),
         client_ip: Some("127.0.0.1".into()),
+        service: None,
     };
     let (mut fresh_us, mut reused_us, mut native_us, mut floor_us) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -459,8 +460,8 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     // host adds per request in-process, apart from the kernel's TCP work.
     let routers = [
         native_router,
-        wxhost::server::role_router(fresh.host.clone(), Role::Web, None, None),
-        wxhost::server::role_router(reused.host.clone(), Role::Web, None, None),
+        wxhost::server::role_router(fresh.host.clone(), Role::Web, Default::default(), None),
+        wxhost::server::role_router(reused.host.clone(), Role::Web, Default::default(), None),
     ];
     let mut in_process = [Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..slices {

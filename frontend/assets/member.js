@@ -1,4 +1,4 @@
-// Member page: profile, quota, products, orders, paying and signing out.
+// Member page: profile, quota, products, orders, the quota's history, paying and signing out.
 
 import { api, authImage, goToSignIn, loadConfig, payMode, serverNow, session } from './api.js';
 import { payInWeChat, payWithSimulator, pendingOrder, waitForOrder } from './pay.js';
@@ -46,6 +46,7 @@ if (!session.token) {
   loadProfile();
   loadProducts();
   loadOrders();
+  loadLedger();
   resumePendingOrder();
 }
 
@@ -153,6 +154,49 @@ function orderItem(order) {
             : `已退款 · Refunded ${yuan(order.refunded_fen)}`,
         })]
       : []),
+  ]);
+}
+
+/** What each change of the quota was, as the ledger's `cause` says. */
+const CAUSE_LABELS = {
+  opening: '初始额度 · Opening balance',
+  order: '购买 · Bought',
+  consume: '使用 · Used',
+  release: '退回 · Given back',
+  refund: '退款扣回 · Refunded',
+  admin: '调整 · Adjusted',
+};
+
+/** The newest changes of the quota: purchases, usage, refunds. */
+async function loadLedger() {
+  const list = byId('ledger');
+  const message = byId('ledger-message');
+  let entries;
+  try {
+    ({ entries } = await api('/api/v1/user/quota/ledger?limit=10', { auth: true }));
+  } catch (error) {
+    notify(message, error.message, 'error', { label: RETRY, onClick: loadLedger });
+    list.setAttribute('aria-busy', 'false');
+    return;
+  }
+  notify(message, '');
+  byId('ledger-empty').hidden = entries.length > 0;
+  list.replaceChildren(...entries.map(ledgerItem));
+  list.setAttribute('aria-busy', 'false');
+}
+
+function ledgerItem(entry) {
+  const delta = entry.delta > 0 ? `+${entry.delta}` : String(entry.delta);
+  return el('li', { className: 'order', attrs: { 'data-cause': entry.cause } }, [
+    el('div', { className: 'order-main' }, [
+      el('p', { className: 'order-description', text: CAUSE_LABELS[entry.cause] ?? entry.cause }),
+      el('p', {
+        className: 'order-meta',
+        text: [dateTime(entry.created_at), entry.description].filter(Boolean).join(' · '),
+      }),
+    ]),
+    el('p', { className: 'price', text: `${delta} 次` }),
+    el('p', { className: 'status', text: `余额 ${entry.balance_after} 次 · Balance`, attrs: { 'data-status': 'balance' } }),
   ]);
 }
 
@@ -315,7 +359,7 @@ async function confirmPayment(outTradeNo) {
   }
   pendingOrder.clear();
   // Refreshed first, so that the announcement and the quota on screen agree.
-  await Promise.all([loadProfile(), loadOrders()]);
+  await Promise.all([loadProfile(), loadOrders(), loadLedger()]);
   checkout.dataset.status = order.status;
   if (order.status === 'paid') {
     notify(checkoutStatus, `支付成功，额度 +${order.credits} · Paid: +${order.credits} uses`, 'success');

@@ -119,6 +119,9 @@ struct RawPlugin {
     wasm: PathBuf,
     #[serde(default)]
     routes: Vec<String>,
+    /// Routes only business services may call (WXHOST_SERVICE_KEYS), app role only.
+    #[serde(default)]
+    service_routes: Vec<String>,
     #[serde(default)]
     capabilities: Vec<String>,
     #[serde(default)]
@@ -186,7 +189,10 @@ pub struct PluginSpec {
     pub name: String,
     pub role: Role,
     pub wasm: PathBuf,
+    /// Every route, `service_routes` included.
     pub routes: Vec<RouteSpec>,
+    /// The routes the host answers only for a business service's key.
+    pub service_routes: BTreeSet<RouteSpec>,
     /// What the plugin declares; it is linked with these (all granted by its role).
     pub capabilities: BTreeSet<Capability>,
     pub config: toml::Table,
@@ -351,6 +357,26 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             }
         }
         let mut routes = Vec::new();
+        let mut service_routes = BTreeSet::new();
+        for r in &p.service_routes {
+            match parse_route(r) {
+                Ok(_) if role != Some(Role::App) => {
+                    problems.push(format!("{at}: service route `{r}`: business services call the app role"))
+                }
+                Ok(route) if route.path.starts_with(crate::internal_auth::INTERNAL_PREFIX) => problems.push(
+                    format!("{at}: service route `{r}`: the internal API is for the web role, not services"),
+                ),
+                Ok(route)
+                    if p.routes.iter().any(|other| parse_route(other).ok().as_ref() == Some(&route)) =>
+                {
+                    problems.push(format!("{at}: route `{r}` is in both routes and service_routes"))
+                }
+                Ok(route) => {
+                    service_routes.insert(route);
+                }
+                Err(e) => problems.push(format!("{at}: service route `{r}`: {e}")),
+            }
+        }
         for r in &p.routes {
             match parse_route(r) {
                 Ok(route)
@@ -366,9 +392,10 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
                 Err(e) => problems.push(format!("{at}: route `{r}`: {e}")),
             }
         }
-        if routes.is_empty() && p.routes.is_empty() {
+        if routes.is_empty() && p.routes.is_empty() && p.service_routes.is_empty() {
             problems.push(format!("{at} has no routes"));
         }
+        routes.extend(service_routes.iter().cloned());
         for path in &p.wechat_api {
             let ok = !path.is_empty()
                 && !path.starts_with('/')
@@ -397,6 +424,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
                 role,
                 wasm,
                 routes,
+                service_routes,
                 capabilities,
                 config: p.config,
                 wechat_api: p.wechat_api,
@@ -612,6 +640,7 @@ mod tests {
             role = "web"
             wasm = "missing.wasm"
             routes = ["GET /x", "GET /items/{id}", "GET /items/me"]
+            service_routes = ["POST /spend"]
             requests_per_instance = 0
 
             [rate_limits]
@@ -632,12 +661,13 @@ mod tests {
             "route `GET /x` of plugin `b` duplicates",
             "overlaps route `GET /items/{id}`",
             "requests_per_instance must be 1 (a fresh instance per request) to 10000",
+            "service route `POST /spend`: business services call the app role",
             "[rate_limits] \"POST /nowhere\": no plugin serves this route",
             "[rate_limits] \"GET /x\": per_minute and burst must be between 1 and 100000",
         ] {
             assert!(all.contains(expected), "missing problem {expected:?} in:\n{all}");
         }
-        assert_eq!(err.problems.len(), 13, "{all}");
+        assert_eq!(err.problems.len(), 14, "{all}");
     }
 
     #[test]

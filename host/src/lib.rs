@@ -4,6 +4,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod audit;
 pub mod bindings;
 pub mod caps;
 pub mod check;
@@ -23,6 +24,7 @@ pub mod role;
 pub mod runtime;
 pub mod scaffold;
 pub mod server;
+pub mod service_keys;
 pub mod settings;
 pub mod sim;
 pub mod wechat;

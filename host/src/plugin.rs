@@ -23,6 +23,8 @@ pub struct LoadedPlugin {
     pub role: Role,
     pub wasm: PathBuf,
     pub routes: Vec<RouteSpec>,
+    /// Of `routes`, those only business services may call.
+    pub service_routes: BTreeSet<RouteSpec>,
     pub capabilities: BTreeSet<Capability>,
     pub imports: Vec<ImportCheck>,
     pub loaded_at: SystemTime,
@@ -145,6 +147,7 @@ pub fn prepare(
         role: spec.role,
         wasm: spec.wasm.clone(),
         routes: spec.routes.clone(),
+        service_routes: spec.service_routes.clone(),
         capabilities: linked,
         imports,
         loaded_at: SystemTime::now(),

@@ -21,8 +21,19 @@ pub struct RoleRuntime {
     pub role: Role,
     pub config: RoleConfig,
     pub plugins: Vec<Arc<LoadedPlugin>>,
-    /// Per method: path pattern → (plugin index, whether the route is internal API, its metrics).
-    routes: HashMap<String, matchit::Router<(usize, bool, Arc<RouteMetrics>)>>,
+    /// Per method: path pattern → (plugin index, who may call it, its metrics).
+    routes: HashMap<String, matchit::Router<(usize, Guard, Arc<RouteMetrics>)>>,
+}
+
+/// Who may call a route, checked by the host before the plugin runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// Anyone (the plugin checks sessions or the admin credential itself).
+    Public,
+    /// Under /api/v1/internal/: the web role, HMAC-signed with INTERNAL_SECRET.
+    Internal,
+    /// A plugin's `service_routes`: a business service's key (WXHOST_SERVICE_KEYS).
+    Service,
 }
 
 pub enum RouteMatch<'a> {
@@ -31,8 +42,8 @@ pub enum RouteMatch<'a> {
         /// The route's pattern and metric handles.
         route: Arc<RouteMetrics>,
         params: Vec<(String, String)>,
-        /// The route is under /api/v1/internal/: callers must be authenticated.
-        internal: bool,
+        /// Who may call it, checked by the host before the plugin runs.
+        guard: Guard,
     },
     MethodNotAllowed,
     NotFound,
@@ -41,7 +52,7 @@ pub enum RouteMatch<'a> {
 impl RoleRuntime {
     /// Builds the route table; plugins.toml validation has already refused conflicts.
     pub fn new(role: Role, config: RoleConfig, plugins: Vec<Arc<LoadedPlugin>>) -> anyhow::Result<Self> {
-        let mut routes: HashMap<String, matchit::Router<(usize, bool, Arc<RouteMetrics>)>> = HashMap::new();
+        let mut routes: HashMap<String, matchit::Router<(usize, Guard, Arc<RouteMetrics>)>> = HashMap::new();
         for (index, plugin) in plugins.iter().enumerate() {
             for route in &plugin.routes {
                 routes
@@ -51,7 +62,13 @@ impl RoleRuntime {
                         route.path.clone(),
                         (
                             index,
-                            route.path.starts_with(INTERNAL_PREFIX),
+                            if route.path.starts_with(INTERNAL_PREFIX) {
+                                Guard::Internal
+                            } else if plugin.service_routes.contains(route) {
+                                Guard::Service
+                            } else {
+                                Guard::Public
+                            },
                             Arc::new(RouteMetrics::new(role, &plugin.identity.name, &route.path)),
                         ),
                     )
@@ -64,12 +81,12 @@ impl RoleRuntime {
     pub fn route(&self, method: &str, path: &str) -> RouteMatch<'_> {
         if let Some(m) = self.routes.get(method).and_then(|r| r.at(path).ok()) {
             let params = m.params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-            let (index, internal, route) = m.value;
+            let (index, guard, route) = m.value;
             return RouteMatch::Found {
                 plugin: &self.plugins[*index],
                 route: route.clone(),
                 params,
-                internal: *internal,
+                guard: *guard,
             };
         }
         if self.routes.values().any(|r| r.at(path).is_ok()) {

@@ -92,6 +92,16 @@ pub async fn start(mut options: ServeOptions) -> anyhow::Result<RunningServer> {
     if options.roles.contains(&Role::App) && internal_auth.is_none() {
         tracing::warn!("INTERNAL_SECRET is not set: the app role's internal API answers 503");
     }
+    let service_keys = match &options.settings.service_keys {
+        Some(text) => Some(Arc::new(crate::service_keys::ServiceKeys::parse(text.expose_secret())?)),
+        None => None,
+    };
+    let has_service_routes =
+        config.plugins.iter().any(|p| p.role == Role::App && !p.service_routes.is_empty());
+    if options.roles.contains(&Role::App) && has_service_routes && service_keys.is_none() {
+        tracing::warn!("WXHOST_SERVICE_KEYS is not set: the business services' routes answer 503");
+    }
+    let guards = Guards { internal: internal_auth, services: service_keys };
     let shutdown = CancellationToken::new();
     crate::metrics::spawn_upkeep(shutdown.clone());
     let mut tasks = JoinSet::new();
@@ -114,7 +124,7 @@ pub async fn start(mut options: ServeOptions) -> anyhow::Result<RunningServer> {
             (Some(root), Role::App) => Some(Arc::new(Frontend::new(root.clone(), &options.settings)?)),
             _ => None,
         };
-        let app = role_router(host.clone(), role, internal_auth.clone(), frontend);
+        let app = role_router(host.clone(), role, guards.clone(), frontend);
         tasks.spawn(serve(listener, app, shutdown.clone()));
     }
 
@@ -192,24 +202,27 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: Cancell
     }
 }
 
+/// What the host checks before a guarded route's plugin runs.
+#[derive(Clone, Default)]
+pub struct Guards {
+    /// The internal API's HMAC (app role); `None`: INTERNAL_SECRET unset.
+    pub internal: Option<Arc<InternalAuth>>,
+    /// The business services' keys; `None`: WXHOST_SERVICE_KEYS unset.
+    pub services: Option<Arc<crate::service_keys::ServiceKeys>>,
+}
+
 #[derive(Clone)]
 struct RoleState {
     host: Arc<Host>,
     role: Role,
-    /// Checks calls to the internal API (app role); `None`: INTERNAL_SECRET unset.
-    internal_auth: Option<Arc<InternalAuth>>,
+    guards: Guards,
     /// The member pages (app role, when `[frontend] root` is set).
     frontend: Option<Arc<Frontend>>,
 }
 
 /// The router of one role: `/healthz`, the plugins' routes, and (app role)
 /// the member pages for what no plugin routes.
-pub fn role_router(
-    host: Arc<Host>,
-    role: Role,
-    internal_auth: Option<Arc<InternalAuth>>,
-    frontend: Option<Arc<Frontend>>,
-) -> Router {
+pub fn role_router(host: Arc<Host>, role: Role, guards: Guards, frontend: Option<Arc<Frontend>>) -> Router {
     let router = Router::new().route("/healthz", get(healthz));
     // The API's description, beside the API (the app role serves it).
     let router = match role {
@@ -218,7 +231,7 @@ pub fn role_router(
             .route(platform_certificates::INTERNAL_PATH, get(hand_on_platform_certificates)),
         Role::Web => router,
     };
-    router.fallback(dispatch).with_state(RoleState { host, role, internal_auth, frontend })
+    router.fallback(dispatch).with_state(RoleState { host, role, guards, frontend })
 }
 
 /// The app role's downloaded platform certificates, sealed, for the web role
@@ -315,8 +328,14 @@ async fn route_and_run(
         *served = Served::Other("frontend");
         return Ok(frontend.serve(Request::from_parts(parts, body)).await);
     }
-    let internal =
-        path.starts_with(INTERNAL_PREFIX) || matches!(routed, RouteMatch::Found { internal: true, .. });
+    let internal = path.starts_with(INTERNAL_PREFIX)
+        || matches!(routed, RouteMatch::Found { guard: crate::runtime::Guard::Internal, .. });
+    let service = match &routed {
+        RouteMatch::Found { guard: crate::runtime::Guard::Service, .. } => {
+            Some(authenticate_service(state, &parts)?)
+        }
+        _ => None,
+    };
     let limit = runtime.config.max_body_bytes;
     let body: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
         if e.into_inner().is::<http_body_util::LengthLimitError>() {
@@ -349,6 +368,8 @@ async fn route_and_run(
     let headers = parts
         .headers
         .iter()
+        // A service's key is the host's to check, never the plugin's to see.
+        .filter(|(k, _)| service.is_none() || *k != header::AUTHORIZATION)
         .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect();
     let wit_request = wit::Request {
@@ -361,6 +382,7 @@ async fn route_and_run(
         body: body.to_vec(),
         request_id: request_id.to_string(),
         client_ip: client.map(|ip| ip.to_string()),
+        service,
     };
     let started = std::time::Instant::now();
     let outcome = state.host.call(plugin.clone(), wit_request).await;
@@ -423,6 +445,28 @@ async fn route_and_run(
     })
 }
 
+/// A service route answers only a business service's key (WXHOST_SERVICE_KEYS),
+/// checked before any plugin runs; returns the service's name.
+fn authenticate_service(state: &RoleState, parts: &axum::http::request::Parts) -> Result<String, ApiError> {
+    let Some(keys) = &state.guards.services else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_configured",
+            "no business service keys are configured",
+        ));
+    };
+    let credential = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default();
+    keys.authenticate(credential).map(str::to_string).ok_or_else(|| {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a business service's key is required")
+    })
+}
+
 /// The internal API answers only calls signed with INTERNAL_SECRET, checked
 /// before any plugin runs.
 fn authenticate_internal(
@@ -433,7 +477,7 @@ fn authenticate_internal(
     if state.role != Role::App {
         return Err(ApiError::not_found());
     }
-    let Some(auth) = &state.internal_auth else {
+    let Some(auth) = &state.guards.internal else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_configured",

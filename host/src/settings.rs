@@ -46,6 +46,8 @@ pub struct Settings {
     pub wechatpay_apiv2_sign_type: Option<String>,
     pub session_secret: Option<SecretString>,
     pub admin_token: Option<SecretString>,
+    /// The business services' keys (`name=key,…`), for plugins' `service_routes`.
+    pub service_keys: Option<SecretString>,
     /// The admin listener's credential for what changes state (`POST /admin/reload`).
     pub control_token: Option<SecretString>,
     pub app_internal_url: Option<String>,
@@ -83,6 +85,7 @@ impl Settings {
             wechatpay_apiv2_sign_type: var("WECHATPAY_APIV2_SIGN_TYPE"),
             session_secret: secret("SESSION_SECRET"),
             admin_token: secret("WXHOST_ADMIN_TOKEN"),
+            service_keys: secret("WXHOST_SERVICE_KEYS"),
             control_token: secret("WXHOST_CONTROL_TOKEN"),
             app_internal_url: var("APP_INTERNAL_URL"),
             web_listen: addr("WXHOST_WEB_LISTEN")?,
@@ -203,6 +206,7 @@ pub fn secrets_read_by(role: crate::role::Role) -> &'static [&'static str] {
             "INTERNAL_SECRET",
             "SESSION_SECRET",
             "WXHOST_ADMIN_TOKEN",
+            "WXHOST_SERVICE_KEYS",
             "WXHOST_CONTROL_TOKEN",
         ],
     }
@@ -264,6 +268,7 @@ impl Settings {
             wechatpay_serial => "WECHATPAY_SERIAL",
             session_secret => "SESSION_SECRET",
             admin_token => "WXHOST_ADMIN_TOKEN",
+            service_keys => "WXHOST_SERVICE_KEYS",
             app_internal_url => "APP_INTERNAL_URL",
         );
         dropped

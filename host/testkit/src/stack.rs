@@ -16,6 +16,10 @@ use super::*;
 pub const APPSECRET: &str = "sim-app-secret";
 pub const ADMIN: &str = "admin-credential-of-at-least-32-b";
 pub const MCHID: &str = "1900000109";
+/// The business service the stack's app role knows, with an old and a new key (a rotation).
+pub const SERVICE: &str = "classifier";
+pub const SERVICE_KEY: &str = "svc-classifier-7c1f0e9a4b2d48e6a3f5c8d1b7e2a9f0";
+pub const SERVICE_KEY_NEXT: &str = "svc-classifier-next-3e8b1d6f2a9c47b0e5d3a1f8c6b4e2d7";
 /// The APIv3 key of WeChat Pay's own SDK tests.
 pub const APIV3_KEY: &str = "a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb";
 pub const APIV2_KEY: &str = "192006250b4c09247ec02edce69f6a2d";
@@ -75,6 +79,14 @@ id = "p50"
 name = "50 次识别"
 price_fen = 3990
 credits = 50
+
+[[plugins]]
+name = "quota"
+role = "app"
+wasm = "quota.wasm"
+routes = ["GET /api/v1/user/quota/ledger"]
+service_routes = ["POST /api/v1/quota/consume", "POST /api/v1/quota/release", "POST /api/v1/session/introspect"]
+capabilities = ["log", "db", "session"]
 "#;
     TestConfig::new(
         &toml,
@@ -84,6 +96,7 @@ credits = 50
             ("internal.wasm", "internal.wasm"),
             ("account.wasm", "account.wasm"),
             ("payment.wasm", "payment.wasm"),
+            ("quota.wasm", "quota.wasm"),
         ],
     )
 }
@@ -207,6 +220,8 @@ impl Stack {
         let mut app_settings = on_simulator(merchant, sim_addr, &web_url);
         app_settings.dev_simulator_url = Some(format!("http://{sim_addr}"));
         app_settings.admin_token = Some(ADMIN.to_string().into());
+        app_settings.service_keys =
+            Some(format!("{SERVICE}={SERVICE_KEY},{SERVICE}={SERVICE_KEY_NEXT}").into());
         app_settings.app_listen = Some(app_addr);
         app_settings.admin_listen = Some("127.0.0.1:0".parse().unwrap());
         let app = start_with(&config, &[Role::App], app_settings.clone(), false).await;
@@ -247,6 +262,13 @@ impl Stack {
         }
         let r = request.send().await.unwrap();
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The signed-in user's quota, as `/api/v1/user/me` shows it.
+    pub async fn quota(&self, token: &str) -> i64 {
+        let (status, me) = self.get("/api/v1/user/me", Some(token)).await;
+        assert_eq!(status, 200, "{me}");
+        me["quota"].as_i64().unwrap()
     }
 
     /// Signs `user` in through web authorization; returns the session token.

@@ -291,6 +291,8 @@ await step('2. buy on a PC: the Native QR code, scanned and paid', async () => {
   );
   await waitForText(page, `#orders [data-out-trade-no="${outTradeNo}"] .status`, (t) => t.includes('已支付'), 'the paid label');
   await waitForText(page, '#quota', (t) => Number(t) === before + product.credits, `quota ${before} + ${product.credits}`);
+  // The quota's history shows the purchase, with the balance after it.
+  await waitForText(page, '#ledger [data-cause="order"] .price', (t) => t.startsWith(`+${product.credits}`), 'the purchase in the quota history');
   await waitForText(page, '#checkout-status', (t) => t.includes('支付成功'), 'the success message');
   assert(await page.locator('#native-pay').isHidden(), 'the QR code is still shown after the payment');
   await screenshot(page, 'member-desktop.png');

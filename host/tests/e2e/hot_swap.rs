@@ -115,6 +115,7 @@ async fn a_request_in_flight_finishes_on_the_version_it_started_with() {
         body: vec![],
         request_id: "t".into(),
         client_ip: None,
+        service: None,
     };
     let old = wxhost::runtime::invoke(
         &server.host.engine,

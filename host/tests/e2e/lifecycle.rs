@@ -391,6 +391,13 @@ async fn the_app_role_answers_as_its_openapi_document_says() {
             .await
             .unwrap();
     let token = login["token"].as_str().unwrap_or_else(|| panic!("no session: {login}")).to_string();
+    // The business service's key `wxhost dev` generated (WXHOST_SERVICE_KEYS=dev=…).
+    let dev_env = std::fs::read_to_string(dev.dir.path().join("data/dev.env")).unwrap();
+    let service_key = dev_env
+        .lines()
+        .find_map(|l| l.strip_prefix("WXHOST_SERVICE_KEYS=dev="))
+        .expect("wxhost dev generates a service key")
+        .to_string();
     let app = dev.app.clone();
     let runs = tokio::task::spawn_blocking(move || {
         let run_once = |extra: &[&str], seed: &str| {
@@ -436,6 +443,13 @@ async fn the_app_role_answers_as_its_openapi_document_says() {
                 "^/api/v1/(user/|payment/(products|create-order)$)",
                 "-H",
                 &format!("Authorization: Bearer {token}"),
+            ]),
+            // What a business service reaches with its key.
+            run(&[
+                "--include-path-regex",
+                "^/api/v1/(quota/|session/introspect$)",
+                "-H",
+                &format!("Authorization: Bearer {service_key}"),
             ]),
         ]
     })

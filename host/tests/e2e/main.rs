@@ -18,6 +18,7 @@ mod platform_certificates;
 mod plugin_sql;
 mod properties;
 mod push;
+mod quota;
 mod refunds;
 mod refusal;
 mod router;

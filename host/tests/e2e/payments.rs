@@ -25,12 +25,6 @@ async fn create_order(stack: &Stack, token: &str, body: Value) -> (u16, Value) {
     stack.post("/api/v1/payment/create-order", Some(token), &body.to_string()).await
 }
 
-async fn quota(stack: &Stack, token: &str) -> i64 {
-    let (status, me) = stack.get("/api/v1/user/me", Some(token)).await;
-    assert_eq!(status, 200, "{me}");
-    me["quota"].as_i64().unwrap()
-}
-
 async fn order_status(stack: &Stack, no: &str) -> String {
     db_text(&stack.db_url, &format!("SELECT status FROM orders WHERE out_trade_no = '{no}'")).await
 }
@@ -100,7 +94,7 @@ async fn an_order_is_paid_and_credited_exactly_once_end_to_end_on_both_databases
         assert!(rsa_verify(&merchant_public, message.as_bytes(), p["paySign"].as_str().unwrap()), "{which}");
         assert!(!rsa_verify(&merchant_public, b"tampered", p["paySign"].as_str().unwrap()), "{which}");
         assert_eq!(order_status(&stack, &no).await, "pending", "{which}");
-        assert_eq!(quota(&stack, &alice).await, 0, "{which}");
+        assert_eq!(stack.quota(&alice).await, 0, "{which}");
 
         // The payer pays; WeChat Pay notifies the web role; the order is paid.
         let paid = stack.sim.pay(&pay(&no)).await.unwrap();
@@ -108,7 +102,7 @@ async fn an_order_is_paid_and_credited_exactly_once_end_to_end_on_both_databases
         let (status, seen) = stack.get(&format!("/api/v1/user/orders/{no}"), Some(&alice)).await;
         assert_eq!((status, seen["status"].as_str()), (200, Some("paid")), "{which}: {seen}");
         assert_eq!(seen["transaction_id"], paid.transaction_id.as_str(), "{which}");
-        assert_eq!(quota(&stack, &alice).await, 10, "{which}: /user/me shows the credit");
+        assert_eq!(stack.quota(&alice).await, 10, "{which}: /user/me shows the credit");
 
         // WeChat Pay delivers the same notify 10 times at once: all answered success, credited once.
         let r = stack
@@ -120,7 +114,7 @@ async fn an_order_is_paid_and_credited_exactly_once_end_to_end_on_both_databases
             .unwrap();
         let statuses: Value = r.json().await.unwrap();
         assert_eq!(statuses["statuses"], json!(vec![204; 10]), "{which}: {statuses}");
-        assert_eq!(quota(&stack, &alice).await, 10, "{which}: credited once");
+        assert_eq!(stack.quota(&alice).await, 10, "{which}: credited once");
         let (_, list) = stack.get("/api/v1/user/orders", Some(&alice)).await;
         assert_eq!(list["orders"][0]["status"], "paid", "{which}: {list}");
         stack.shutdown().await;
@@ -152,7 +146,7 @@ async fn another_users_order_can_be_neither_read_nor_paid_on_both_databases() {
             .await;
         assert!(refused.is_err(), "{which}: {refused:?}");
         assert_eq!(order_status(&stack, no).await, "pending", "{which}");
-        assert_eq!((quota(&stack, &alice).await, quota(&stack, &mallory).await), (0, 0), "{which}");
+        assert_eq!((stack.quota(&alice).await, stack.quota(&mallory).await), (0, 0), "{which}");
 
         // Unknown products and missing sessions are refused before anything is made.
         let (status, body) = create_order(&stack, &alice, json!({ "product_id": "p999" })).await;
@@ -206,7 +200,7 @@ async fn with_the_app_role_down_the_notify_fails_and_a_retry_credits_once_on_bot
         assert!(deliveries.len() >= 3, "{which}: retried: {deliveries:?}");
         assert_eq!(deliveries.last().unwrap(), 204, "{which}");
         assert_eq!(order_status(&stack, &no).await, "paid", "{which}");
-        assert_eq!(quota(&stack, &alice).await, 10, "{which}: credited once");
+        assert_eq!(stack.quota(&alice).await, 10, "{which}: credited once");
         stack.shutdown().await;
     }
 }
@@ -229,10 +223,10 @@ async fn a_payment_whose_notify_never_arrives_is_found_by_the_order_query_on_bot
         let (status, seen) = stack.get(&format!("/api/v1/user/orders/{no}"), Some(&alice)).await;
         assert_eq!((status, seen["status"].as_str()), (200, Some("paid")), "{which}: {seen}");
         assert_eq!(seen["transaction_id"], paid.transaction_id.as_str(), "{which}");
-        assert_eq!(quota(&stack, &alice).await, 50, "{which}");
+        assert_eq!(stack.quota(&alice).await, 50, "{which}");
         let (_, again) = stack.get(&format!("/api/v1/user/orders/{no}"), Some(&alice)).await;
         assert_eq!(again["status"], "paid", "{which}");
-        assert_eq!(quota(&stack, &alice).await, 50, "{which}: credited once");
+        assert_eq!(stack.quota(&alice).await, 50, "{which}: credited once");
         stack.shutdown().await;
     }
 }
@@ -255,7 +249,7 @@ async fn an_unpaid_order_past_its_expiry_is_closed_here_and_at_wechat_pay() {
     assert_eq!(seen["status"], "closed", "{seen}");
     assert_eq!(stack.sim.pay_order(&no).unwrap()["trade_state"], "CLOSED");
     assert!(stack.sim.pay(&pay(&no)).await.is_err(), "a closed order cannot be paid");
-    assert_eq!(quota(&stack, &alice).await, 0);
+    assert_eq!(stack.quota(&alice).await, 0);
     stack.shutdown().await;
 }
 
@@ -282,7 +276,7 @@ async fn apiv2_merchants_pay_and_are_credited_once_on_both_databases() {
             stack.sim.deliver(&no).await;
         }
         assert_eq!(order_status(&stack, &no).await, "paid", "{which}");
-        assert_eq!(quota(&stack, &alice).await, 10, "{which}: credited once");
+        assert_eq!(stack.quota(&alice).await, 10, "{which}: credited once");
 
         // The order query speaks APIv2 too.
         let (_, second) = create_order(&stack, &alice, json!({ "product_id": "p10" })).await;
@@ -461,7 +455,7 @@ async fn a_pc_pays_by_native_qr_code_and_a_phone_by_h5_each_credited_once_on_bot
         assert!(paid.acknowledged, "{which}: {paid:?}");
         assert_eq!(stack.sim.pay_order(&no).unwrap()["payer"]["openid"], openid_of("dad").as_str());
         assert_eq!(order_status(&stack, &no).await, "paid", "{which}");
-        assert_eq!(quota(&stack, &alice).await, 10, "{which}");
+        assert_eq!(stack.quota(&alice).await, 10, "{which}");
         let again = stack.sim.pay(&scanned).await;
         assert!(again.is_err(), "{which}: a paid code cannot be paid twice");
         let (status, body) = qrcode_of(&stack, &no, &alice).await;
@@ -498,7 +492,7 @@ async fn a_pc_pays_by_native_qr_code_and_a_phone_by_h5_each_credited_once_on_bot
         assert_eq!(answer.headers()["location"], back.as_str(), "{which}");
         until_acknowledged(&stack, &no).await;
         assert_eq!(order_status(&stack, &no).await, "paid", "{which}");
-        assert_eq!(quota(&stack, &alice).await, 20, "{which}");
+        assert_eq!(stack.quota(&alice).await, 20, "{which}");
 
         // A trade type that does not exist is the client's error, and places nothing.
         let (status, body) =
@@ -538,7 +532,7 @@ async fn apiv2_merchants_take_native_and_h5_payments_credited_once_on_both_datab
         let answer = pay_at_h5_cashier(order["h5_url"].as_str().unwrap(), &back).await;
         assert_eq!(answer.status(), 303, "{which}");
         until_acknowledged(&stack, &no).await;
-        assert_eq!(quota(&stack, &alice).await, 20, "{which}: both credited once");
+        assert_eq!(stack.quota(&alice).await, 20, "{which}: both credited once");
         stack.shutdown().await;
     }
 }

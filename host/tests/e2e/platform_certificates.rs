@@ -205,12 +205,6 @@ async fn paid_order(stack: &Stack, token: &str) -> (String, Value) {
     (no, order)
 }
 
-async fn quota(stack: &Stack, token: &str) -> i64 {
-    let (status, me) = stack.get("/api/v1/user/me", Some(token)).await;
-    assert_eq!(status, 200, "{me}");
-    me["quota"].as_i64().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_certificate_is_fetched_when_a_notify_names_it_and_the_payment_is_credited_once_on_both_databases()
  {
@@ -225,7 +219,7 @@ async fn a_rotated_certificate_is_fetched_when_a_notify_names_it_and_the_payment
         let alice = stack.login("alice").await;
         let (_, first) = paid_order(&stack, &alice).await;
         assert_eq!(first["deliveries"], json!([204]), "{which}: {first}");
-        assert_eq!(quota(&stack, &alice).await, 10, "{which}");
+        assert_eq!(stack.quota(&alice).await, 10, "{which}");
 
         // WeChat Pay signs with a new certificate neither role has seen.
         let second = stack.sim.rotate_platform_certificate(CERTIFICATE_LIFETIME).unwrap();
@@ -242,7 +236,7 @@ async fn a_rotated_certificate_is_fetched_when_a_notify_names_it_and_the_payment
             stack.sim.certificate_downloads() - downloads <= 2,
             "{which}: one burst of notifies, not one download per delivery"
         );
-        assert_eq!(quota(&stack, &alice).await, 20, "{which}: credited once");
+        assert_eq!(stack.quota(&alice).await, 20, "{which}: credited once");
         assert_eq!(
             db_count(
                 &db.url,
@@ -264,7 +258,7 @@ async fn a_rotated_certificate_is_fetched_when_a_notify_names_it_and_the_payment
         let downloads = stack.sim.certificate_downloads();
         let (_, third) = paid_order(&stack, &alice).await;
         assert_eq!(third["deliveries"], json!([204]), "{which}: the web role kept it: {third}");
-        assert_eq!(quota(&stack, &alice).await, 30, "{which}: the restarted app role re-verified it");
+        assert_eq!(stack.quota(&alice).await, 30, "{which}: the restarted app role re-verified it");
         assert_eq!(stack.sim.certificate_downloads(), downloads, "{which}: nothing downloaded again");
         stack.shutdown().await;
     }

@@ -18,12 +18,6 @@ fn code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or_default()
 }
 
-async fn quota(stack: &Stack, token: &str) -> i64 {
-    let (status, me) = stack.get("/api/v1/user/me", Some(token)).await;
-    assert_eq!(status, 200, "{me}");
-    me["quota"].as_i64().unwrap()
-}
-
 /// A paid order of p10 (990 fen, 10 credits) for `user`: its out_trade_no and the user's token.
 async fn paid_order(stack: &Stack, user: &str) -> (String, String) {
     let token = stack.login(user).await;
@@ -35,7 +29,7 @@ async fn paid_order(stack: &Stack, user: &str) -> (String, String) {
     let paid =
         stack.sim.pay(&PayRequest { out_trade_no: Some(no.clone()), ..Default::default() }).await.unwrap();
     assert!(paid.acknowledged, "{paid:?}");
-    assert_eq!(quota(stack, &token).await, 10);
+    assert_eq!(stack.quota(&token).await, 10);
     (no, token)
 }
 
@@ -142,11 +136,11 @@ async fn full_and_partial_refunds_take_the_credits_back_once_on_both_databases()
         let (no, alice) = paid_order(&stack, "alice").await;
 
         let first = partial_refund_settled(&stack, which, &no, "r1").await;
-        assert_eq!(quota(&stack, &alice).await, 6, "{which}");
+        assert_eq!(stack.quota(&alice).await, 6, "{which}");
 
         // WeChat Pay delivers its notify 10 times at once: acknowledged, applied once.
         assert_eq!(redelivered(&stack, &first, 10).await, json!(vec![204; 10]), "{which}");
-        assert_eq!(quota(&stack, &alice).await, 6, "{which}: still taken back once");
+        assert_eq!(stack.quota(&alice).await, 6, "{which}: still taken back once");
 
         // The rest: 690 fen would take back 7, but only 6 are left: the shortfall is recorded.
         let (status, rest) =
@@ -158,7 +152,7 @@ async fn full_and_partial_refunds_take_the_credits_back_once_on_both_databases()
             (Some(6), Some(1)),
             "{which}: {done}"
         );
-        assert_eq!(quota(&stack, &alice).await, 0, "{which}: never below 0");
+        assert_eq!(stack.quota(&alice).await, 0, "{which}: never below 0");
 
         // Nothing is left to refund.
         let (status, body) = ask_refund(
@@ -199,7 +193,7 @@ async fn one_idempotency_key_is_one_refund_even_sent_ten_times_at_once_on_both_d
         assert_eq!(numbers.len(), 1, "{which}: one refund, not {numbers:?}");
         assert_eq!(stack.sim.pay_refunds_of(&no), 1, "{which}: WeChat Pay was asked for one refund");
         settled(&stack, numbers.first().unwrap()).await;
-        assert_eq!(quota(&stack, &alice).await, 0, "{which}");
+        assert_eq!(stack.quota(&alice).await, 0, "{which}");
         // Again later: the same refund; the same key for another amount: a conflict.
         let (status, again) = ask_refund(&stack, Some(ADMIN), ask.clone()).await;
         assert_eq!(
@@ -269,7 +263,7 @@ async fn refunds_are_refused_without_the_admin_token_or_a_paid_order_and_change_
     assert_eq!((status, code(&body)), (409, "merchant_mismatch"), "{body}");
     db_exec(&db.url, &format!("UPDATE orders SET mchid = '{MCHID}' WHERE out_trade_no = ?"), &[&no]).await;
     assert_eq!(stack.sim.pay_refunds_of(&no), 0, "nothing reached WeChat Pay");
-    assert_eq!(quota(&stack, &alice).await, 10);
+    assert_eq!(stack.quota(&alice).await, 10);
     stack.shutdown().await;
 }
 
@@ -298,7 +292,7 @@ async fn wechat_pay_down_during_a_refund_leaves_it_processing_until_a_check_sett
         let done = settled(&stack, &out_refund_no).await;
         assert_eq!(done["status"], "success", "{which}: {done}");
         assert_eq!(stack.sim.pay_refunds_of(&no), 1, "{which}: one refund at WeChat Pay");
-        assert_eq!(quota(&stack, &alice).await, 0, "{which}: credits taken back once");
+        assert_eq!(stack.quota(&alice).await, 0, "{which}: credits taken back once");
         stack.shutdown().await;
     }
 }
@@ -358,11 +352,11 @@ async fn refund_notifies_forged_unknown_or_not_matching_the_refund_change_nothin
         }
         let (_, seen) = stack.get(&format!("/api/v1/admin/refunds/{out_refund_no}"), Some(ADMIN)).await;
         assert_eq!(seen["status"], "processing", "{which}: {seen}");
-        assert_eq!(quota(&stack, &alice).await, 10, "{which}: nothing taken back");
+        assert_eq!(stack.quota(&alice).await, 10, "{which}: nothing taken back");
         // WeChat Pay's own notify then settles it.
         let settled_now = stack.sim.settle_refund(&out_refund_no, "SUCCESS").await.unwrap();
         assert!(settled_now.1, "{which}: acknowledged: {settled_now:?}");
-        assert_eq!(quota(&stack, &alice).await, 4, "{which}: ceil(10 × 500 / 990) = 6 taken back");
+        assert_eq!(stack.quota(&alice).await, 4, "{which}: ceil(10 × 500 / 990) = 6 taken back");
         stack.shutdown().await;
     }
 }
@@ -395,7 +389,7 @@ async fn with_the_app_role_down_the_refund_notify_fails_and_a_retry_settles_it_o
         assert!(deliveries >= 3, "{which}: retried ({deliveries} deliveries)");
         let (_, seen) = stack.get(&format!("/api/v1/admin/refunds/{out_refund_no}"), Some(ADMIN)).await;
         assert_eq!(seen["status"], "success", "{which}: {seen}");
-        assert_eq!(quota(&stack, &alice).await, 0, "{which}: taken back once");
+        assert_eq!(stack.quota(&alice).await, 0, "{which}: taken back once");
         stack.shutdown().await;
     }
 }
@@ -424,13 +418,13 @@ async fn apiv2_refunds_settle_by_their_sealed_notify_once_and_a_forged_one_chang
         let (no, alice) = paid_order(&stack, "alice").await;
 
         let first = partial_refund_settled(&stack, which, &no, "v2-r1").await;
-        assert_eq!(quota(&stack, &alice).await, 6, "{which}");
+        assert_eq!(stack.quota(&alice).await, 6, "{which}");
         let at_wechat = stack.sim.pay_refund(&first).unwrap();
         assert_eq!(at_wechat["acknowledged"], true, "{which}: the sealed notify was taken: {at_wechat}");
 
         // Delivered 10 times at once: each acknowledged with APIv2's SUCCESS, applied once.
         assert_eq!(redelivered(&stack, &first, 10).await, json!(vec![200; 10]), "{which}");
-        assert_eq!(quota(&stack, &alice).await, 6, "{which}: still taken back once");
+        assert_eq!(stack.quota(&alice).await, 6, "{which}: still taken back once");
 
         // The rest, held at WeChat Pay; then notifies that must change nothing.
         stack.sim.hold_refunds(true);
@@ -469,7 +463,7 @@ async fn apiv2_refunds_settle_by_their_sealed_notify_once_and_a_forged_one_chang
             let (_, shown) = stack.get(&format!("/api/v1/admin/refunds/{second}"), Some(ADMIN)).await;
             assert_eq!(shown["status"], "processing", "{which}: {case}: {shown}");
         }
-        assert_eq!(quota(&stack, &alice).await, 6, "{which}: nothing taken back by them");
+        assert_eq!(stack.quota(&alice).await, 6, "{which}: nothing taken back by them");
 
         // WeChat Pay settles it: its own notify takes back the rest (6 of 7; 1 short).
         stack.sim.settle_refund(&second, "SUCCESS").await.unwrap();
@@ -479,7 +473,7 @@ async fn apiv2_refunds_settle_by_their_sealed_notify_once_and_a_forged_one_chang
             (Some(6), Some(1)),
             "{which}: {done}"
         );
-        assert_eq!(quota(&stack, &alice).await, 0, "{which}");
+        assert_eq!(stack.quota(&alice).await, 0, "{which}");
         stack.shutdown().await;
     }
 }
@@ -533,7 +527,7 @@ async fn a_refund_racing_the_payments_notify_is_refunded_once_and_credited_once_
             assert_eq!(stack.sim.pay_refunds_of(no), 1, "{which}: one refund at WeChat Pay");
         }
         assert_eq!(taken, 50, "{which}: each order credited once and taken back once");
-        assert_eq!(quota(&stack, &alice).await, 0, "{which}");
+        assert_eq!(stack.quota(&alice).await, 0, "{which}");
 
         // The notify never arrives (the web role is down): the refund still finds the payment.
         stack.web.shutdown();
@@ -554,7 +548,7 @@ async fn a_refund_racing_the_payments_notify_is_refunded_once_and_credited_once_
             (Some("success"), Some(10)),
             "{which}: {done}"
         );
-        assert_eq!(quota(&stack, &alice).await, 0, "{which}");
+        assert_eq!(stack.quota(&alice).await, 0, "{which}");
         stack.stop_app().await;
     }
 }

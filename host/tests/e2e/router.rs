@@ -55,7 +55,7 @@ async fn the_role_router_dispatches_to_plugins_and_answers_json_errors() {
     init_logging();
     let config = config();
     let host = web_host(&config).await;
-    let router = wxhost::server::role_router(host.clone(), Role::Web, None, None);
+    let router = wxhost::server::role_router(host.clone(), Role::Web, Default::default(), None);
 
     let (status, headers, body) = call(router.clone(), get(&verify_query("hi"))).await;
     assert_eq!(status, StatusCode::OK);
@@ -95,7 +95,7 @@ async fn plugin_stdout_and_stderr_reach_the_host_log_tagged_with_the_plugin() {
     let logs_handle = captured_logs();
     let config = config();
     let host = web_host(&config).await;
-    let router = wxhost::server::role_router(host.clone(), Role::Web, None, None);
+    let router = wxhost::server::role_router(host.clone(), Role::Web, Default::default(), None);
     let request_id = format!("print-{:016x}", rand::random::<u64>());
     let request =
         Request::get("/probe/print").header("x-request-id", &request_id).body(Body::empty()).unwrap();
@@ -208,4 +208,56 @@ async fn the_admin_api_changes_state_only_with_the_control_token_and_only_for_a_
     let (status, _, body) = call(locked, reload(Some(CONTROL_TOKEN))).await;
     assert_eq!((status, code(&body)), (StatusCode::FORBIDDEN, "control_disabled".into()));
     assert_eq!(reloads(&host), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_route_runs_only_for_a_service_key_and_the_plugin_gets_the_name_never_the_key() {
+    init_logging();
+    let toml = base_toml(1000, WEB_GRANTS, r#""log""#)
+        + r#"
+[[plugins]]
+name = "sandbox-probe"
+role = "app"
+wasm = "sandbox-probe.wasm"
+routes = ["GET /probe/ok"]
+service_routes = ["GET /probe/whoami"]
+capabilities = []
+"#;
+    let config = TestConfig::new(&toml, &[("sandbox-probe.wasm", "fixtures/sandbox-probe.wasm")]);
+    let loaded = wxhost::config::load(&config.path()).unwrap();
+    let engine = wxhost::engine::new(loaded.max_instances).unwrap();
+    let host =
+        Arc::new(Host::start(engine, Arc::new(Services::default()), &loaded, &[Role::App]).await.unwrap());
+    const KEY: &str = "svc-billing-0123456789abcdef0123456789abcdef";
+    let keys = wxhost::service_keys::ServiceKeys::parse(&format!("billing={KEY}")).unwrap();
+    let guards = wxhost::server::Guards { internal: None, services: Some(Arc::new(keys)) };
+    let router = wxhost::server::role_router(host.clone(), Role::App, guards, None);
+    let with = |credential: &str| {
+        Request::get("/probe/whoami")
+            .header("authorization", format!("Bearer {credential}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+
+    let (status, _, body) = call(router.clone(), with(KEY)).await;
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, body["service"].as_str()), (StatusCode::OK, Some("billing")), "{body}");
+    let headers = body["headers"].as_array().unwrap();
+    assert!(!headers.iter().any(|h| h == "authorization"), "the key never reaches the plugin: {body}");
+    for refused in [get("/probe/whoami"), with("svc-billing-0123456789abcdef0123456789abcdeX"), with("")] {
+        let (status, _, body) = call(router.clone(), refused).await;
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("unauthorized")),
+            "{body}"
+        );
+    }
+    // Other routes are not guarded, and tell the plugin of no service.
+    let (status, _, _) = call(router.clone(), get("/probe/ok")).await;
+    assert_eq!(status, StatusCode::OK);
+    // No keys configured: the service routes are unavailable, not open.
+    let open = wxhost::server::role_router(host, Role::App, Default::default(), None);
+    let (status, _, _) = call(open, with(KEY)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 }

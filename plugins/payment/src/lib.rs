@@ -26,6 +26,7 @@
 //! the quota credited only if the order was not paid already.
 
 use serde::{Deserialize, Serialize};
+use wxhost_ledger::{Cause, Change, Refused};
 use wxhost_sdk::callback_crypto::{self, CryptoError, PayNotifyHeaders};
 use wxhost_sdk::config;
 use wxhost_sdk::db::{self, DbError, params};
@@ -549,12 +550,21 @@ fn apply_paid(p: &OrderPaid) -> Result<Json> {
         DbError::Constraint(_) => Error::conflict("transaction_reused", "this transaction_id paid another order"),
         other => other.into(),
     })?;
-    let credited = tx.execute(
-        "UPDATE users SET quota = quota + ?, updated_at = ? WHERE openid = ?",
-        params![credits, now, &openid],
-    )?;
-    if credited.rows_affected != 1 {
-        return Err(Error::conflict("unknown_user", "the order's user does not exist"));
+    if credits > 0 {
+        let credit = Change {
+            openid: &openid,
+            delta: credits,
+            cause: Cause::Order,
+            reference: Some(&p.out_trade_no),
+            description: "",
+        };
+        match wxhost_ledger::change(&tx, &credit) {
+            Ok(_) => {}
+            Err(Refused::UnknownUser | Refused::Insufficient { .. }) => {
+                return Err(Error::conflict("unknown_user", "the order's user does not exist"));
+            }
+            Err(Refused::Db(e)) => return Err(e),
+        }
     }
     tx.commit()?;
     log::info(&format!("order {} paid; {credits} credits", p.out_trade_no));

@@ -361,10 +361,19 @@ pub fn apply(state: &RefundState) -> Result<bool> {
             )?;
             let quota: i64 = user.first_or_404("user")?.get("quota")?;
             let taken = take.min(quota.max(0));
-            tx.execute(
-                "UPDATE users SET quota = quota - ?, updated_at = ? WHERE openid = ?",
-                params![taken, now, &openid],
-            )?;
+            if taken > 0 {
+                let back = wxhost_ledger::Change {
+                    openid: &openid,
+                    delta: -taken,
+                    cause: wxhost_ledger::Cause::Refund,
+                    reference: Some(&state.out_refund_no),
+                    description: "",
+                };
+                wxhost_ledger::change(&tx, &back).map_err(|e| match e {
+                    wxhost_ledger::Refused::Db(e) => e,
+                    other => Error::internal(&format!("taking back {taken} credits: {other:?}")),
+                })?;
+            }
             tx.execute(
                 "UPDATE refunds SET status = 'success', refund_id = ?, credits_taken = ?, credits_shortfall = ?, \
                  succeeded_at = ?, updated_at = ? WHERE out_refund_no = ?",

@@ -59,6 +59,12 @@ impl Request {
     pub fn client_ip(&self) -> Option<&str> {
         self.client_ip.as_deref()
     }
+
+    /// The business service that called a service route (its name in
+    /// WXHOST_SERVICE_KEYS, key checked by the host); a 401 anywhere else.
+    pub fn service(&self) -> Result<&str> {
+        self.service.as_deref().ok_or_else(|| Error::unauthorized("a business service's key is required"))
+    }
 }
 
 impl Response {
@@ -118,6 +124,7 @@ impl Request {
             body: vec![],
             request_id: "test".into(),
             client_ip: None,
+            service: None,
         }
     }
 
@@ -133,6 +140,12 @@ impl Request {
 
     pub fn with_header(mut self, name: &str, value: &str) -> Request {
         self.headers.push((name.to_ascii_lowercase(), value.into()));
+        self
+    }
+
+    /// As the host passes a service route's request: `name` called it.
+    pub fn with_service(mut self, name: &str) -> Request {
+        self.service = Some(name.into());
         self
     }
 

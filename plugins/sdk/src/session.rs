@@ -15,6 +15,12 @@ pub fn session(req: &Request) -> Result<SessionInfo> {
     Ok(host::verify(token)?)
 }
 
+/// Checks a token someone else holds (a business service asking whose it
+/// is): the session, or why it is not one.
+pub fn verify(token: &str) -> std::result::Result<SessionInfo, SessionError> {
+    host::verify(token)
+}
+
 /// A new session for `openid`.
 pub fn issue(openid: &str) -> Result<Issued> {
     Ok(host::issue(openid)?)

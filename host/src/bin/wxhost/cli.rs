@@ -42,6 +42,13 @@ pub enum Command {
     },
     /// Apply the database migrations to DATABASE_URL (default: the SQLite file under ./data).
     Migrate,
+    /// Check that every user's quota equals the sum of their ledger; exit 1
+    /// listing the differences if not.
+    Audit {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Development: the web role, the app role and the WeChat simulator together,
     /// on the SQLite default, with generated secrets kept in data/dev.env.
     Dev {

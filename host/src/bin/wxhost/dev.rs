@@ -30,6 +30,7 @@ pub async fn dev(config_path: PathBuf, sim_listen: std::net::SocketAddr) -> anyh
     pick(&mut settings.wechat_appsecret, "WECHAT_APPSECRET");
     pick(&mut settings.internal_secret, "INTERNAL_SECRET");
     pick(&mut settings.admin_token, "WXHOST_ADMIN_TOKEN");
+    pick(&mut settings.service_keys, "WXHOST_SERVICE_KEYS");
     pick(&mut settings.control_token, "WXHOST_CONTROL_TOKEN");
     pick(&mut settings.wechatpay_apiv3_key, "WECHATPAY_APIV3_KEY");
     settings.wechat_appid.get_or_insert_with(|| "wxdev00000000000a".into());
@@ -74,6 +75,18 @@ pub async fn dev(config_path: PathBuf, sim_listen: std::net::SocketAddr) -> anyh
     let (sim_addr, sim_task) =
         wxhost::sim::Sim::new(sim_config).with_pay(pay).serve(sim_listen, shutdown.clone()).await?;
     let admin = settings.admin_token.as_ref().map(|s| s.expose_secret().to_string()).unwrap_or_default();
+    // The first service's key, for the walkthrough's consume.
+    let service_key = settings
+        .service_keys
+        .as_ref()
+        .and_then(|s| {
+            s.expose_secret()
+                .split(',')
+                .next()
+                .and_then(|p| p.split_once('='))
+                .map(|(_, k)| k.trim().to_string())
+        })
+        .unwrap_or_default();
     let running = server::start(server::ServeOptions {
         config_path: config_path.clone(),
         roles: roles.to_vec(),
@@ -111,6 +124,11 @@ Refund it (admin credential below): the credits are taken back when WeChat Pay's
   curl -s -X POST -H "Authorization: Bearer {admin}" http://{app}/api/v1/admin/refunds -d '{{"out_trade_no":"OUT_TRADE_NO","reason":"test","idempotency_key":"k1"}}'
   curl -s -H "Authorization: Bearer {admin}" http://{app}/api/v1/admin/refunds/OUT_REFUND_NO
 
+Spend quota as the business service (its key: WXHOST_SERVICE_KEYS in {DEV_SECRETS}):
+  curl -s -X POST -H "Authorization: Bearer {service_key}" http://{app}/api/v1/quota/consume -d '{{"openid":"OPENID","units":1,"idempotency_key":"job-1","description":"one image"}}'
+  curl -s -X POST -H "Authorization: Bearer {service_key}" http://{app}/api/v1/session/introspect -d '{{"token":"TOKEN"}}'
+  curl -s -H "Authorization: Bearer TOKEN" http://{app}/api/v1/user/quota/ledger
+
 Menu (admin credential from {DEV_SECRETS}: {admin}):
   curl -s -X POST -H "Authorization: Bearer {admin}" http://{app}/api/v1/auth/wechat/create-menu        -d '{{"button":[{{"type":"click","name":"帮助","key":"MENU_HELP"}}]}}'
 
@@ -141,7 +159,7 @@ fn dev_secrets(path: &std::path::Path) -> anyhow::Result<std::collections::HashM
     }
     /// A setting's name and how to make a fresh value for it.
     type Generator = (&'static str, fn() -> String);
-    let generators: [Generator; 7] = [
+    let generators: [Generator; 8] = [
         ("WECHAT_TOKEN", || hex::encode(random(16))),
         ("WECHAT_AES_KEY", || {
             base64::engine::general_purpose::STANDARD_NO_PAD.encode(random(32))[..43].to_string()
@@ -150,6 +168,8 @@ fn dev_secrets(path: &std::path::Path) -> anyhow::Result<std::collections::HashM
         ("INTERNAL_SECRET", || hex::encode(random(32))),
         ("WXHOST_ADMIN_TOKEN", || hex::encode(random(32))),
         ("WXHOST_CONTROL_TOKEN", || hex::encode(random(32))),
+        // One business service, `dev`, for trying the consumption API.
+        ("WXHOST_SERVICE_KEYS", || format!("dev={}", hex::encode(random(32)))),
         // The APIv3 key is 32 characters.
         ("WECHATPAY_APIV3_KEY", || hex::encode(random(16))),
     ];

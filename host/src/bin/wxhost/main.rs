@@ -49,6 +49,29 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("plugin SQL confined {}", plugins.confinement);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Audit { json } => {
+            let settings = Settings::from_env()?;
+            let url = settings.database_url.as_ref().map(|u| u.expose_secret().to_string());
+            let db = database::connect(url.as_deref().unwrap_or(database::DEFAULT_URL), &Default::default())
+                .await?;
+            let audit = wxhost::audit::quota(&db).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&audit)?);
+            } else if audit.differences.is_empty() {
+                println!("{} users: every balance equals its ledger", audit.users);
+            } else {
+                println!("{} users, {} differ from their ledger:", audit.users, audit.differences.len());
+                for d in &audit.differences {
+                    let balance = d.balance.map_or("no such user".to_string(), |b| b.to_string());
+                    let last = d.last_balance_after.map_or("-".to_string(), |b| b.to_string());
+                    println!(
+                        "  {}: balance {balance}, ledger sum {}, last balance_after {last}",
+                        d.openid, d.ledger_sum
+                    );
+                }
+            }
+            Ok(if audit.differences.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         Command::Sim { command } => sim::sim(command).await,
         Command::Dev { config, sim_listen } => dev::dev(config, sim_listen).await,
         Command::New { what: NewCommand::Plugin { name, role, config } } => {
