@@ -5,7 +5,8 @@
 //! process: it is refreshed ahead of expiry by one process at a time (a lease
 //! in the same row), so processes never invalidate each other's token. On
 //! 40001/40014/42001 the host refreshes only if the cached token is still the
-//! failing one, then retries the call once.
+//! failing one, then retries the call once. The JS-SDK's `jsapi_ticket` is
+//! kept the same way (its own row), and only the host signs with it.
 
 use futures::future::BoxFuture;
 
@@ -18,7 +19,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use wasmtime::component::{HasData, Linker};
 
-use crate::bindings::wxhost::plugin::wechat_api::{self as wit, ApiError, Method, OauthUser, WechatError};
+use crate::bindings::wxhost::plugin::wechat_api::{
+    self as wit, ApiError, JssdkConfig, Method, OauthUser, WechatError,
+};
 use crate::database::{Database, Pool, on_pool};
 
 /// The production API; WECHAT_API_BASE overrides it (the simulator, a proxy).
@@ -30,7 +33,23 @@ pub const DEFAULT_QRCODE_BASE: &str = "https://mp.weixin.qq.com/cgi-bin/showqrco
 /// Answers WeChat gives when the access_token is not (or no longer) valid.
 const TOKEN_ERRCODES: [i64; 3] = [40001, 40014, 42001];
 
-const TOKEN_ROW: &str = "access_token";
+/// What every app process shares through `token_cache`, one row each,
+/// refreshed by one process at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Shared {
+    AccessToken,
+    /// The JS-SDK's ticket (`cgi-bin/ticket/getticket?type=jsapi`).
+    JsapiTicket,
+}
+
+impl Shared {
+    fn row(self) -> &'static str {
+        match self {
+            Shared::AccessToken => "access_token",
+            Shared::JsapiTicket => "jsapi_ticket",
+        }
+    }
+}
 
 /// The shared access_token's row.
 struct TokenRow {
@@ -69,8 +88,8 @@ pub struct WechatApi {
     endpoint: TokenEndpoint,
     http: reqwest::Client,
     db: Database,
-    /// This process's copy of the shared token: (token, refresh-by Unix time).
-    cached: Mutex<Option<(String, i64)>>,
+    /// This process's copy of each shared credential: (value, refresh-by Unix time).
+    cached: Mutex<std::collections::HashMap<Shared, (String, i64)>>,
     /// The menu as last read, and when: `get-menu` needs no login, so every
     /// anonymous page view would otherwise spend WeChat's daily API quota.
     menu: Mutex<Option<(std::time::Instant, Value)>>,
@@ -110,7 +129,7 @@ impl WechatApi {
             endpoint,
             http,
             db,
-            cached: Mutex::new(None),
+            cached: Mutex::default(),
             menu: Mutex::new(None),
             menu_ttl: Duration::ZERO,
         })
@@ -170,8 +189,8 @@ impl WechatApi {
         match self.send(method, path, query, Some(&token), body, deadline).await {
             Err(ApiError::Wechat(e)) if TOKEN_ERRCODES.contains(&i64::from(e.errcode)) => {
                 tracing::warn!(path, errcode = e.errcode, "access_token refused by WeChat; refreshing once");
-                self.invalidate(&token).await?;
-                let fresh = self.token_other_than(Some(&token), deadline).await?;
+                self.invalidate(Shared::AccessToken, &token).await?;
+                let fresh = self.shared_other_than(Shared::AccessToken, Some(&token), deadline).await?;
                 self.send(method, path, query, Some(&fresh), body, deadline).await
             }
             other => other,
@@ -291,28 +310,36 @@ impl WechatApi {
 
     /// The shared access_token, refreshing it (one process at a time) when due.
     pub async fn access_token(&self, deadline: Instant) -> Result<String, ApiError> {
-        self.token_other_than(None, deadline).await
+        self.shared_other_than(Shared::AccessToken, None, deadline).await
     }
 
-    /// The shared token, never `refused` (a token WeChat just refused): a
-    /// concurrent request may have put it back in a cache an instant ago.
-    async fn token_other_than(&self, refused: Option<&str>, deadline: Instant) -> Result<String, ApiError> {
+    /// The shared credential `kind`, never `refused` (a token WeChat just
+    /// refused): a concurrent request may have put it back in a cache an instant ago.
+    async fn shared_other_than(
+        &self,
+        kind: Shared,
+        refused: Option<&str>,
+        deadline: Instant,
+    ) -> Result<String, ApiError> {
         let usable = |token: &str, refresh_by: i64| refresh_by > unix_now() && Some(token) != refused;
-        if let Some((token, refresh_by)) = self.cached.lock().expect("token cache lock").clone()
+        if let Some((token, refresh_by)) = self.cached.lock().expect("token cache lock").get(&kind).cloned()
             && usable(&token, refresh_by)
         {
             return Ok(token);
         }
         loop {
-            let row = self.read_row().await?;
+            let row = self.read_row(kind).await?;
             if let Some(row) = &row
                 && usable(&row.token, row.refresh_by)
             {
-                *self.cached.lock().expect("token cache lock") = Some((row.token.clone(), row.refresh_by));
+                self.cached
+                    .lock()
+                    .expect("token cache lock")
+                    .insert(kind, (row.token.clone(), row.refresh_by));
                 return Ok(row.token.clone());
             }
-            if let Some(lease) = self.take_lease().await? {
-                return self.fetch_and_store(&lease, refused, deadline).await;
+            if let Some(lease) = self.take_lease(kind).await? {
+                return self.fetch_and_store(kind, &lease, refused, deadline).await;
             }
             // Another process is refreshing. The token it replaces is still good
             // with WeChat until it expires: use it meanwhile rather than wait (the
@@ -332,19 +359,19 @@ impl WechatApi {
     }
 
     /// Marks `failing` stale, unless another process has already replaced it.
-    async fn invalidate(&self, failing: &str) -> Result<(), ApiError> {
+    async fn invalidate(&self, kind: Shared, failing: &str) -> Result<(), ApiError> {
         let sql = "UPDATE token_cache SET expires_at = 0, valid_until = 0 WHERE name = ? AND token = ?";
         let _turn = self.writer_turn().await?;
         on_pool!(&self.db.pool, |p| sqlx::query(sql)
-            .bind(TOKEN_ROW)
+            .bind(kind.row())
             .bind(failing)
             .execute(p)
             .await
             .map(|_| ()))
         .map_err(db_error)?;
         let mut cached = self.cached.lock().expect("token cache lock");
-        if cached.as_ref().is_some_and(|(t, _)| t == failing) {
-            *cached = None;
+        if cached.get(&kind).is_some_and(|(t, _)| t == failing) {
+            cached.remove(&kind);
         }
         Ok(())
     }
@@ -354,10 +381,10 @@ impl WechatApi {
         self.db.writer_turn().await.map_err(|e| unavailable(&e.to_string()))
     }
 
-    async fn read_row(&self) -> Result<Option<TokenRow>, ApiError> {
+    async fn read_row(&self, kind: Shared) -> Result<Option<TokenRow>, ApiError> {
         let sql = "SELECT token, expires_at, valid_until FROM token_cache WHERE name = ?";
         let row: Option<(Option<String>, i64, i64)> =
-            on_pool!(&self.db.pool, |p| sqlx::query_as(sql).bind(TOKEN_ROW).fetch_optional(p).await)
+            on_pool!(&self.db.pool, |p| sqlx::query_as(sql).bind(kind.row()).fetch_optional(p).await)
                 .map_err(db_error)?;
         Ok(row.and_then(|(token, refresh_by, valid_until)| {
             token.map(|token| TokenRow { token, refresh_by, valid_until })
@@ -365,7 +392,7 @@ impl WechatApi {
     }
 
     /// Takes the refresh lease if nobody holds it; returns its unique owner tag.
-    async fn take_lease(&self) -> Result<Option<String>, ApiError> {
+    async fn take_lease(&self, kind: Shared) -> Result<Option<String>, ApiError> {
         let now = unix_now();
         let insert = match self.db.pool {
             Pool::Sqlite(_) => {
@@ -377,7 +404,7 @@ impl WechatApi {
         };
         let _turn = self.writer_turn().await?;
         on_pool!(&self.db.pool, |p| sqlx::query(insert)
-            .bind(TOKEN_ROW)
+            .bind(kind.row())
             .bind(now)
             .execute(p)
             .await
@@ -389,7 +416,7 @@ impl WechatApi {
         let taken = on_pool!(&self.db.pool, |p| sqlx::query(take)
             .bind(&lease)
             .bind(now + LEASE_SECS)
-            .bind(TOKEN_ROW)
+            .bind(kind.row())
             .bind(now)
             .execute(p)
             .await
@@ -401,26 +428,31 @@ impl WechatApi {
     /// With the lease held: fetch a token (unless another process just did) and share it.
     async fn fetch_and_store(
         &self,
+        kind: Shared,
         lease: &str,
         refused: Option<&str>,
         deadline: Instant,
     ) -> Result<String, ApiError> {
-        let previous = self.read_row().await?;
+        let previous = self.read_row(kind).await?;
         if let Some(row) = &previous
             && row.refresh_by > unix_now()
             && Some(row.token.as_str()) != refused
         {
-            self.release(lease).await?;
+            self.release(kind, lease).await?;
             return Ok(row.token.clone());
         }
-        let fetched = self.fetch(previous.as_ref().map(|row| row.token.as_str()), deadline).await;
-        if fetched.is_ok() {
+        let stale = previous.as_ref().map(|row| row.token.as_str());
+        let fetched = match kind {
+            Shared::AccessToken => self.fetch(stale, deadline).await,
+            Shared::JsapiTicket => self.fetch_jsapi_ticket(deadline).await,
+        };
+        if fetched.is_ok() && kind == Shared::AccessToken {
             metrics::counter!("wxhost_access_token_refreshes_total").increment(1);
         }
         let (token, expires_in) = match fetched {
             Ok(t) => t,
             Err(e) => {
-                self.release(lease).await?;
+                self.release(kind, lease).await?;
                 return Err(e);
             }
         };
@@ -439,29 +471,63 @@ impl WechatApi {
             .bind(refresh_by)
             .bind(valid_until)
             .bind(unix_now())
-            .bind(TOKEN_ROW)
+            .bind(kind.row())
             .bind(lease)
             .execute(p)
             .await
             .map(|_| ()))
         .map_err(db_error)?;
-        tracing::info!(endpoint = ?self.endpoint, expires_in, "access_token refreshed");
-        *self.cached.lock().expect("token cache lock") = Some((token.clone(), refresh_by));
+        tracing::info!(endpoint = ?self.endpoint, expires_in, "{} refreshed", kind.row());
+        self.cached.lock().expect("token cache lock").insert(kind, (token.clone(), refresh_by));
         Ok(token)
     }
 
-    async fn release(&self, lease: &str) -> Result<(), ApiError> {
+    async fn release(&self, kind: Shared, lease: &str) -> Result<(), ApiError> {
         let sql =
             "UPDATE token_cache SET lease_owner = NULL, lease_until = 0 WHERE name = ? AND lease_owner = ?";
         let _turn = self.writer_turn().await?;
         on_pool!(&self.db.pool, |p| sqlx::query(sql)
-            .bind(TOKEN_ROW)
+            .bind(kind.row())
             .bind(lease)
             .execute(p)
             .await
             .map(|_| ()))
         .map_err(db_error)?;
         Ok(())
+    }
+
+    /// Asks WeChat for the JS-SDK's ticket (with the shared access_token).
+    /// Boxed, and `Send` by its type: getting the ticket takes the access_token,
+    /// which goes through the same shared-credential code.
+    fn fetch_jsapi_ticket(&self, deadline: Instant) -> BoxFuture<'_, Result<(String, i64), ApiError>> {
+        Box::pin(async move {
+            let query = [("type".to_string(), "jsapi".to_string())];
+            let answer = self.call_with_token(Method::Get, JSAPI_TICKET_PATH, &query, None, deadline).await?;
+            let ticket = answer["ticket"].as_str().filter(|t| !t.is_empty());
+            let expires_in = answer["expires_in"].as_i64().filter(|&e| e > 0);
+            match (ticket, expires_in) {
+                (Some(t), Some(e)) => Ok((t.to_string(), e)),
+                _ => Err(unavailable("WeChat's ticket answer has no ticket")),
+            }
+        })
+    }
+
+    /// The JS-SDK's `wx.config` for the page at `url`, exactly as the browser
+    /// sent it (WeChat signs the page's own URL, without its `#` part).
+    pub async fn jssdk_config(&self, url: &str, deadline: Instant) -> Result<JssdkConfig, ApiError> {
+        let url = url.split('#').next().unwrap_or_default();
+        let parsed = url::Url::parse(url)
+            .map_err(|_| ApiError::NotAllowed("url must be the page's absolute http(s) URL".into()))?;
+        if !["http", "https"].contains(&parsed.scheme()) || url.len() > 2048 {
+            return Err(ApiError::NotAllowed(
+                "url must be the page's absolute http(s) URL, at most 2048 bytes".into(),
+            ));
+        }
+        let ticket = self.shared_other_than(Shared::JsapiTicket, None, deadline).await?;
+        let timestamp = unix_now();
+        let nonce_str = crate::wechat::pay::random_token(16);
+        let signature = jssdk_signature(&ticket, &nonce_str, timestamp, url);
+        Ok(JssdkConfig { app_id: self.appid.clone(), timestamp, nonce_str, signature })
     }
 
     /// Asks WeChat for a token. `stale` is the token being replaced: if
@@ -500,6 +566,17 @@ impl WechatApi {
             _ => Err(unavailable("WeChat's token answer has no access_token")),
         }
     }
+}
+
+/// Where the JS-SDK's ticket comes from; a plugin may have it signed only
+/// with this path in its `wechat_api` allow-list.
+pub const JSAPI_TICKET_PATH: &str = "cgi-bin/ticket/getticket";
+
+/// The JS-SDK signature: SHA-1 over `jsapi_ticket=…&noncestr=…&timestamp=…&url=…`.
+pub fn jssdk_signature(ticket: &str, nonce_str: &str, timestamp: i64, url: &str) -> String {
+    use sha1::Digest as _;
+    let text = format!("jsapi_ticket={ticket}&noncestr={nonce_str}&timestamp={timestamp}&url={url}");
+    hex::encode(sha1::Sha1::digest(text.as_bytes()))
 }
 
 fn classify(e: reqwest::Error) -> ApiError {
@@ -618,6 +695,12 @@ impl wit::Host for WechatApiView<'_> {
         body: Option<String>,
     ) -> Result<String, ApiFailure> {
         let path = self.allowed(&path, &query)?;
+        if path == JSAPI_TICKET_PATH {
+            // The ticket signs for the account: it stays in the host.
+            return Err(
+                ApiError::NotAllowed("the host keeps the jsapi_ticket: use sign-jssdk-url".into()).into()
+            );
+        }
         let value = self.ctx()?.call(method, &path, &query, body.as_deref(), self.deadline_at).await?;
         Ok(value.to_string())
     }
@@ -643,6 +726,11 @@ impl wit::Host for WechatApiView<'_> {
         Ok(self.ctx()?.oauth_login(&code, self.deadline_at).await?)
     }
 
+    async fn sign_jssdk_url(&mut self, url: String) -> Result<JssdkConfig, ApiFailure> {
+        self.allowed(JSAPI_TICKET_PATH, &[])?;
+        Ok(self.ctx()?.jssdk_config(&url, self.deadline_at).await?)
+    }
+
     async fn appid(&mut self) -> wasmtime::Result<String> {
         Ok(self.ctx.map(|c| c.appid().to_string()).unwrap_or_default())
     }
@@ -656,6 +744,16 @@ impl wit::Host for WechatApiView<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// wechatpy's `test_jsapi_get_jsapi_signature` (WeChat's JS-SDK docs, appendix 1).
+    #[test]
+    fn the_jssdk_signature_matches_the_sdk_vector() {
+        let ticket = "sM4AOVdWfPE4DxkXGEs8VMCPGGVi4C3VM0P37wVUCFvkVAy_90u5h9nbSlYy3-Sl-HhTdfl2fzFy1AOcHKP7qg";
+        assert_eq!(
+            jssdk_signature(ticket, "Wm3WZYTPz0wzccnW", 1414587457, "http://mp.weixin.qq.com?params=value"),
+            "0f9de62fce790f9a083d5c99e95740ceb90c27ed"
+        );
+    }
     use crate::sim::{Sim, SimConfig};
 
     /// A request whose token WeChat refused must not get that token back for
@@ -692,7 +790,7 @@ mod tests {
         let refused = api.access_token(deadline).await.unwrap();
         sim.invalidate_tokens();
         // The refused token still looks valid to this process (cache and row).
-        let fresh = api.token_other_than(Some(&refused), deadline).await.unwrap();
+        let fresh = api.shared_other_than(Shared::AccessToken, Some(&refused), deadline).await.unwrap();
         assert_ne!(fresh, refused);
         assert_eq!(sim.tokens_issued(), 2);
     }

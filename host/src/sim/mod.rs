@@ -46,6 +46,9 @@ struct SimData {
     /// The token `stable_token` hands out while it is valid.
     stable: Option<String>,
     tokens_issued: u64,
+    /// The JS-SDK's ticket `cgi-bin/ticket/getticket` hands out, and how often it did.
+    jsapi_ticket: Option<(String, i64)>,
+    tickets_issued: u64,
     /// OAuth codes → (openid, scope); a code works once.
     codes: HashMap<String, (String, String)>,
     used_codes: Vec<String>,
@@ -103,6 +106,7 @@ impl Sim {
             .route("/cgi-bin/showqrcode", get(showqrcode))
             .route("/cgi-bin/menu/get", get(menu_get))
             .route("/cgi-bin/menu/create", post(menu_create))
+            .route("/cgi-bin/ticket/getticket", get(getticket))
             .route("/sim/stats", get(stats))
             .route("/sim/users", post(create_user))
             .route("/sim/oauth/code", post(issue_code))
@@ -514,7 +518,52 @@ async fn menu_create(State(sim): State<Sim>, Query(q): Query<TokenQuery>, body: 
 
 async fn stats(State(sim): State<Sim>) -> Json<Value> {
     let d = sim.data.lock().expect("sim lock");
-    Json(json!({ "tokens_issued": d.tokens_issued, "api_calls": d.api_calls, "users": d.users.len() }))
+    Json(json!({
+        "tokens_issued": d.tokens_issued,
+        "tickets_issued": d.tickets_issued,
+        "api_calls": d.api_calls,
+        "users": d.users.len(),
+    }))
+}
+
+#[derive(Deserialize)]
+struct JsapiTicketQuery {
+    access_token: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+/// `cgi-bin/ticket/getticket?type=jsapi`: the same ticket for its 2 hours, as WeChat hands it out.
+async fn getticket(State(sim): State<Sim>, Query(q): Query<JsapiTicketQuery>) -> Json<Value> {
+    if let Err(e) = sim.gate(Some(q.access_token.as_deref().unwrap_or_default())).await {
+        return e;
+    }
+    if q.kind.as_deref() != Some("jsapi") {
+        return err(40097, "invalid args");
+    }
+    let mut d = sim.data.lock().expect("sim lock");
+    let ticket = match &d.jsapi_ticket {
+        Some((ticket, expiry)) if *expiry > now() => ticket.clone(),
+        _ => {
+            let ticket = format!("sim-ticket-{}", random_hex(24));
+            d.jsapi_ticket = Some((ticket.clone(), now() + 7200));
+            ticket
+        }
+    };
+    d.tickets_issued += 1;
+    Json(json!({ "errcode": 0, "errmsg": "ok", "ticket": ticket, "expires_in": 7200 }))
+}
+
+impl Sim {
+    /// The JS-SDK ticket handed out now, if any (to check signatures with).
+    pub fn jsapi_ticket(&self) -> Option<String> {
+        self.data.lock().expect("sim lock").jsapi_ticket.as_ref().map(|(t, _)| t.clone())
+    }
+
+    /// How often `cgi-bin/ticket/getticket` handed a ticket out.
+    pub fn tickets_issued(&self) -> u64 {
+        self.data.lock().expect("sim lock").tickets_issued
+    }
 }
 
 #[derive(Deserialize)]

@@ -48,10 +48,10 @@ wasm = "account.wasm"
 routes = [
   "GET /api/v1/auth/wechat", "POST /api/v1/auth/wechat/qrcode", "GET /api/v1/auth/wechat/qrcode/{scene}",
   "GET /api/v1/auth/wechat/get-menu", "POST /api/v1/auth/wechat/create-menu", "POST /api/v1/auth/logout",
-  "GET /api/v1/user/me", "GET /api/v1/user/orders",
+  "GET /api/v1/user/me", "GET /api/v1/user/orders", "GET /api/v1/wechat/jssdk-config",
 ]
 capabilities = ["log", "config", "db", "wechat-api", "session"]
-wechat_api = ["cgi-bin/qrcode/create", "cgi-bin/menu/get", "cgi-bin/menu/create"]
+wechat_api = ["cgi-bin/qrcode/create", "cgi-bin/menu/get", "cgi-bin/menu/create", "cgi-bin/ticket/getticket"]
 
 [[plugins]]
 name = "payment"

@@ -419,3 +419,28 @@ async fn the_menu_is_served_from_a_short_cache_that_create_menu_refreshes() {
     assert_eq!(body["menu"]["button"][0]["key"], "NEW", "the change shows at once: {body}");
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_inside_wechat_gets_its_jssdk_config_signed_for_its_own_url() {
+    use sha1::Digest as _;
+    let db = sqlite_database().await;
+    let stack = Stack::start(&db.url).await;
+    let page = "https://shop.example.com/member.html?from=menu";
+    let query: String =
+        url::form_urlencoded::Serializer::new(String::new()).append_pair("url", page).finish();
+    let (status, config) = stack.get(&format!("/api/v1/wechat/jssdk-config?{query}"), None).await;
+    assert_eq!(status, 200, "{config}");
+    assert_eq!(config["appId"], APPID);
+    let ticket = stack.sim.jsapi_ticket().unwrap();
+    let text = format!(
+        "jsapi_ticket={ticket}&noncestr={}&timestamp={}&url={page}",
+        config["nonceStr"].as_str().unwrap(),
+        config["timestamp"].as_i64().unwrap()
+    );
+    assert_eq!(config["signature"], hex::encode(sha1::Sha1::digest(text.as_bytes())));
+    for bad in ["", "url=%2Fmember.html", "url=javascript%3Aalert(1)"] {
+        let (status, body) = stack.get(&format!("/api/v1/wechat/jssdk-config?{bad}"), None).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_query")), "{bad}: {body}");
+    }
+    stack.shutdown().await;
+}

@@ -240,3 +240,71 @@ async fn a_service_learns_whose_a_session_token_is_and_a_dead_one_is_inactive() 
     assert_eq!(status, 401);
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_role_stopped_mid_stream_of_consumes_keeps_every_answered_debit_and_the_books_balanced_on_both_databases()
+ {
+    for db in all_databases().await {
+        let which = db.name;
+        let mut stack = Stack::start(&db.url).await;
+        let dora = stack.login("dora").await;
+        buy(&stack, &dora, "p50").await;
+        let openid = wxhost::sim::openid_of("dora");
+        const JOBS: usize = 40;
+        let job =
+            |i: usize| json!({ "openid": openid, "units": 1, "idempotency_key": format!("stream-{i}") });
+
+        // The service consumes a stream of jobs while the app role goes down and comes back.
+        let client = stack.client.clone();
+        let url = stack.app_url("/api/v1/quota/consume");
+        let jobs: Vec<Value> = (0..JOBS).map(job).collect();
+        let stream = tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for body in jobs {
+                let sent = client.post(&url).bearer_auth(SERVICE_KEY).json(&body).send().await;
+                answers.push(match sent {
+                    Ok(r) => r.status().as_u16(),
+                    Err(_) => 0, // the connection was refused or cut: no answer
+                });
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            answers
+        });
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        stack.stop_app().await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        stack.restart_app().await;
+        let answers = stream.await.unwrap();
+        assert!(
+            answers.iter().any(|s| *s != 200),
+            "{which}: some consumes met the app role down: {answers:?}"
+        );
+        assert!(
+            answers.iter().all(|s| [0, 200, 503].contains(s)),
+            "{which}: a clear answer or none: {answers:?}"
+        );
+
+        // Every debit the service saw succeed is in the ledger, once.
+        for (i, status) in answers.iter().enumerate() {
+            if *status == 200 {
+                let rows = db_count(&db.url, &format!("SELECT COUNT(*) FROM quota_ledger WHERE cause = 'consume' AND reference = 'stream-{i}'")).await;
+                assert_eq!(rows, 1, "{which}: job {i}");
+            }
+        }
+        // The rest is sent again with the same key: each lands once.
+        for (i, status) in answers.iter().enumerate() {
+            if *status != 200 {
+                assert_eq!(consume(&stack, job(i)).await.0, 200, "{which}: job {i} again");
+            }
+        }
+        let debits = db_count(
+            &db.url,
+            &format!("SELECT COUNT(*) FROM quota_ledger WHERE openid = '{openid}' AND cause = 'consume'"),
+        )
+        .await;
+        assert_eq!(debits, JOBS as i64, "{which}: one debit per job");
+        assert_eq!(stack.quota(&dora).await, 50 - JOBS as i64, "{which}");
+        assert_eq!(audit(&db.url).await.differences, [], "{which}");
+        stack.shutdown().await;
+    }
+}

@@ -255,3 +255,53 @@ async fn wechat_down_or_slow_is_a_clear_error_within_the_deadline() {
     assert!(matches!(down, Err(ApiError::Unavailable(_))), "{text}");
     assert!(!text.contains(SECRET) && !text.contains("127.0.0.1"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jssdk_ticket_is_fetched_once_for_every_process_and_signs_the_page_url_as_sent_on_both_databases()
+{
+    use sha1::Digest as _;
+    for db in all_databases().await {
+        let which = db.name;
+        let (sim, base) = simulator(Duration::from_secs(7200)).await;
+        let (first, second) = (
+            process(&db, &base, TokenEndpoint::Stable).await,
+            process(&db, &base, TokenEndpoint::Stable).await,
+        );
+        let allowed = vec![wxhost::caps::wechat_api::JSAPI_TICKET_PATH.to_string()];
+        let page = "https://shop.example.com/member.html?from=menu&x=%E4%B8%AD";
+        let mut configs = Vec::new();
+        for api in [&first, &first, &second] {
+            let mut view = WechatApiView { ctx: Some(api), allowed_paths: &allowed, deadline_at: soon() };
+            configs.push(plain(view.sign_jssdk_url(format!("{page}#section")).await).unwrap());
+        }
+        assert_eq!(sim.tickets_issued(), 1, "{which}: one ticket for both processes");
+        let ticket = sim.jsapi_ticket().unwrap();
+        for c in &configs {
+            assert_eq!(c.app_id, APPID, "{which}");
+            // Signed over the URL as the browser sent it, without its `#` part.
+            let text = format!(
+                "jsapi_ticket={ticket}&noncestr={}&timestamp={}&url={page}",
+                c.nonce_str, c.timestamp
+            );
+            assert_eq!(c.signature, hex::encode(sha1::Sha1::digest(text.as_bytes())), "{which}");
+            assert!((c.timestamp - wxhost::wechat::unix_now()).abs() < 60, "{which}");
+        }
+        assert_ne!(configs[0].nonce_str, configs[1].nonce_str, "{which}: a fresh nonce each time");
+
+        // The ticket is never handed to a plugin, and only a plugin allowed getticket may have it signed.
+        let mut view = WechatApiView { ctx: Some(&first), allowed_paths: &allowed, deadline_at: soon() };
+        let query = vec![("type".to_string(), "jsapi".to_string())];
+        let raw = plain(view.call(Method::Get, "cgi-bin/ticket/getticket".into(), query, None).await);
+        assert!(matches!(raw, Err(ApiError::NotAllowed(_))), "{which}: {raw:?}");
+        for bad in ["/member.html", "javascript:alert(1)", "ftp://example.com/"] {
+            let refused = plain(view.sign_jssdk_url(bad.into()).await);
+            assert!(matches!(refused, Err(ApiError::NotAllowed(_))), "{which}: {bad}: {refused:?}");
+        }
+        let none: Vec<String> = vec![];
+        let mut other = WechatApiView { ctx: Some(&first), allowed_paths: &none, deadline_at: soon() };
+        assert!(
+            matches!(plain(other.sign_jssdk_url(page.into()).await), Err(ApiError::NotAllowed(_))),
+            "{which}"
+        );
+    }
+}

@@ -24,6 +24,7 @@ fn routes() -> Router {
         .post("/api/v1/auth/logout", logout)
         .get("/api/v1/user/me", me)
         .get("/api/v1/user/orders", orders)
+        .get("/api/v1/wechat/jssdk-config", jssdk_config)
 }
 
 wxhost_sdk::plugin!(routes);
@@ -123,6 +124,18 @@ fn get_menu(_: &Request) -> Result<Response> {
         Err(ApiError::Wechat(e)) if e.errcode == 46003 => Ok(Response::json(200, &json!({ "menu": null }))),
         Err(e) => Err(e.into()),
     }
+}
+
+/// `wx.config` for a page inside WeChat: `?url=` is the page's URL exactly as
+/// the browser has it (`location.href`), never rebuilt here behind a proxy.
+fn jssdk_config(req: &Request) -> Result<Response> {
+    let url = req
+        .query_param("url")
+        .filter(|u| (u.starts_with("https://") || u.starts_with("http://")) && u.len() <= 2048)
+        .ok_or_else(|| Error::bad_request("invalid_query", "url must be the page's absolute http(s) URL"))?;
+    let c = wechat_api::sign_jssdk_url(&url)?;
+    let answer = json!({ "appId": c.app_id, "timestamp": c.timestamp, "nonceStr": c.nonce_str, "signature": c.signature });
+    Ok(Response::json(200, &answer).header("cache-control", "no-store"))
 }
 
 fn create_menu(req: &Request) -> Result<Response> {
