@@ -205,6 +205,9 @@ Rows 3-5: the product wired as in production: the shipped plugins.toml, the WeCh
   Every answer's status is checked: 'non-2xx' counts refusals, errors and timeouts.
 Row 3: subscribe pushes in plaintext mode, each from a new user (one signed query, distinct FromUserName):
   verify plugin -> internal call -> internal plugin -> user row + processed event in one transaction.
+Row 3b: the business service's POST /api/v1/quota/consume on the app role (service key checked by the host),
+  1 unit per job, a new idempotency key each, over 16 users: quota plugin -> one transaction claims the key,
+  debits the balance if it covers it, writes the ledger row. Afterwards the ledger is checked against the answers.
 Row 4: WeChat Pay APIv3 'paid' notifies for pre-created pending orders, all signed before timing: RSA signature
   check + AES-256-GCM decrypt (host, for the notify plugin) -> internal call -> payment plugin: one transaction
   locks the order, marks it paid and credits the payer. 'duplicate' = one notify again and again after it was
@@ -700,9 +703,45 @@ async fn e2e_measure(
         latency_check(&fixed, opts.rate, sat.rps()),
     );
 
+    // Row 3b: the business service consuming quota (beside the push row: same run, same database).
+    let check_db = product::connect(&db.url).await?;
+    traffic::insert_consumers(&check_db).await?;
+    let jobs = Arc::new(AtomicU64::new(0));
+    let consume = || traffic::consume_source(&product.app_url, product::SERVICE_KEY, jobs.clone());
+    let warm = generator.closed(consume(), 4, Duration::from_secs(1)).await;
+    anyhow::ensure!(warm.failed() == 0, "consume warm-up failed: {}", failures(&warm));
+    let consume_sat = generator.closed(consume(), workers, opts.e2e_seconds).await;
+    table.row(
+        "3b",
+        format!("quota consume (service key), {name}: saturation, 2xx/s ({sat_label})"),
+        format!("{:.0}", consume_sat.rps()),
+        saturation_check(&consume_sat),
+    );
+    let consume_fixed = generator.open(consume(), opts.rate, opts.rate_seconds).await;
+    table.row(
+        "3b",
+        format!("quota consume, {name}: latency p50 / p99 ({rate_label})"),
+        format!("{} / {} ms", ms(consume_fixed.percentile(0.5)), ms(consume_fixed.percentile(0.99))),
+        latency_check(&consume_fixed, opts.rate, consume_sat.rps()),
+    );
+    let consumed_ok = (warm.ok + consume_sat.ok + consume_fixed.ok) as i64;
+    let consumed_sent = jobs.load(Ordering::Relaxed) as i64;
+    let debits =
+        wxhost_testkit::db_count(&db.url, "SELECT COUNT(*) FROM quota_ledger WHERE cause = 'consume'").await;
+    let audit = wxhost::audit::quota(&check_db).await?;
+    table.row(
+        "3b",
+        format!("{name} afterwards: ledger debits (expected: consumes answered 2xx); users whose balance is not their ledger"),
+        format!("{debits} ({}); {}", if consumed_ok == consumed_sent { consumed_ok.to_string() } else { format!("{consumed_ok}..{consumed_sent}") }, audit.differences.len()),
+        if (consumed_ok..=consumed_sent).contains(&debits) && audit.differences.is_empty() {
+            "ok: each debit once, the books balance".to_string()
+        } else {
+            "MISMATCH".to_string()
+        },
+    );
+
     // Row 4: payment notifies.
     let notifies = signed_notifies(opts, notifies).await?;
-    let check_db = product::connect(&db.url).await?;
     traffic::insert_orders(&check_db, notifies.orders.clone()).await?;
     let warm = generator
         .closed(traffic::notify_source(web, notifies.warm.clone()), 4, Duration::from_secs(60))

@@ -1,6 +1,6 @@
 //! The whole product on loopback, wired as the test kit's stack wires it
 //! (and as production runs it): the WeChat simulator with WeChat Pay, a web
-//! role (verify, notify) and an app role (internal, account, payment) as two
+//! role (verify, notify) and an app role (internal, account, payment, quota) as two
 //! servers, the web role reaching the app role over HTTP with HMAC-signed
 //! internal calls; the app role owning a fresh database (a SQLite file in a
 //! temporary folder, or a MariaDB database created for the run and dropped).
@@ -80,8 +80,13 @@ pub struct Product {
     pub web: RunningServer,
     pub app: RunningServer,
     pub web_url: String,
+    /// The app role, where the business service consumes quota.
+    pub app_url: String,
     stop_sim: tokio_util::sync::CancellationToken,
 }
+
+/// The business service the bench plays, and its key (WXHOST_SERVICE_KEYS).
+pub const SERVICE_KEY: &str = "bench-service-key-0123456789abcdef0123456789abcdef";
 
 fn base_settings() -> Settings {
     Settings {
@@ -147,11 +152,13 @@ impl Product {
         // holds the token too: it verifies every push again).
         let mut app_settings = on_simulator(merchant, sim_addr, &web_url);
         app_settings.app_listen = Some(app_addr);
+        app_settings.service_keys = Some(format!("bench={SERVICE_KEY}").into());
         let app =
             start(ServeOptions { config_path, roles: vec![Role::App], settings: app_settings, watch: false })
                 .await
                 .context("starting the app role")?;
-        Ok(Product { dir, web, app, web_url, stop_sim })
+        let app_url = format!("http://{app_addr}");
+        Ok(Product { dir, web, app, web_url, app_url, stop_sim })
     }
 
     /// Stops both roles (draining) and the simulator.

@@ -47,6 +47,59 @@ pub fn push_source(web_url: &str, counter: Arc<AtomicU64>) -> Source {
     })
 }
 
+/// Users the consume row spends from, and how much each holds.
+pub const CONSUMERS: u64 = 16;
+pub const CONSUMER_QUOTA: i64 = 1_000_000_000;
+
+pub fn consumer_openid(n: u64) -> String {
+    format!("oConsume{n:04}")
+}
+
+/// The business service consuming 1 unit per job, each job a new idempotency
+/// key, spread over [`CONSUMERS`] users (numbered by `counter`, shared by every
+/// phase against one database, so no key repeats).
+pub fn consume_source(app_url: &str, key: &'static str, counter: Arc<AtomicU64>) -> Source {
+    let url = format!("{app_url}/api/v1/quota/consume");
+    Arc::new(move |client, _| {
+        let n = counter.fetch_add(1, Ordering::Relaxed);
+        let body = format!(
+            r#"{{"openid":"{}","units":1,"idempotency_key":"bench-job-{n}","description":"bench"}}"#,
+            consumer_openid(n % CONSUMERS)
+        );
+        Some(client.post(&url).bearer_auth(key).header("content-type", "application/json").body(body))
+    })
+}
+
+/// The consume row's users, each with [`CONSUMER_QUOTA`] and the opening ledger row that explains it.
+pub async fn insert_consumers(db: &wxhost::database::Database) -> anyhow::Result<()> {
+    let now = unix_now();
+    for n in 0..CONSUMERS {
+        let openid = consumer_openid(n);
+        wxhost::on_pool!(&db.pool, |p| {
+            let mut tx = p.begin().await?;
+            sqlx::query("INSERT INTO users (openid, subscribed, quota, created_at, updated_at) VALUES (?, 1, ?, ?, ?)")
+                .bind(&openid)
+                .bind(CONSUMER_QUOTA)
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO quota_ledger (openid, delta, balance_after, cause, description, created_at) \
+                 VALUES (?, ?, ?, 'opening', 'bench', ?)",
+            )
+            .bind(&openid)
+            .bind(CONSUMER_QUOTA)
+            .bind(CONSUMER_QUOTA)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await
+        })?;
+    }
+    Ok(())
+}
+
 /// `GET verify` (server verification), one signed query for every request.
 pub fn verify_source(web_url: &str) -> Source {
     let ts = unix_now().to_string();

@@ -132,6 +132,24 @@ struct RawPlugin {
     /// Requests one instance may serve before it is dropped (1: a fresh
     /// instance per request, the default).
     requests_per_instance: Option<u32>,
+    /// Internal routes of this plugin the host calls on a schedule (app role).
+    #[serde(default)]
+    jobs: Vec<RawJob>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    route: String,
+    every_secs: u64,
+}
+
+/// An internal route of a plugin that each app process calls every `every`
+/// (outbox delivery, say): plugins have no timers of their own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub route: RouteSpec,
+    pub every: std::time::Duration,
 }
 
 pub use crate::role::Role;
@@ -202,6 +220,8 @@ pub struct PluginSpec {
     /// sandbox per request; more trades isolation between this plugin's
     /// requests for speed (see the README, "Instance reuse").
     pub requests_per_instance: u32,
+    /// What the host calls on a schedule.
+    pub jobs: Vec<Job>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -412,6 +432,28 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
                 "{at} lists wechat_api paths but does not declare the `wechat-api` capability"
             ));
         }
+        let mut jobs = Vec::new();
+        for j in &p.jobs {
+            match parse_route(&j.route) {
+                Ok(_) if role != Some(Role::App) => {
+                    problems.push(format!("{at}: job `{}`: jobs run in the app role", j.route))
+                }
+                Ok(route) if !route.path.starts_with(crate::internal_auth::INTERNAL_PREFIX) => {
+                    problems.push(format!(
+                        "{at}: job `{}`: a job's route must be internal (under /api/v1/internal/)",
+                        j.route
+                    ))
+                }
+                Ok(route) if !routes.contains(&route) => {
+                    problems.push(format!("{at}: job `{}` is not one of the plugin's routes", j.route))
+                }
+                Ok(_) if !(1..=86_400).contains(&j.every_secs) => {
+                    problems.push(format!("{at}: job `{}`: every_secs must be 1 to 86400", j.route))
+                }
+                Ok(route) => jobs.push(Job { route, every: std::time::Duration::from_secs(j.every_secs) }),
+                Err(e) => problems.push(format!("{at}: job `{}`: {e}", j.route)),
+            }
+        }
         let requests_per_instance = p.requests_per_instance.unwrap_or(1);
         if !(1..=MAX_REQUESTS_PER_INSTANCE).contains(&requests_per_instance) {
             problems.push(format!(
@@ -429,6 +471,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
                 config: p.config,
                 wechat_api: p.wechat_api,
                 requests_per_instance,
+                jobs,
             });
         }
     }
@@ -642,6 +685,7 @@ mod tests {
             routes = ["GET /x", "GET /items/{id}", "GET /items/me"]
             service_routes = ["POST /spend"]
             requests_per_instance = 0
+            jobs = [{ route = "POST /api/v1/internal/tick", every_secs = 0 }]
 
             [rate_limits]
             "POST /nowhere" = { per_minute = 5 }
@@ -662,12 +706,13 @@ mod tests {
             "overlaps route `GET /items/{id}`",
             "requests_per_instance must be 1 (a fresh instance per request) to 10000",
             "service route `POST /spend`: business services call the app role",
+            "job `POST /api/v1/internal/tick`: jobs run in the app role",
             "[rate_limits] \"POST /nowhere\": no plugin serves this route",
             "[rate_limits] \"GET /x\": per_minute and burst must be between 1 and 100000",
         ] {
             assert!(all.contains(expected), "missing problem {expected:?} in:\n{all}");
         }
-        assert_eq!(err.problems.len(), 14, "{all}");
+        assert_eq!(err.problems.len(), 15, "{all}");
     }
 
     #[test]

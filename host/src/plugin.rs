@@ -25,6 +25,8 @@ pub struct LoadedPlugin {
     pub routes: Vec<RouteSpec>,
     /// Of `routes`, those only business services may call.
     pub service_routes: BTreeSet<RouteSpec>,
+    /// Internal routes the host calls on a schedule.
+    pub jobs: Vec<crate::config::Job>,
     pub capabilities: BTreeSet<Capability>,
     pub imports: Vec<ImportCheck>,
     pub loaded_at: SystemTime,
@@ -148,6 +150,7 @@ pub fn prepare(
         wasm: spec.wasm.clone(),
         routes: spec.routes.clone(),
         service_routes: spec.service_routes.clone(),
+        jobs: spec.jobs.clone(),
         capabilities: linked,
         imports,
         loaded_at: SystemTime::now(),

@@ -148,6 +148,9 @@ pub async fn start(mut options: ServeOptions) -> anyhow::Result<RunningServer> {
     if let Some(db) = &db {
         tasks.spawn(prune_periodically(db.clone(), shutdown.clone()));
     }
+    if host.roles().any(|r| r == Role::App) {
+        tasks.spawn(run_jobs(host.clone(), shutdown.clone()));
+    }
     if let Some(keeper) = host.services.shared::<CertificateKeeper>() {
         let (pay, app) = (host.services.shared::<WechatPay>(), host.services.shared::<InternalClient>());
         platform_certificates::spawn_refresher(keeper, db, pay, app, &mut tasks, shutdown.clone());
@@ -671,6 +674,55 @@ async fn prune_periodically(db: database::Database, shutdown: CancellationToken)
             ),
             Ok(_) => {}
             Err(e) => tracing::warn!("pruning expired rows failed: {e:#}"),
+        }
+    }
+}
+
+/// Calls the app role's scheduled internal routes (plugins.toml `jobs`), each
+/// at its own pace, as the plugins loaded now declare them (a reload changes
+/// the schedule). One call at a time: a job never overlaps itself here, and
+/// the plugin's own claims keep several processes from doing the same work.
+async fn run_jobs(host: Arc<Host>, shutdown: CancellationToken) {
+    let mut last_run: std::collections::BTreeMap<(String, config::RouteSpec), std::time::Instant> =
+        std::collections::BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let runtime = host.runtime(Role::App);
+        for plugin in &runtime.plugins {
+            for job in &plugin.jobs {
+                let key = (plugin.identity.name.clone(), job.route.clone());
+                if last_run.get(&key).is_some_and(|at| at.elapsed() < job.every) {
+                    continue;
+                }
+                last_run.insert(key, std::time::Instant::now());
+                let request_id = format!("job-{:028x}", rand::random::<u128>() >> 16);
+                let request = wit::Request {
+                    method: job.route.method.clone(),
+                    route: job.route.path.clone(),
+                    path: job.route.path.clone(),
+                    query: String::new(),
+                    params: Vec::new(),
+                    headers: Vec::new(),
+                    body: Vec::new(),
+                    request_id: request_id.clone(),
+                    client_ip: None,
+                    service: None,
+                };
+                match host.call(plugin.clone(), request).await {
+                    Ok(r) if (200..300).contains(&r.status) => {}
+                    Ok(r) => {
+                        tracing::warn!(plugin = %plugin.identity.name, route = %job.route, status = r.status, request_id, "scheduled job failed")
+                    }
+                    Err(failure) => {
+                        tracing::warn!(plugin = %plugin.identity.name, route = %job.route, request_id, "scheduled job failed: {failure}")
+                    }
+                }
+            }
         }
     }
 }

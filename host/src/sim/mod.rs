@@ -46,6 +46,11 @@ struct SimData {
     /// The token `stable_token` hands out while it is valid.
     stable: Option<String>,
     tokens_issued: u64,
+    /// Template messages accepted (`cgi-bin/message/template/send`), and the
+    /// users who refuse the account's messages (answered 43101).
+    template_messages: Vec<Value>,
+    refusing_messages: std::collections::HashSet<String>,
+    template_attempts: u64,
     /// The JS-SDK's ticket `cgi-bin/ticket/getticket` hands out, and how often it did.
     jsapi_ticket: Option<(String, i64)>,
     tickets_issued: u64,
@@ -107,6 +112,7 @@ impl Sim {
             .route("/cgi-bin/menu/get", get(menu_get))
             .route("/cgi-bin/menu/create", post(menu_create))
             .route("/cgi-bin/ticket/getticket", get(getticket))
+            .route("/cgi-bin/message/template/send", post(template_send))
             .route("/sim/stats", get(stats))
             .route("/sim/users", post(create_user))
             .route("/sim/oauth/code", post(issue_code))
@@ -554,7 +560,41 @@ async fn getticket(State(sim): State<Sim>, Query(q): Query<JsapiTicketQuery>) ->
     Json(json!({ "errcode": 0, "errmsg": "ok", "ticket": ticket, "expires_in": 7200 }))
 }
 
+/// `cgi-bin/message/template/send`: accepted with a msgid, or 43101 for a user who refuses.
+async fn template_send(State(sim): State<Sim>, Query(q): Query<TokenQuery>, body: String) -> Json<Value> {
+    sim.data.lock().expect("sim lock").template_attempts += 1;
+    if let Err(e) = sim.gate(Some(q.access_token.as_deref().unwrap_or_default())).await {
+        return e;
+    }
+    let Ok(message) = serde_json::from_str::<Value>(&body) else { return err(47001, "data format error") };
+    let (Some(touser), Some(_)) = (message["touser"].as_str(), message["template_id"].as_str()) else {
+        return err(41028, "invalid form id");
+    };
+    let mut d = sim.data.lock().expect("sim lock");
+    if d.refusing_messages.contains(touser) {
+        return err(43101, "user refuse to accept the msg");
+    }
+    d.template_messages.push(message.clone());
+    let msgid = d.template_messages.len() as i64 + 200_228_332;
+    Json(json!({ "errcode": 0, "errmsg": "ok", "msgid": msgid }))
+}
+
 impl Sim {
+    /// The template messages WeChat accepted, in order.
+    pub fn template_messages(&self) -> Vec<Value> {
+        self.data.lock().expect("sim lock").template_messages.clone()
+    }
+
+    /// How often a template message was attempted (accepted, refused or failed).
+    pub fn template_attempts(&self) -> u64 {
+        self.data.lock().expect("sim lock").template_attempts
+    }
+
+    /// `openid` refuses the account's messages from now on (WeChat answers 43101).
+    pub fn refuse_messages(&self, openid: &str) {
+        self.data.lock().expect("sim lock").refusing_messages.insert(openid.to_string());
+    }
+
     /// The JS-SDK ticket handed out now, if any (to check signatures with).
     pub fn jsapi_ticket(&self) -> Option<String> {
         self.data.lock().expect("sim lock").jsapi_ticket.as_ref().map(|(t, _)| t.clone())

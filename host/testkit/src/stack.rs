@@ -61,12 +61,19 @@ routes = [
   "GET /api/v1/payment/products", "POST /api/v1/payment/create-order",
   "GET /api/v1/user/orders/{out_trade_no}", "GET /api/v1/user/orders/{out_trade_no}/qrcode",
   "PUT /api/v1/internal/payment/order/update", "POST /api/v1/admin/refunds",
-  "GET /api/v1/admin/refunds/{out_refund_no}",
+  "GET /api/v1/admin/refunds/{out_refund_no}", "POST /api/v1/internal/payment/messages/deliver",
 ]
-capabilities = ["log", "config", "db", "session", "wechat-pay", "callback-crypto"]
+capabilities = ["log", "config", "db", "session", "wechat-pay", "callback-crypto", "wechat-api"]
+wechat_api = ["cgi-bin/message/template/send"]
+jobs = [{ route = "POST /api/v1/internal/payment/messages/deliver", every_secs = 1 }]
 
 [plugins.config]
 order_ttl_secs = 600
+
+[plugins.config.paid_message]
+template_id = "tmpl-paid-0001"
+url = "https://shop.example.com/member.html"
+data = { thing1 = "{product}", amount2 = "{amount} 元", number3 = "{credits}", time4 = "{paid_at}", character_string5 = "{out_trade_no}" }
 
 [[plugins.config.products]]
 id = "p10"
@@ -84,7 +91,7 @@ credits = 50
 name = "quota"
 role = "app"
 wasm = "quota.wasm"
-routes = ["GET /api/v1/user/quota/ledger"]
+routes = ["GET /api/v1/user/quota/ledger", "POST /api/v1/admin/quota/adjust"]
 service_routes = ["POST /api/v1/quota/consume", "POST /api/v1/quota/release", "POST /api/v1/session/introspect"]
 capabilities = ["log", "db", "session"]
 "#;

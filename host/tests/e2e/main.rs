@@ -12,6 +12,7 @@ mod faults;
 mod hot_swap;
 mod lifecycle;
 mod login;
+mod paid_message;
 mod payment_notify;
 mod payments;
 mod platform_certificates;

@@ -308,3 +308,46 @@ async fn the_app_role_stopped_mid_stream_of_consumes_keeps_every_answered_debit_
         stack.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_adjusts_a_balance_once_per_key_through_the_ledger_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start(&db.url).await;
+        let erin = stack.login("erin").await;
+        let openid = wxhost::sim::openid_of("erin");
+        let adjust = |delta: i64, key: &str| json!({ "openid": openid, "delta": delta, "reason": "客服补偿", "idempotency_key": key });
+        let post = |credential: Option<&'static str>, body: Value| {
+            let stack = &stack;
+            async move { stack.post("/api/v1/admin/quota/adjust", credential, &body.to_string()).await }
+        };
+        assert_eq!(post(None, adjust(5, "a1")).await.0, 401, "{which}");
+        assert_eq!(
+            post(Some(SERVICE_KEY), adjust(5, "a1")).await.0,
+            403,
+            "{which}: a service key is not the admin's"
+        );
+        for bad in
+            [adjust(0, "a1"), json!({ "openid": openid, "delta": 5, "reason": "", "idempotency_key": "a1" })]
+        {
+            assert_eq!(post(Some(ADMIN), bad.clone()).await.0, 400, "{which}: {bad}");
+        }
+        let (status, first) = post(Some(ADMIN), adjust(5, "a1")).await;
+        assert_eq!((status, first["balance"].as_i64()), (200, Some(5)), "{which}: {first}");
+        assert_eq!(post(Some(ADMIN), adjust(5, "a1")).await, (200, first.clone()), "{which}: once per key");
+        assert_eq!(post(Some(ADMIN), adjust(6, "a1")).await.0, 409, "{which}");
+        let (status, body) = post(Some(ADMIN), adjust(-6, "a2")).await;
+        assert_eq!((status, body["remaining"].as_i64()), (402, Some(5)), "{which}: never below 0: {body}");
+        assert_eq!(post(Some(ADMIN), adjust(-2, "a3")).await.1["balance"], 3, "{which}");
+        assert_eq!(stack.quota(&erin).await, 3, "{which}");
+        let (_, page) = stack.get("/api/v1/user/quota/ledger", Some(&erin)).await;
+        let entries = page["entries"].as_array().unwrap();
+        assert_eq!(
+            (entries.len(), entries[0]["cause"].as_str(), entries[0]["description"].as_str()),
+            (2, Some("admin"), Some("客服补偿")),
+            "{which}"
+        );
+        assert_eq!(audit(&db.url).await.differences, [], "{which}");
+        stack.shutdown().await;
+    }
+}

@@ -34,6 +34,7 @@ use wxhost_sdk::prelude::*;
 use wxhost_sdk::session;
 use wxhost_sdk::wechat_pay::{self, BrowserOrder, JsapiOrder, PayError};
 
+mod message;
 mod refund;
 
 fn routes() -> Router {
@@ -45,6 +46,7 @@ fn routes() -> Router {
         .put("/api/v1/internal/payment/order/update", notified)
         .post("/api/v1/admin/refunds", refund::create)
         .get("/api/v1/admin/refunds/{out_refund_no}", refund::show)
+        .post("/api/v1/internal/payment/messages/deliver", message::deliver)
 }
 
 wxhost_sdk::plugin!(routes);
@@ -513,7 +515,7 @@ fn apply_paid(p: &OrderPaid) -> Result<Json> {
     let tx = db::begin()?;
     let rows = tx.query(
         &format!(
-            "SELECT id, openid, amount_fen, credits, status, transaction_id, appid, mchid FROM orders \
+            "SELECT id, openid, amount_fen, credits, status, transaction_id, appid, mchid, description FROM orders \
              WHERE out_trade_no = ?{}",
             db::for_update()
         ),
@@ -566,6 +568,18 @@ fn apply_paid(p: &OrderPaid) -> Result<Json> {
             Err(Refused::Db(e)) => return Err(e),
         }
     }
+    let description: String = row.get("description")?;
+    message::enqueue(
+        &tx,
+        &message::Credited {
+            openid: &openid,
+            out_trade_no: &p.out_trade_no,
+            description: &description,
+            amount_fen: amount,
+            credits,
+            paid_at: p.paid_at.unwrap_or(now),
+        },
+    )?;
     tx.commit()?;
     log::info(&format!("order {} paid; {credits} credits", p.out_trade_no));
     Ok(json!({ "applied": true, "status": "paid", "credited": credits }))

@@ -12,6 +12,8 @@
 //!   browser's bearer token is, `active: false` if it is not a live session.
 //! - `GET /api/v1/user/quota/ledger` (session): the caller's ledger, newest
 //!   first, `?before=<id>&limit=<n>` to page.
+//! - `POST /api/v1/admin/quota/adjust` (admin token) `{openid, delta, reason,
+//!   idempotency_key}`: the operator's correction, once per key, never below 0.
 //!
 //! The host checks the service key before this plugin runs (plugins.toml
 //! `service_routes`) and passes only the service's name.
@@ -28,6 +30,7 @@ fn routes() -> Router {
         .post("/api/v1/quota/release", release)
         .post("/api/v1/session/introspect", introspect)
         .get("/api/v1/user/quota/ledger", ledger)
+        .post("/api/v1/admin/quota/adjust", adjust)
 }
 
 wxhost_sdk::plugin!(routes);
@@ -270,4 +273,92 @@ fn ledger(req: &Request) -> Result<Response> {
         .transpose()?
         .unwrap_or(0);
     Ok(Response::json(200, &json!({ "balance": balance, "entries": entries, "next_before": next_before })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Adjust {
+    openid: String,
+    delta: i64,
+    reason: String,
+    idempotency_key: String,
+}
+
+/// The operator corrects a balance: claims the key, then moves the balance
+/// through the ledger (a debit only if it is covered), in one transaction.
+fn adjust(req: &Request) -> Result<Response> {
+    session::require_admin(req)?;
+    let ask: Adjust = req.json()?;
+    if ask.openid.is_empty() || ask.openid.len() > 64 {
+        return Err(invalid("openid must be 1-64 characters"));
+    }
+    if ask.delta == 0 || ask.delta.abs() > MAX_UNITS {
+        return Err(invalid(&format!("delta must be non-zero, at most {MAX_UNITS} either way")));
+    }
+    if ask.reason.trim().is_empty() || ask.reason.chars().count() > 255 {
+        return Err(invalid("reason must be 1-255 characters: the ledger says why"));
+    }
+    check_key(&ask.idempotency_key)?;
+    if let Some(first) = adjusted(&ask)? {
+        return Ok(first);
+    }
+    let tx = db::begin()?;
+    let claimed = tx.execute(
+        "INSERT INTO quota_adjustments (idempotency_key, openid, delta, reason, created_at) VALUES (?, ?, ?, ?, ?)",
+        params![&ask.idempotency_key, &ask.openid, ask.delta, &ask.reason, now()],
+    );
+    match claimed {
+        Ok(_) => {}
+        Err(DbError::Constraint(_)) => {
+            drop(tx);
+            return adjusted(&ask)?.ok_or_else(|| {
+                Error::conflict("idempotency_key_busy", "this idempotency_key is being used; retry")
+            });
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let change = Change {
+        openid: &ask.openid,
+        delta: ask.delta,
+        cause: Cause::Admin,
+        reference: Some(&ask.idempotency_key),
+        description: &ask.reason,
+    };
+    let entry = match wxhost_ledger::change(&tx, &change) {
+        Ok(entry) => entry,
+        Err(Refused::Insufficient { balance }) => {
+            drop(tx);
+            return Ok(insufficient(balance, -ask.delta));
+        }
+        Err(Refused::UnknownUser) => return Err(Error::not_found("no user has this openid")),
+        Err(Refused::Db(e)) => return Err(e),
+    };
+    tx.execute(
+        "UPDATE quota_adjustments SET entry_id = ? WHERE idempotency_key = ?",
+        params![entry.id, &ask.idempotency_key],
+    )?;
+    tx.commit()?;
+    log::info(&format!("quota of {} adjusted by {} ({})", ask.openid, ask.delta, ask.reason));
+    let answer = json!({ "entry_id": entry.id, "balance": entry.balance_after, "delta": ask.delta, "openid": ask.openid });
+    Ok(Response::json(200, &answer).outcome("adjusted"))
+}
+
+/// The answer an adjustment with this key got; the same key for another user or delta is a 409.
+fn adjusted(ask: &Adjust) -> Result<Option<Response>> {
+    let rows = db::query(
+        "SELECT a.openid, a.delta, a.entry_id, l.balance_after FROM quota_adjustments a \
+         JOIN quota_ledger l ON l.id = a.entry_id WHERE a.idempotency_key = ?",
+        params![&ask.idempotency_key],
+    )?;
+    let Some(row) = rows.first() else { return Ok(None) };
+    let (openid, delta): (String, i64) = (row.get("openid")?, row.get("delta")?);
+    if openid != ask.openid || delta != ask.delta {
+        return Err(Error::conflict(
+            "idempotency_key_reused",
+            "this idempotency_key was used for another openid or delta",
+        ));
+    }
+    let (entry_id, balance): (i64, i64) = (row.get("entry_id")?, row.get("balance_after")?);
+    let answer = json!({ "entry_id": entry_id, "balance": balance, "delta": delta, "openid": openid });
+    Ok(Some(Response::json(200, &answer).outcome("duplicate")))
 }

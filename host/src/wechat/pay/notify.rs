@@ -110,7 +110,10 @@ impl PayNotifyKeys {
             field(&outer, "req_info").ok_or_else(|| VerifyError::Malformed("req_info is missing".into()))?;
         let inner = v2::open_req_info(&sealed, key.expose_secret()).map_err(|_| VerifyError::BadSignature)?;
         let inner = flat_xml(&inner).map_err(|_| VerifyError::BadSignature)?;
-        let mut fields: Vec<(String, String)> = outer.into_iter().filter(|(k, _)| k != "req_info").collect();
+        // Only the envelope's own fields from outside: the refund's are the sealed ones (the outer XML is not signed).
+        const ENVELOPE: [&str; 5] = ["return_code", "return_msg", "appid", "mch_id", "nonce_str"];
+        let mut fields: Vec<(String, String)> =
+            outer.into_iter().filter(|(k, _)| ENVELOPE.contains(&k.as_str())).collect();
         fields.extend(inner);
         Ok(fields)
     }
