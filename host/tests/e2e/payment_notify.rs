@@ -15,7 +15,7 @@ use wxhost::wechat::pay::v3::{private_key_from_pem, rsa_sign, v3_encrypt};
 
 fn config() -> TestConfig {
     let toml =
-        base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "session", "wechat-pay", "callback-crypto""#)
+        base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "session", "wechat-pay", "callback-crypto", "wechat-api""#)
             + NOTIFY_PLUGIN
             + r#"
 [[plugins]]
@@ -23,7 +23,7 @@ name = "payment"
 role = "app"
 wasm = "payment.wasm"
 routes = ["PUT /api/v1/internal/payment/order/update"]
-capabilities = ["log", "config", "db", "session", "wechat-pay", "callback-crypto"]
+capabilities = ["log", "config", "db", "session", "wechat-pay", "callback-crypto", "wechat-api"]
 "#;
     TestConfig::new(&toml, &[("notify.wasm", "notify.wasm"), ("payment.wasm", "payment.wasm")])
 }
@@ -334,7 +334,7 @@ name = "payment"
 role = "app"
 wasm = "payment.wasm"
 routes = ["GET /api/v1/payment/products"]
-capabilities = ["log", "config", "db", "session", "wechat-pay", "callback-crypto"]
+capabilities = ["log", "config", "db", "session", "wechat-pay", "callback-crypto", "wechat-api"]
 [[plugins.config.products]]
 id = "p10"
 name = "10 次"
@@ -346,7 +346,7 @@ credits = 10
         &(base_toml(
             2000,
             WEB_GRANTS,
-            r#""log", "config", "db", "session", "wechat-pay", "callback-crypto""#,
+            r#""log", "config", "db", "session", "wechat-pay", "callback-crypto", "wechat-api""#,
         ) + good),
         &[("payment.wasm", "payment.wasm")],
     );
@@ -359,7 +359,7 @@ credits = 10
     // A misconfigured catalog is a clear 500, not a guess at prices.
     std::fs::write(
         config.path(),
-        base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "session", "wechat-pay", "callback-crypto""#)
+        base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "session", "wechat-pay", "callback-crypto", "wechat-api""#)
             + &good.replace("990", "-1"),
     )
     .unwrap();
