@@ -14,10 +14,12 @@ use wxhost::wechat::pay::v2::v2_sign;
 use wxhost::wechat::pay::v3::{private_key_from_pem, rsa_sign, v3_encrypt};
 
 fn config() -> TestConfig {
-    let toml =
-        base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "session", "wechat-pay", "callback-crypto", "wechat-api""#)
-            + NOTIFY_PLUGIN
-            + r#"
+    let toml = base_toml(
+        2000,
+        WEB_GRANTS,
+        r#""log", "config", "db", "session", "wechat-pay", "callback-crypto", "wechat-api""#,
+    ) + NOTIFY_PLUGIN
+        + r#"
 [[plugins]]
 name = "payment"
 role = "app"
@@ -359,8 +361,11 @@ credits = 10
     // A misconfigured catalog is a clear 500, not a guess at prices.
     std::fs::write(
         config.path(),
-        base_toml(2000, WEB_GRANTS, r#""log", "config", "db", "session", "wechat-pay", "callback-crypto", "wechat-api""#)
-            + &good.replace("990", "-1"),
+        base_toml(
+            2000,
+            WEB_GRANTS,
+            r#""log", "config", "db", "session", "wechat-pay", "callback-crypto", "wechat-api""#,
+        ) + &good.replace("990", "-1"),
     )
     .unwrap();
     assert!(app.host.reload("test").await.ok);
