@@ -66,10 +66,6 @@ impl ServiceKeys {
         }
         found
     }
-
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.keys.iter().map(|(n, _)| n.as_str())
-    }
 }
 
 #[cfg(test)]

@@ -228,14 +228,6 @@ impl WechatPay {
         self
     }
 
-    /// The keys WeChat Pay's signatures are checked with (APIv3).
-    pub fn platform_keys(&self) -> Option<&LiveKeys> {
-        match &self.api {
-            PayApi::V3 { platform, .. } => Some(platform),
-            PayApi::V2 { .. } => None,
-        }
-    }
-
     pub fn merchant(&self) -> (String, String) {
         (self.appid.clone(), self.mchid.clone())
     }

@@ -195,11 +195,6 @@ impl Sim {
         Ok(serial)
     }
 
-    /// The id answers and notifies are signed under now.
-    pub fn platform_signing_id(&self) -> Option<String> {
-        pay_config(self).map(|c| c.platform.signing().id.clone())
-    }
-
     /// How often `GET /v3/certificates` was asked.
     pub fn certificate_downloads(&self) -> u64 {
         self.pay.lock().expect("sim pay lock").certificate_downloads
@@ -229,25 +224,4 @@ struct Forge {
 async fn forge_route(State(sim): State<Sim>, Json(f): Json<Forge>) -> Response {
     sim.forge_certificates(f.forge);
     StatusCode::NO_CONTENT.into_response()
-}
-
-/// `{name}_cert.pem` in `dir` for the key pair `ensure_key_pair` made there,
-/// made once: the certificate a development merchant on certificates starts with.
-pub fn ensure_certificate(
-    dir: &std::path::Path,
-    name: &str,
-    subject: &str,
-) -> anyhow::Result<std::path::PathBuf> {
-    use anyhow::Context as _;
-    use rsa::pkcs8::DecodePrivateKey as _;
-    let (private, _) = super::ensure_key_pair(dir, name)?;
-    let path = dir.join(format!("{name}_cert.pem"));
-    if path.exists() {
-        return Ok(path);
-    }
-    let key = rsa::RsaPrivateKey::from_pkcs8_pem(&std::fs::read_to_string(&private)?)
-        .with_context(|| format!("reading {}", private.display()))?;
-    let pem = self_signed_certificate(&key, subject, CERTIFICATE_LIFETIME)?;
-    std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
 }
