@@ -2,8 +2,8 @@
 # Checks the systemd units in this folder with systemd's own tools, without
 # installing them and without systemd running (works in a container):
 #
-#   systemd-analyze verify     on one instance of each template and on the
-#                              oneshot, strict: any warning (unknown key, bad
+#   systemd-analyze verify     on one instance of each template, the
+#                              oneshots and the timer, strict: any warning (unknown key, bad
 #                              value, missing executable) fails the check
 #   systemd-analyze security   the sandbox's exposure score must stay low
 #   systemd-sysusers           wxhost.sysusers creates the wxhost user
@@ -33,7 +33,7 @@ printf '#!/bin/sh\nexit 0\n' > "$root/opt/wxhost/bin/wxhost"
 chmod 755 "$root/opt/wxhost/bin/wxhost"
 : > "$root/etc/wxhost/web.env"
 : > "$root/etc/wxhost/app.env"
-cp "$here"/*.service "$root/etc/systemd/system/"
+cp "$here"/*.service "$here"/*.timer "$root/etc/systemd/system/"
 
 # The ExecStart= path the units use must be the stub's.
 for unit in "$here"/*.service; do
@@ -42,7 +42,8 @@ for unit in "$here"/*.service; do
 done
 
 failed=
-units=(wxhost-web@81.service wxhost-app@82.service wxhost-migrate.service)
+units=(wxhost-web@81.service wxhost-app@82.service wxhost-migrate.service wxhost-reconcile.service
+    wxhost-reconcile.timer)
 for unit in "${units[@]}"; do
     if out=$(systemd-analyze verify --man=no --generators=no --root="$root" "$unit" 2>&1) && [ -z "$out" ]; then
         echo "ok    systemd-analyze verify $unit"
@@ -54,7 +55,7 @@ for unit in "${units[@]}"; do
 done
 
 # Exposure: 0 (locked down) .. 10 (unprotected); the threshold is in tenths.
-for unit in wxhost-web@81.service wxhost-app@82.service; do
+for unit in wxhost-web@81.service wxhost-app@82.service wxhost-reconcile.service; do
     if out=$(systemd-analyze security --offline=yes --root="$root" --threshold=25 --no-pager "$unit" 2>&1); then
         echo "ok    systemd-analyze security $unit: $(grep -o 'exposure level.*' <<<"$out" | head -n 1)"
     else

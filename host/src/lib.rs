@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod platform_certificates;
 pub mod plugin;
+pub mod reconcile;
 pub mod role;
 pub mod runtime;
 pub mod scaffold;

@@ -86,7 +86,7 @@ pub async fn start(mut options: ServeOptions) -> anyhow::Result<RunningServer> {
     options.settings.check_secret_strength()?;
     let config = config::load(&options.config_path)?;
     let engine = crate::engine::new(config.max_instances)?;
-    let services = Arc::new(services(&config, &options).await?);
+    let services = Arc::new(open_services(&config, &options.settings, &options.roles).await?);
     let host = Arc::new(Host::start(engine, services, &config, &options.roles).await?);
     let internal_auth = options.settings.internal_secret.clone().map(|s| Arc::new(InternalAuth::new(s)));
     if options.roles.contains(&Role::App) && internal_auth.is_none() {
@@ -158,11 +158,13 @@ pub async fn start(mut options: ServeOptions) -> anyhow::Result<RunningServer> {
     Ok(RunningServer { role_addrs, admin_addr, host, shutdown, tasks })
 }
 
-async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Services> {
-    let url = options.settings.database_url.as_ref().map(|u| u.expose_secret().to_string());
+/// The capabilities' shared services for `roles`: the app role's database
+/// (connected and migrated), WeChat's and WeChat Pay's clients, the keys.
+pub async fn open_services(config: &Config, settings: &Settings, roles: &[Role]) -> anyhow::Result<Services> {
+    let url = settings.database_url.as_ref().map(|u| u.expose_secret().to_string());
     let url = url.as_deref().unwrap_or(database::DEFAULT_URL);
     // Only the app role has a database; the web role never opens one.
-    let database = if options.roles.contains(&Role::App) {
+    let database = if roles.contains(&Role::App) {
         let db = database::connect(url, &config.pool).await?;
         database::migrate(&db).await?;
         Some(db)
@@ -170,8 +172,8 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
         None
     };
     let inputs = ServiceInputs {
-        settings: &options.settings,
-        roles: &options.roles,
+        settings,
+        roles,
         database: database.as_ref(),
         database_url: url,
         pool: &config.pool,
@@ -181,11 +183,11 @@ async fn services(config: &Config, options: &ServeOptions) -> anyhow::Result<Ser
         timestamp_window_secs: config.timestamp_window_secs,
         accept_plaintext_with_aes_key: config.accept_plaintext_with_aes_key,
         // A broken key file is reported by the capabilities that need it, with the rest.
-        platform_keys: options.settings.platform_keys().ok().flatten().map(LiveKeys::new),
+        platform_keys: settings.platform_keys().ok().flatten().map(LiveKeys::new),
     };
     let services = Services::open(&inputs).await?;
     let keeper = match &inputs.platform_keys {
-        Some(live) => CertificateKeeper::for_settings(&options.settings, live)?,
+        Some(live) => CertificateKeeper::for_settings(settings, live)?,
         None => None,
     };
     let Some(keeper) = keeper else { return Ok(services) };

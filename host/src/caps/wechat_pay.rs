@@ -21,9 +21,11 @@ use serde_json::{Value, json};
 use wasmtime::component::{HasData, Linker};
 
 use crate::bindings::wxhost::plugin::wechat_pay::{
-    self as wit, BrowserOrder, JsapiOrder, OrderState, PayError, PayParams, RefundRequest, RefundState,
+    self as wit, BillEntry, BillRefund, BrowserOrder, JsapiOrder, OrderState, PayError, PayParams,
+    RefundRequest, RefundState,
 };
 use crate::settings::Settings;
+use crate::wechat::pay::bill::{self, BillLine};
 use crate::wechat::pay::v2::{self, v2_sign};
 use crate::wechat::pay::v3::SignedRequest;
 use crate::wechat::pay::{
@@ -505,6 +507,67 @@ impl WechatPay {
         Ok(())
     }
 
+    /// The trade bill of `bill_date` (`YYYY-MM-DD`, China Standard Time).
+    /// APIv3: the signed `tradebill` answer names the file and its SHA-1; the
+    /// file (which WeChat Pay does not sign) is used only if it matches.
+    /// APIv2: `downloadbill` answers the file itself (over TLS, unsigned).
+    pub async fn trade_bill(&self, bill_date: &str, deadline: Instant) -> Result<Vec<BillLine>, PayError> {
+        let format = time::macros::format_description!("[year]-[month]-[day]");
+        let day = time::Date::parse(bill_date, format)
+            .map_err(|_| PayError::Invalid("bill_date must be YYYY-MM-DD".into()))?;
+        let text = match &self.api {
+            PayApi::V3 { .. } => {
+                let path = format!("/v3/bill/tradebill?bill_date={bill_date}&bill_type=ALL");
+                let a = self.v3(reqwest::Method::GET, &path, None, deadline).await?;
+                let (Some(hash_type), Some(hash), Some(url)) =
+                    (a["hash_type"].as_str(), a["hash_value"].as_str(), a["download_url"].as_str())
+                else {
+                    return Err(PayError::Unavailable("WeChat Pay's bill answer lacks its file".into()));
+                };
+                // The request is signed with the merchant key: only WeChat Pay's own address gets it.
+                let Some(file_path) = url.strip_prefix(&self.base).filter(|p| p.starts_with('/')) else {
+                    tracing::warn!("the bill's download_url is not under WECHATPAY_API_BASE; not fetched");
+                    return Err(PayError::BadSignature);
+                };
+                let started = Instant::now();
+                let file = self.v3_exchange(reqwest::Method::GET, file_path, None, deadline).await;
+                crate::metrics::outbound("wechatpay", "bill_download", outcome(&file), started.elapsed());
+                let (_, body) = file?;
+                if !hash_type.eq_ignore_ascii_case("SHA1") || !bill::sha1_matches(&body, hash) {
+                    tracing::warn!(bill_date, "the downloaded bill does not match the signed hash; refused");
+                    return Err(PayError::BadSignature);
+                }
+                String::from_utf8(body.to_vec())
+                    .map_err(|_| PayError::Unavailable("WeChat Pay's bill is not UTF-8".into()))?
+            }
+            PayApi::V2 { .. } => {
+                let date = format!("{:04}{:02}{:02}", day.year(), u8::from(day.month()), day.day());
+                let started = Instant::now();
+                let fields = vec![("bill_date", date), ("bill_type", "ALL".to_string())];
+                let answer = self.v2_send(&self.http, "/pay/downloadbill", fields, deadline).await;
+                crate::metrics::outbound("wechatpay", "trade_bill", outcome(&answer), started.elapsed());
+                let text = answer?;
+                // A refusal is XML; the bill is not.
+                if text.trim_start().starts_with("<xml") {
+                    let answer = flat_xml(&text)
+                        .map_err(|_| PayError::Unavailable("WeChat Pay's answer is not its XML".into()))?;
+                    let message = field(&answer, "return_msg").unwrap_or_else(|| "no bill".into());
+                    let code = if message.eq_ignore_ascii_case("No Bill Exist") {
+                        "NO_STATEMENT_EXIST".to_string()
+                    } else {
+                        field(&answer, "error_code").unwrap_or_else(|| "FAIL".into())
+                    };
+                    return Err(PayError::Refused((code, message)));
+                }
+                text
+            }
+        };
+        bill::parse(&text).map_err(|e| {
+            tracing::warn!(bill_date, "WeChat Pay's bill could not be read: {e}");
+            PayError::Unavailable(format!("WeChat Pay's bill could not be read: {e}"))
+        })
+    }
+
     /// One signed APIv3 call; a successful answer's signature is verified
     /// before its body is trusted (as WeChat Pay's own SDKs do, refusals are
     /// reported without it: they change nothing).
@@ -646,28 +709,7 @@ impl WechatPay {
         let PayApi::V2 { key, sign_type } = &self.api else {
             return Err(PayError::NotConfigured("not an APIv2 merchant".into()));
         };
-        let timeout = time_left(deadline)?;
-        let mut all: Vec<(String, String)> = vec![
-            ("appid".into(), self.appid.clone()),
-            ("mch_id".into(), self.mchid.clone()),
-            ("nonce_str".into(), random_token(32)),
-            ("sign_type".into(), sign_type.name().into()),
-        ];
-        all.extend(fields.into_iter().map(|(k, v)| (k.to_string(), v)));
-        let sign = v2_sign(&all, key.expose_secret(), *sign_type);
-        all.push(("sign".into(), sign));
-        let response = http
-            .post(format!("{}{path}", self.base))
-            .header(reqwest::header::CONTENT_TYPE, "text/xml; charset=utf-8")
-            .body(to_xml(&all))
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(classify)?;
-        if !response.status().is_success() {
-            return Err(PayError::Unavailable(format!("WeChat Pay answered {}", response.status().as_u16())));
-        }
-        let text = response.text().await.map_err(classify)?;
+        let text = self.v2_send(http, path, fields, deadline).await?;
         let answer = flat_xml(&text)
             .map_err(|_| PayError::Unavailable("WeChat Pay's answer is not its XML".into()))?;
         if field(&answer, "return_code").as_deref() != Some("SUCCESS") {
@@ -689,6 +731,41 @@ impl WechatPay {
             return Err(PayError::Refused((v2::v3_code_of(&code), message)));
         }
         Ok(answer)
+    }
+
+    /// Sends one signed APIv2 request; returns the answer's text, unchecked.
+    async fn v2_send(
+        &self,
+        http: &reqwest::Client,
+        path: &str,
+        fields: Vec<(&str, String)>,
+        deadline: Instant,
+    ) -> Result<String, PayError> {
+        let PayApi::V2 { key, sign_type } = &self.api else {
+            return Err(PayError::NotConfigured("not an APIv2 merchant".into()));
+        };
+        let timeout = time_left(deadline)?;
+        let mut all: Vec<(String, String)> = vec![
+            ("appid".into(), self.appid.clone()),
+            ("mch_id".into(), self.mchid.clone()),
+            ("nonce_str".into(), random_token(32)),
+            ("sign_type".into(), sign_type.name().into()),
+        ];
+        all.extend(fields.into_iter().map(|(k, v)| (k.to_string(), v)));
+        let sign = v2_sign(&all, key.expose_secret(), *sign_type);
+        all.push(("sign".into(), sign));
+        let response = http
+            .post(format!("{}{path}", self.base))
+            .header(reqwest::header::CONTENT_TYPE, "text/xml; charset=utf-8")
+            .body(to_xml(&all))
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(classify)?;
+        if !response.status().is_success() {
+            return Err(PayError::Unavailable(format!("WeChat Pay answered {}", response.status().as_u16())));
+        }
+        response.text().await.map_err(classify)
     }
 }
 
@@ -740,6 +817,8 @@ fn call_name(path: &str) -> &'static str {
         "refund"
     } else if path.contains("/refund/domestic/refunds/") || path.ends_with("/refundquery") {
         "query_refund"
+    } else if path.ends_with("/bill/tradebill") || path.ends_with("/downloadbill") {
+        "trade_bill"
     } else if path.contains("/out-trade-no/") || path.ends_with("/orderquery") {
         "query_order"
     } else {
@@ -910,6 +989,28 @@ impl wit::Host for WechatPayView<'_> {
 
     async fn merchant(&mut self) -> Result<(String, String), PayFailure> {
         Ok(self.ctx()?.merchant())
+    }
+
+    async fn trade_bill(&mut self, bill_date: String) -> Result<Vec<BillEntry>, PayFailure> {
+        let lines = self.ctx()?.trade_bill(&bill_date, self.deadline_at).await?;
+        Ok(lines
+            .into_iter()
+            .map(|l| BillEntry {
+                trade_time: l.trade_time,
+                appid: l.appid,
+                mchid: l.mchid,
+                transaction_id: l.transaction_id,
+                out_trade_no: l.out_trade_no,
+                trade_state: l.trade_state,
+                amount_fen: l.amount_fen,
+                refund: l.refund.map(|r| BillRefund {
+                    refund_id: r.refund_id,
+                    out_refund_no: r.out_refund_no,
+                    amount_fen: r.amount_fen,
+                    status: r.status,
+                }),
+            })
+            .collect())
     }
 }
 
@@ -1232,5 +1333,52 @@ mod tests {
         s.wechatpay_client_cert = Some(fixture("merchant_test_pub.pem"));
         let e = WechatPay::from_settings(&s).err().unwrap();
         assert!(format!("{e:#}").contains("WECHATPAY_CLIENT_CERT"), "{e:#}");
+    }
+
+    /// Today in China Standard Time, as bills name days.
+    fn today() -> String {
+        let day = time::OffsetDateTime::now_utc().to_offset(crate::wechat::pay::CST).date();
+        format!("{:04}-{:02}-{:02}", day.year(), u8::from(day.month()), day.day())
+    }
+
+    #[tokio::test]
+    async fn the_days_bill_is_read_only_when_its_file_matches_the_signed_hash_in_both_apis() {
+        for v2 in [false, true] {
+            let mut s = merchant_settings();
+            if v2 {
+                s.wechatpay_api_version = Some("v2".into());
+                s.wechatpay_apiv2_key = Some("192006250b4c09247ec02edce69f6a2d".to_string().into());
+            }
+            let (sim, base) = wechat_pay_sim_for(&s).await;
+            s.wechatpay_api_base = Some(base);
+            let pay = WechatPay::from_settings(&s).unwrap().unwrap();
+            let no = if v2 { "WX_CAP_BILL2" } else { "WX_CAP_BILL3" };
+            pay.jsapi_prepay(&order(no), deadline()).await.unwrap();
+            sim.pay(&crate::sim::PayRequest { out_trade_no: Some(no.into()), ..Default::default() })
+                .await
+                .unwrap();
+            let paid = pay.query_order(no, deadline()).await.unwrap();
+
+            let bill = pay.trade_bill(&today(), deadline()).await.unwrap();
+            assert_eq!(bill.len(), 1, "v2 {v2}: {bill:?}");
+            let line = &bill[0];
+            assert_eq!(
+                (line.out_trade_no.as_str(), line.trade_state.as_str(), line.amount_fen),
+                (no, "SUCCESS", 990)
+            );
+            assert_eq!((line.mchid.as_str(), Some(line.trade_time)), (MCHID, paid.success_time));
+            assert_eq!(Some(&line.transaction_id), paid.transaction_id.as_ref());
+
+            match pay.trade_bill("2024-01-02", deadline()).await {
+                Err(PayError::Refused((code, _))) => assert_eq!(code, "NO_STATEMENT_EXIST", "v2 {v2}"),
+                other => panic!("v2 {v2}: {other:?}"),
+            }
+            assert!(matches!(pay.trade_bill("20240102", deadline()).await, Err(PayError::Invalid(_))));
+            if !v2 {
+                // APIv3's file is checked against the SHA-1 its signed answer names.
+                sim.corrupt_bills(true);
+                assert!(matches!(pay.trade_bill(&today(), deadline()).await, Err(PayError::BadSignature)));
+            }
+        }
     }
 }

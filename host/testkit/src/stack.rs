@@ -62,6 +62,7 @@ routes = [
   "GET /api/v1/user/orders/{out_trade_no}", "GET /api/v1/user/orders/{out_trade_no}/qrcode",
   "PUT /api/v1/internal/payment/order/update", "POST /api/v1/admin/refunds",
   "GET /api/v1/admin/refunds/{out_refund_no}", "POST /api/v1/internal/payment/messages/deliver",
+  "POST /api/v1/internal/payment/reconcile",
 ]
 capabilities = ["log", "config", "db", "session", "wechat-pay", "callback-crypto", "wechat-api"]
 wechat_api = ["cgi-bin/message/template/send"]
@@ -193,6 +194,37 @@ pub fn on_simulator(mut app: Settings, sim: std::net::SocketAddr, web_url: &str)
     app.wechatpay_api_base = Some(format!("http://{sim}"));
     app.wechatpay_notify_url = Some(format!("{web_url}/api/v1/payment/notify"));
     app
+}
+
+/// `settings` as the environment a `wxhost` process reads them from (the
+/// variables of the README), for tests that run the real binary.
+pub fn env_of(settings: &Settings) -> Vec<(&'static str, String)> {
+    use secrecy::ExposeSecret as _;
+    let secret = |v: &Option<secrecy::SecretString>| v.as_ref().map(|s| s.expose_secret().to_string());
+    let path = |v: &Option<std::path::PathBuf>| v.as_ref().map(|p| p.display().to_string());
+    [
+        ("DATABASE_URL", secret(&settings.database_url)),
+        ("WECHAT_APPID", settings.wechat_appid.clone()),
+        ("WECHAT_APPSECRET", secret(&settings.wechat_appsecret)),
+        ("WECHAT_TOKEN", secret(&settings.wechat_token)),
+        ("WECHAT_AES_KEY", secret(&settings.wechat_aes_key)),
+        ("WECHAT_API_BASE", settings.wechat_api_base.clone()),
+        ("INTERNAL_SECRET", secret(&settings.internal_secret)),
+        ("WECHATPAY_MCHID", settings.wechatpay_mchid.clone()),
+        ("WECHATPAY_SERIAL", settings.wechatpay_serial.clone()),
+        ("WECHATPAY_PRIVATE_KEY", path(&settings.wechatpay_private_key)),
+        ("WECHATPAY_CLIENT_CERT", path(&settings.wechatpay_client_cert)),
+        ("WECHATPAY_PLATFORM_PUBLIC_KEY", path(&settings.wechatpay_platform_public_key)),
+        ("WECHATPAY_PUBLIC_KEY_ID", settings.wechatpay_public_key_id.clone()),
+        ("WECHATPAY_APIV3_KEY", secret(&settings.wechatpay_apiv3_key)),
+        ("WECHATPAY_APIV2_KEY", secret(&settings.wechatpay_apiv2_key)),
+        ("WECHATPAY_API_BASE", settings.wechatpay_api_base.clone()),
+        ("WECHATPAY_NOTIFY_URL", settings.wechatpay_notify_url.clone()),
+        ("WECHATPAY_API_VERSION", settings.wechatpay_api_version.clone()),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| value.map(|v| (name, v)))
+    .collect()
 }
 
 impl Stack {

@@ -20,6 +20,7 @@ mod plugin_sql;
 mod properties;
 mod push;
 mod quota;
+mod reconcile;
 mod refunds;
 mod refusal;
 mod router;

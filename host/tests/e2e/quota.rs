@@ -351,3 +351,23 @@ async fn the_operator_adjusts_a_balance_once_per_key_through_the_ledger_on_both_
         stack.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_that_differ_only_in_case_are_two_consumptions_on_both_databases() {
+    for db in all_databases().await {
+        let which = db.name;
+        let stack = Stack::start(&db.url).await;
+        let alice = stack.login("alice").await;
+        buy(&stack, &alice, "p10").await;
+        let openid = wxhost::sim::openid_of("alice");
+        let ask =
+            |key: &str| json!({ "openid": openid, "units": 1, "idempotency_key": key, "description": "x" });
+        let (status, upper) = consume(&stack, ask("Job-1")).await;
+        assert_eq!(status, 200, "{which}: {upper}");
+        let (status, lower) = consume(&stack, ask("job-1")).await;
+        assert_eq!(status, 200, "{which}: {lower}");
+        assert_ne!(upper["entry_id"], lower["entry_id"], "{which}: another key is another consumption");
+        assert_eq!(stack.quota(&alice).await, 8, "{which}");
+        stack.shutdown().await;
+    }
+}

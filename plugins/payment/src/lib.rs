@@ -21,7 +21,10 @@
 //!   refunds (see [`refund`]); their `REFUND.*` notify comes the way of the
 //!   payment notify.
 //!
-//! Notify and query both mark an order paid through [`apply_paid`]: one
+//! - `POST /api/v1/internal/payment/reconcile` (`wxhost reconcile`): the
+//!   day's books against WeChat Pay's trade bill (see [`bill`]).
+//!
+//! Notify, query and the bill all mark an order paid through [`apply_paid`]: one
 //! transaction, the order locked, checked against what WeChat Pay says, and
 //! the quota credited only if the order was not paid already.
 
@@ -34,6 +37,7 @@ use wxhost_sdk::prelude::*;
 use wxhost_sdk::session;
 use wxhost_sdk::wechat_pay::{self, BrowserOrder, JsapiOrder, PayError};
 
+mod bill;
 mod message;
 mod refund;
 
@@ -47,6 +51,7 @@ fn routes() -> Router {
         .post("/api/v1/admin/refunds", refund::create)
         .get("/api/v1/admin/refunds/{out_refund_no}", refund::show)
         .post("/api/v1/internal/payment/messages/deliver", message::deliver)
+        .post("/api/v1/internal/payment/reconcile", bill::reconcile_day)
 }
 
 wxhost_sdk::plugin!(routes);
@@ -354,15 +359,7 @@ pub(crate) fn reconcile(out_trade_no: &str, order: &Json) {
     let expired = order["time_expire"].as_i64().is_some_and(|t| t <= now);
     match wechat_pay::query_order(out_trade_no) {
         Ok(state) if state.trade_state == "SUCCESS" => {
-            let paid = OrderPaid {
-                out_trade_no: out_trade_no.into(),
-                transaction_id: state.transaction_id.unwrap_or_default(),
-                amount_fen: state.amount_fen.unwrap_or(-1),
-                appid: state.appid,
-                mchid: state.mchid,
-                paid_at: state.success_time,
-            };
-            if let Err(e) = apply_paid(&paid) {
+            if let Err(e) = apply_paid(&OrderPaid::of_query(out_trade_no, state)) {
                 log::error(&format!(
                     "order {out_trade_no}: WeChat Pay says paid but it was not applied: {e}"
                 ));
@@ -464,7 +461,8 @@ fn notified(req: &Request) -> Result<Response> {
                 amount_fen,
                 appid: get("appid"),
                 mchid: get("mch_id"),
-                paid_at: None,
+                // `time_end`: when WeChat Pay took the money (its bill's time too).
+                paid_at: v2_time_unix(&get("time_end")),
             }
         }
     };
@@ -486,9 +484,17 @@ pub(crate) fn rfc3339_unix(t: &str) -> Option<i64> {
         .map(|t| t.unix_timestamp())
 }
 
+/// APIv2's `yyyyMMddHHmmss` (China Standard Time) as Unix seconds.
+fn v2_time_unix(t: &str) -> Option<i64> {
+    let format = time::macros::format_description!("[year][month][day][hour][minute][second]");
+    time::PrimitiveDateTime::parse(t, format)
+        .ok()
+        .map(|t| t.assume_offset(time::macros::offset!(+8)).unix_timestamp())
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct OrderPaid {
+pub(crate) struct OrderPaid {
     out_trade_no: String,
     transaction_id: String,
     /// What WeChat Pay says was paid, in fen.
@@ -499,10 +505,24 @@ struct OrderPaid {
     paid_at: Option<i64>,
 }
 
+impl OrderPaid {
+    /// What WeChat Pay's signed answer to `query-order` says was paid.
+    pub(crate) fn of_query(out_trade_no: &str, state: wechat_pay::OrderState) -> OrderPaid {
+        OrderPaid {
+            out_trade_no: out_trade_no.into(),
+            transaction_id: state.transaction_id.unwrap_or_default(),
+            amount_fen: state.amount_fen.unwrap_or(-1),
+            appid: state.appid,
+            mchid: state.mchid,
+            paid_at: state.success_time,
+        }
+    }
+}
+
 /// WeChat Pay says an order is paid: in one transaction, lock the order, check
 /// it against what WeChat Pay says, and (only if not already paid) mark it paid
 /// and credit the user. However often this comes, the credit happens once.
-fn apply_paid(p: &OrderPaid) -> Result<Json> {
+pub(crate) fn apply_paid(p: &OrderPaid) -> Result<Json> {
     let ok_id = |s: &str| {
         (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-|*@".contains(&b))
     };

@@ -194,10 +194,14 @@ impl FromValue for bool {
     }
 }
 
+/// Text; also a blob holding UTF-8, because MySQL reports a text column
+/// with a binary collation (`utf8mb4_bin`, which the schema uses for
+/// case-sensitive keys) as VARBINARY.
 impl FromValue for String {
     fn from_value(v: &Value) -> Option<String> {
         match v {
             Value::Text(s) => Some(s.clone()),
+            Value::Blob(b) => String::from_utf8(b.clone()).ok(),
             _ => None,
         }
     }
@@ -267,5 +271,18 @@ impl From<Vec<u8>> for Value {
 impl<T: Into<Value>> From<Option<T>> for Value {
     fn from(v: Option<T>) -> Value {
         v.map(Into::into).unwrap_or(Value::Null)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_read_from_a_utf8_blob_as_mysql_sends_binary_collated_columns() {
+        assert_eq!(String::from_value(&Value::Blob(b"Job-1".to_vec())), Some("Job-1".into()));
+        assert_eq!(String::from_value(&Value::Blob(vec![0xff, 0xfe])), None);
+        assert_eq!(String::from_value(&Value::Int(1)), None);
+        assert_eq!(Option::<String>::from_value(&Value::Null), Some(None));
     }
 }

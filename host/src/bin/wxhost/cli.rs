@@ -49,6 +49,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Hold a day's orders and refunds against WeChat Pay's trade bill: a
+    /// payment there that is not paid here is credited (as its notify would
+    /// have been), every other difference reported. Prints a summary and
+    /// writes a JSON report; exit 1 on any discrepancy, 2 if the day could not
+    /// be reconciled (no bill yet, a bill that fails its hash, WeChat Pay down).
+    Reconcile {
+        /// The day, YYYY-MM-DD in China Standard Time (WeChat Pay writes a
+        /// day's bill the next morning). Default: yesterday.
+        #[arg(long)]
+        date: Option<String>,
+        #[arg(long, default_value = config::DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Folder of the JSON reports (reconcile-DATE.json).
+        #[arg(long, default_value = "data/reconcile")]
+        report_dir: PathBuf,
+    },
     /// Development: the web role, the app role and the WeChat simulator together,
     /// on the SQLite default, with generated secrets kept in data/dev.env.
     Dev {
@@ -128,6 +144,10 @@ pub enum SimCommand {
         /// The test user who pays (a JSAPI order's payer; anyone for Native and H5).
         #[arg(long)]
         user: Option<String>,
+        /// The money is taken but the notify never arrives (nor its retries):
+        /// only a query or `wxhost reconcile` finds the payment.
+        #[arg(long)]
+        lose_notify: bool,
     },
     /// WeChat Pay: send a paid order's notify again, N copies at once (duplicates).
     Notify {

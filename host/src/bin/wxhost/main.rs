@@ -72,6 +72,25 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(if audit.differences.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        Command::Reconcile { date, config, report_dir } => {
+            let date = date.unwrap_or_else(wxhost::reconcile::yesterday);
+            let reconciled = match wxhost::reconcile::run(&config, Settings::from_env()?, &date).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("reconciling {date}: {e:#}");
+                    eprintln!("error: reconciling {date}: {e:#}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            print!("{}", wxhost::reconcile::summary(&reconciled.report));
+            std::fs::create_dir_all(&report_dir)
+                .with_context(|| format!("creating {}", report_dir.display()))?;
+            let path = wxhost::reconcile::report_path(&report_dir, &date);
+            std::fs::write(&path, serde_json::to_string_pretty(&reconciled.report)? + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("report: {}", path.display());
+            Ok(if reconciled.discrepancies == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         Command::Sim { command } => sim::sim(command).await,
         Command::Dev { config, sim_listen } => dev::dev(config, sim_listen).await,
         Command::New { what: NewCommand::Plugin { name, role, config } } => {

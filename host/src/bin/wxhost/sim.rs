@@ -75,9 +75,10 @@ pub async fn sim(command: SimCommand) -> anyhow::Result<ExitCode> {
         SimCommand::Code { sim_url, user, scope } => {
             control(&sim_url, "/sim/oauth/code", serde_json::json!({ "name": user, "scope": scope })).await
         }
-        SimCommand::Pay { sim_url, out_trade_no, code_url, user } => {
-            let request =
-                serde_json::json!({ "out_trade_no": out_trade_no, "code_url": code_url, "user": user });
+        SimCommand::Pay { sim_url, out_trade_no, code_url, user, lose_notify } => {
+            let request = serde_json::json!({
+                "out_trade_no": out_trade_no, "code_url": code_url, "user": user, "lose_notify": lose_notify,
+            });
             control(&sim_url, "/sim/pay", request).await
         }
         SimCommand::Notify { sim_url, out_trade_no, times } => {

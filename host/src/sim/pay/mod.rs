@@ -4,7 +4,9 @@
 //! Paying an order sends the signed notify (APIv3: AES-256-GCM resource;
 //! APIv2: signed XML) to the order's `notify_url`, repeated on WeChat Pay's
 //! retry schedule (compressed by `retry_scale`) until it is acknowledged.
+//! Each day's trade bill lists what was paid and refunded ([`bill`]).
 
+mod bill;
 pub mod certificates;
 mod notify;
 mod refund;
@@ -114,6 +116,10 @@ pub(super) struct PayData {
     certificate_downloads: u64,
     /// `GET /v3/certificates` answers a forgery while set.
     forge_certificates: bool,
+    /// Bill files by download token.
+    bill_files: HashMap<String, Vec<u8>>,
+    /// Bill files served do not match their signed hash while set.
+    corrupt_bills: bool,
 }
 
 pub(super) type SharedPay = Arc<Mutex<PayData>>;
@@ -125,6 +131,7 @@ pub(super) fn routes() -> axum::Router<Sim> {
         .merge(notify::routes())
         .merge(refund::routes())
         .merge(certificates::routes())
+        .merge(bill::routes())
 }
 
 fn pay_config(sim: &Sim) -> Option<&SimPayConfig> {

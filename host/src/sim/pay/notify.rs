@@ -50,6 +50,10 @@ pub struct PayRequest {
     pub code_url: Option<String>,
     /// The test user who pays; must be the order's payer. Absent: the payer.
     pub user: Option<String>,
+    /// WeChat Pay takes the money but its notify never reaches the merchant
+    /// (nor do its retries): only a query or the day's bill tells of it.
+    #[serde(default)]
+    pub lose_notify: bool,
 }
 
 /// What paying did.
@@ -102,8 +106,8 @@ impl Sim {
             o.transaction_id = Some(format!("4200{}", &random_digits(24)));
             no
         };
-        let (status, acknowledged) = self.deliver(&no).await;
-        if !acknowledged {
+        let (status, acknowledged) = if r.lose_notify { (0, false) } else { self.deliver(&no).await };
+        if !acknowledged && !r.lose_notify {
             let sim = self.clone();
             let no = no.clone();
             tokio::spawn(async move { sim.retry_notify(Notified::Order(no)).await });

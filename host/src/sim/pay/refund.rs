@@ -26,16 +26,16 @@ use crate::wechat::xml::to_xml;
 pub(super) struct SimRefund {
     /// The API it was asked for in, and its notify goes out in.
     api: Api,
-    out_trade_no: String,
-    transaction_id: String,
-    refund_id: String,
-    amount: i64,
-    total: i64,
+    pub(super) out_trade_no: String,
+    pub(super) transaction_id: String,
+    pub(super) refund_id: String,
+    pub(super) amount: i64,
+    pub(super) total: i64,
     notify_url: String,
     /// PROCESSING, SUCCESS, CLOSED, ABNORMAL.
-    status: &'static str,
+    pub(super) status: &'static str,
     created: i64,
-    success_time: Option<i64>,
+    pub(super) success_time: Option<i64>,
     deliveries: Vec<u16>,
     acknowledged: bool,
 }

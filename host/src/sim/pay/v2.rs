@@ -24,10 +24,19 @@ pub(super) fn routes() -> axum::Router<Sim> {
         .route("/pay/refundquery", post(refundquery))
 }
 
-fn v2_fail(message: &str) -> Response {
+pub(super) fn v2_fail(message: &str) -> Response {
     xml_response(format!(
         "<xml><return_code>FAIL</return_code><return_msg>{}</return_msg></xml>",
         quick_xml::escape::escape(message)
+    ))
+}
+
+/// A refusal with WeChat Pay's `error_code` (e.g. `downloadbill`'s 20002, no bill).
+pub(super) fn v2_fail_coded(message: &str, code: &str) -> Response {
+    xml_response(format!(
+        "<xml><return_code>FAIL</return_code><return_msg>{}</return_msg><error_code>{}</error_code></xml>",
+        quick_xml::escape::escape(message),
+        quick_xml::escape::escape(code)
     ))
 }
 
@@ -56,7 +65,7 @@ fn v2_answer(
 }
 
 /// Parses and checks an APIv2 request: configured, up, appid/mch_id, `sign`.
-async fn v2_gate(
+pub(super) async fn v2_gate(
     sim: &Sim,
     body: &[u8],
 ) -> Result<(HashMap<String, String>, V2SignType, String), Box<Response>> {

@@ -1,6 +1,7 @@
-//! WeChat Pay's protocol: APIv2 ([`v2`]), APIv3 ([`v3`]) and the checks of
-//! the notifies both send ([`notify`]).
+//! WeChat Pay's protocol: APIv2 ([`v2`]), APIv3 ([`v3`]), the checks of
+//! the notifies both send ([`notify`]) and the daily trade bill ([`bill`]).
 
+pub mod bill;
 pub mod certificates;
 pub mod notify;
 pub mod v2;
