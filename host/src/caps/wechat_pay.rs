@@ -1378,6 +1378,11 @@ mod tests {
                 // APIv3's file is checked against the SHA-1 its signed answer names.
                 sim.corrupt_bills(true);
                 assert!(matches!(pay.trade_bill(&today(), deadline()).await, Err(PayError::BadSignature)));
+                // A file anywhere but WeChat Pay's own address is not fetched
+                // (the request would carry the merchant's signature there).
+                sim.corrupt_bills(false);
+                sim.bill_download_host(Some("127.0.0.1:1".into()));
+                assert!(matches!(pay.trade_bill(&today(), deadline()).await, Err(PayError::BadSignature)));
             }
         }
     }

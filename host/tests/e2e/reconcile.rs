@@ -4,16 +4,36 @@
 //! agreeing, a bill that fails its hash changes nothing, and every other
 //! difference is reported by `wxhost reconcile` (a fresh process of the real
 //! binary: its summary, its JSON report and its exit status).
+//!
+//! Bills are for days that are over: each test trades now, then moves its
+//! trades a day back, at WeChat Pay (the simulator) and here alike.
 
 use crate::common::stack::*;
 use crate::common::*;
 use serde_json::{Value, json};
 use wxhost::sim::PayRequest;
 
-/// Today in China Standard Time: the day of the bill the payments just made are on.
-fn today() -> String {
-    let day = time::OffsetDateTime::now_utc().to_offset(wxhost::wechat::pay::CST).date();
+const DAY: i64 = 86_400;
+
+/// The day (China Standard Time) `secs_ago` seconds ago, as bills name days.
+fn day_of(secs_ago: i64) -> String {
+    let at = time::OffsetDateTime::now_utc() - time::Duration::seconds(secs_ago);
+    let day = at.to_offset(wxhost::wechat::pay::CST).date();
     format!("{:04}-{:02}-{:02}", day.year(), u8::from(day.month()), day.day())
+}
+
+/// Moves every trade made so far a day back, at WeChat Pay and here alike;
+/// returns the day they are now on.
+async fn trade_yesterday(stack: &Stack) -> String {
+    stack.sim.backdate_pay(DAY);
+    let back = DAY.to_string();
+    for sql in [
+        "UPDATE orders SET paid_at = paid_at - ?, created_at = created_at - ? WHERE paid_at IS NOT NULL",
+        "UPDATE refunds SET created_at = created_at - ?, succeeded_at = succeeded_at - ?",
+    ] {
+        db_exec(&stack.db_url, sql, &[&back, &back]).await;
+    }
+    day_of(DAY)
 }
 
 /// An order of `product` for the user of `token`, paid at WeChat Pay; with
@@ -68,14 +88,15 @@ async fn a_payment_whose_notify_was_lost_is_credited_once_and_a_second_run_finds
             let lost = pay_order(&stack, &alice, "p50", true).await;
             assert_eq!(order_status(&stack, &lost).await, "pending", "{which}");
             assert_eq!(stack.quota(&alice).await, 10, "{which}");
+            let yesterday = trade_yesterday(&stack).await;
 
-            let report = reconcile(&stack, &today()).await.unwrap_or_else(|e| panic!("{which}: {e}"));
+            let report = reconcile(&stack, &yesterday).await.unwrap_or_else(|e| panic!("{which}: {e}"));
             assert_eq!(kinds(&report), [("not_paid_here".into(), "credited".into())], "{which}: {report}");
             assert_eq!(report["discrepancies"][0]["out_trade_no"], lost, "{which}");
             assert_eq!(report["credited"], 1, "{which}");
             assert_eq!(
                 report["bill"],
-                json!({ "payments": 2, "paid_fen": 4980, "refunds": 0, "refunded_fen": 0, "other_lines": 0 }),
+                json!({ "payments": 2, "paid_fen": 4980, "refunds": 0, "refunded_fen": 0, "other_lines": 0, "other_apps": 0 }),
                 "{which}"
             );
             assert_eq!(
@@ -88,7 +109,7 @@ async fn a_payment_whose_notify_was_lost_is_credited_once_and_a_second_run_finds
             assert_eq!(stack.quota(&alice).await, 60, "{which}");
 
             // Again: the books agree, nothing is credited twice.
-            let again = reconcile(&stack, &today()).await.unwrap();
+            let again = reconcile(&stack, &yesterday).await.unwrap();
             assert_eq!(kinds(&again), [], "{which}: {again}");
             assert_eq!(again["credited"], 0, "{which}");
             assert_eq!(stack.quota(&alice).await, 60, "{which}");
@@ -112,15 +133,16 @@ async fn a_bill_that_fails_its_hash_is_refused_and_nothing_is_applied() {
         let stack = Stack::start(&db.url).await;
         let alice = stack.login("alice").await;
         let lost = pay_order(&stack, &alice, "p10", true).await;
+        let yesterday = trade_yesterday(&stack).await;
         stack.sim.corrupt_bills(true);
-        let refused = reconcile(&stack, &today()).await.expect_err("a bill not matching its hash");
+        let refused = reconcile(&stack, &yesterday).await.expect_err("a bill not matching its hash");
         assert!(refused.contains("bill_refused"), "{which}: {refused}");
         assert_eq!(order_status(&stack, &lost).await, "pending", "{which}");
         assert_eq!(stack.quota(&alice).await, 0, "{which}");
 
         // The bill is downloaded whole again next time.
         stack.sim.corrupt_bills(false);
-        let report = reconcile(&stack, &today()).await.unwrap();
+        let report = reconcile(&stack, &yesterday).await.unwrap();
         assert_eq!(kinds(&report), [("not_paid_here".into(), "credited".into())], "{which}");
         assert_eq!(stack.quota(&alice).await, 10, "{which}");
         stack.shutdown().await;
@@ -128,16 +150,18 @@ async fn a_bill_that_fails_its_hash_is_refused_and_nothing_is_applied() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_day_without_a_bill_or_not_begun_is_told_apart_from_agreement() {
+async fn a_day_without_a_bill_or_not_over_is_told_apart_from_agreement() {
     let db = sqlite_database().await;
     let stack = Stack::start(&db.url).await;
     // No trades that day: WeChat Pay has no bill, and nothing here was paid either.
     let quiet = reconcile(&stack, "2024-01-02").await.unwrap();
     assert_eq!(kinds(&quiet), []);
     assert_eq!(quiet["bill"]["payments"], 0);
-    let tomorrow = (time::OffsetDateTime::now_utc() + time::Duration::days(2)).date();
-    let future = format!("{:04}-{:02}-{:02}", tomorrow.year(), u8::from(tomorrow.month()), tomorrow.day());
-    assert!(reconcile(&stack, &future).await.unwrap_err().contains("invalid_date"));
+    // Today's bill is written tomorrow morning: today is refused, not compared with nothing.
+    for day in [day_of(0), day_of(-2 * DAY)] {
+        let refused = reconcile(&stack, &day).await.unwrap_err();
+        assert!(refused.contains("invalid_date") && refused.contains("not over"), "{day}: {refused}");
+    }
     assert!(reconcile(&stack, "06/12/2026").await.unwrap_err().contains("YYYY-MM-DD"));
     stack.shutdown().await;
 }
@@ -189,10 +213,11 @@ async fn wxhost_reconcile_reports_every_difference_writes_its_report_and_exits_1
         )
         .await;
         let quota_before = stack.quota(&alice).await;
+        let yesterday = trade_yesterday(&stack).await;
 
         let reports = tempfile::tempdir().unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_wxhost"))
-            .args(["reconcile", "--date", &today(), "--config"])
+            .args(["reconcile", "--date", &yesterday, "--config"])
             .arg(stack.config.path())
             .arg("--report-dir")
             .arg(reports.path())
@@ -213,7 +238,7 @@ async fn wxhost_reconcile_reports_every_difference_writes_its_report_and_exits_1
             );
         }
         assert!(stdout.contains("3 discrepancies"), "{which}: {stdout}");
-        let file = reports.path().join(format!("reconcile-{}.json", today()));
+        let file = reports.path().join(format!("reconcile-{yesterday}.json"));
         let report: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
         assert_eq!(
             kinds(&report),
@@ -233,7 +258,7 @@ async fn wxhost_reconcile_reports_every_difference_writes_its_report_and_exits_1
             &[&forged],
         )
         .await;
-        let report = reconcile(&stack, &today()).await.unwrap();
+        let report = reconcile(&stack, &yesterday).await.unwrap();
         let found = kinds(&report);
         assert!(found.contains(&("missing_at_wechat".into(), "reported".into())), "{which}: {report}");
         assert!(found.contains(&("unknown_order".into(), "reported".into())), "{which}: {report}");

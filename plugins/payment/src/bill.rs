@@ -11,6 +11,10 @@
 //!   a payment here absent there, an order unknown here, and refunds whose
 //!   amount or state disagree are reported, never changed.
 //!
+//! Lines of another AppID of the same merchant are counted, not compared. A
+//! refund is on the bill of the day it was asked for, in its state when the
+//! bill was written: PROCESSING there agrees with any outcome here.
+//!
 //! The answer is the report: both sides' totals and every discrepancy with
 //! what was done about it. Running it again changes nothing more.
 
@@ -64,30 +68,23 @@ fn day_bounds(date: &str) -> Result<(i64, i64)> {
 pub fn reconcile_day(req: &Request) -> Result<Response> {
     let ask: Ask = req.json()?;
     let (start, end) = day_bounds(&ask.date)?;
-    if start >= now() {
-        return Err(Error::bad_request("invalid_date", "the day has not begun yet: WeChat Pay has no bill"));
+    if end > now() {
+        return Err(Error::bad_request(
+            "invalid_date",
+            "the day is not over: WeChat Pay writes its bill the next morning",
+        ));
     }
     let bill = match wechat_pay::trade_bill(&ask.date) {
         Ok(lines) => lines,
         // No trades that day: an empty bill, so payments here are still checked.
         Err(PayError::Refused((code, _))) if code == "NO_STATEMENT_EXIST" => Vec::new(),
-        Err(PayError::BadSignature) => {
-            log::error(&format!("the trade bill of {} does not match its signed hash", ask.date));
-            return Err(Error::new(
-                502,
-                "bill_refused",
-                "WeChat Pay's bill does not verify; nothing was applied",
-            ));
-        }
-        Err(e) => {
-            log::warn(&format!("the trade bill of {} could not be had: {e:?}", ask.date));
-            let e: Error = e.into();
-            return Err(Error::new(e.status, "bill_unavailable", &e.message));
-        }
+        Err(e) => return Err(bill_error(&ask.date, e)),
     };
+    let (appid, _) = wechat_pay::merchant()?;
+    let (ours, other_apps): (Vec<&BillEntry>, Vec<&BillEntry>) = bill.iter().partition(|l| l.appid == appid);
     let mut found = Vec::new();
-    let payments: Vec<&BillEntry> = bill.iter().filter(|l| l.refund.is_none()).collect();
-    let refunds: Vec<&BillEntry> = bill.iter().filter(|l| l.refund.is_some()).collect();
+    let payments: Vec<&BillEntry> = ours.iter().copied().filter(|l| l.refund.is_none()).collect();
+    let refunds: Vec<&BillEntry> = ours.iter().copied().filter(|l| l.refund.is_some()).collect();
     check_payments(&payments, (start, end), &mut found)?;
     check_refunds(&refunds, (start, end), &mut found)?;
 
@@ -104,6 +101,7 @@ pub fn reconcile_day(req: &Request) -> Result<Response> {
             "refunds": refunds.len(),
             "refunded_fen": sum(&refunds, |l| l.refund.as_ref().map_or(0, |r| r.amount_fen)),
             "other_lines": payments.len() - paid_lines.len(),
+            "other_apps": other_apps.len(),
         },
         "here": here,
         "credited": found.iter().filter(|d| d.action == "credited").count(),
@@ -112,6 +110,29 @@ pub fn reconcile_day(req: &Request) -> Result<Response> {
     let outcome = if found.is_empty() { "reconciled" } else { "discrepancies" };
     log::info(&format!("reconciled {} with WeChat Pay's bill: {} discrepancies", ask.date, found.len()));
     Ok(Response::json(200, &report).outcome(outcome))
+}
+
+/// Why the day could not be reconciled, with WeChat Pay's code for the operator.
+fn bill_error(date: &str, e: PayError) -> Error {
+    log::warn(&format!("the trade bill of {date} could not be had: {e:?}"));
+    match e {
+        PayError::BadSignature => Error::new(
+            502,
+            "bill_refused",
+            "WeChat Pay's bill does not match its signed hash; nothing was applied",
+        ),
+        PayError::Refused((code, _)) if code == "STATEMENT_CREATING" => Error::new(
+            503,
+            "bill_not_ready",
+            "WeChat Pay is still writing this bill (STATEMENT_CREATING): try again after 10:00 China Standard Time",
+        ),
+        PayError::Refused((code, message)) => {
+            Error::new(502, "bill_unavailable", &format!("WeChat Pay refused the bill: {code} ({message})"))
+        }
+        PayError::Unavailable(why) => Error::new(502, "bill_unavailable", &why),
+        PayError::Timeout => Error::new(504, "bill_unavailable", "WeChat Pay did not answer in time"),
+        PayError::Invalid(why) | PayError::NotConfigured(why) => Error::new(500, "bill_unavailable", &why),
+    }
 }
 
 /// An order as the comparison needs it.
@@ -272,15 +293,17 @@ fn refund_of(row: &db::Row) -> Result<RefundHere> {
 
 fn check_refunds(lines: &[&BillEntry], (start, end): (i64, i64), found: &mut Vec<Discrepancy>) -> Result<()> {
     let mut refunds: BTreeMap<String, RefundHere> = BTreeMap::new();
-    let succeeded_here = db::query(
+    // Asked for that day and taken by WeChat Pay, or still on the way.
+    let asked_here = db::query(
         &format!(
-            "SELECT {REFUND_FIELDS} FROM refunds WHERE status = 'success' AND succeeded_at >= ? AND succeeded_at < ?"
+            "SELECT {REFUND_FIELDS} FROM refunds WHERE status IN ('processing', 'success', 'abnormal') \
+             AND created_at >= ? AND created_at < ?"
         ),
         params![start, end],
     )?;
-    let succeeded_that_day: BTreeSet<String> =
-        succeeded_here.iter().map(|r| r.get::<String>("out_refund_no")).collect::<Result<_, _>>()?;
-    for row in succeeded_here.iter() {
+    let asked_that_day: BTreeSet<String> =
+        asked_here.iter().map(|r| r.get::<String>("out_refund_no")).collect::<Result<_, _>>()?;
+    for row in asked_here.iter() {
         refunds.insert(row.get("out_refund_no")?, refund_of(&row)?);
     }
     let mut in_bill = BTreeSet::new();
@@ -302,7 +325,7 @@ fn check_refunds(lines: &[&BillEntry], (start, end): (i64, i64), found: &mut Vec
             Some(h) if h.out_trade_no != line.out_trade_no || h.amount_fen != r.amount_fen => {
                 Some("refund_amount_mismatch")
             }
-            Some(h) if (r.status == "SUCCESS") != (h.status == "success") => Some("refund_state_mismatch"),
+            Some(h) if refund_states_disagree(&r.status, &h.status) => Some("refund_state_mismatch"),
             Some(_) => None,
         };
         if let Some(kind) = kind {
@@ -320,7 +343,7 @@ fn check_refunds(lines: &[&BillEntry], (start, end): (i64, i64), found: &mut Vec
             });
         }
     }
-    for no in succeeded_that_day.difference(&in_bill) {
+    for no in asked_that_day.difference(&in_bill) {
         let h = &refunds[no];
         found.push(Discrepancy {
             kind: "refund_missing_at_wechat",
@@ -332,6 +355,18 @@ fn check_refunds(lines: &[&BillEntry], (start, end): (i64, i64), found: &mut Vec
         });
     }
     Ok(())
+}
+
+/// Whether the bill's state of a refund (as of the bill) and the state here disagree.
+fn refund_states_disagree(there: &str, here: &str) -> bool {
+    match (there, here) {
+        // WeChat Pay refused it here, yet it has it.
+        (_, "failed") => true,
+        ("SUCCESS", here) => here != "success",
+        // A snapshot taken before the refund ended.
+        ("PROCESSING", _) => false,
+        (_, here) => here == "success",
+    }
 }
 
 /// What the books here say of the day, after the repairs.
@@ -346,7 +381,7 @@ fn totals_here((start, end): (i64, i64)) -> Result<Json> {
     let refunded = db::query(
         &format!(
             "SELECT COUNT(*) AS n, {fen} AS fen FROM refunds \
-             WHERE status = 'success' AND succeeded_at >= ? AND succeeded_at < ?"
+             WHERE status IN ('processing', 'success', 'abnormal') AND created_at >= ? AND created_at < ?"
         ),
         params![start, end],
     )?;

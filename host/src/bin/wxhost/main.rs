@@ -74,22 +74,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Reconcile { date, config, report_dir } => {
             let date = date.unwrap_or_else(wxhost::reconcile::yesterday);
-            let reconciled = match wxhost::reconcile::run(&config, Settings::from_env()?, &date).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!("reconciling {date}: {e:#}");
-                    eprintln!("error: reconciling {date}: {e:#}");
-                    return Ok(ExitCode::from(2));
-                }
-            };
-            print!("{}", wxhost::reconcile::summary(&reconciled.report));
-            std::fs::create_dir_all(&report_dir)
-                .with_context(|| format!("creating {}", report_dir.display()))?;
-            let path = wxhost::reconcile::report_path(&report_dir, &date);
-            std::fs::write(&path, serde_json::to_string_pretty(&reconciled.report)? + "\n")
-                .with_context(|| format!("writing {}", path.display()))?;
-            println!("report: {}", path.display());
-            Ok(if reconciled.discrepancies == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            // Exit 1 is kept for discrepancies: anything that stops the run is 2.
+            Ok(reconcile(&date, &config, &report_dir).await.unwrap_or_else(|e| {
+                tracing::error!("reconciling {date}: {e:#}");
+                eprintln!("error: reconciling {date}: {e:#}");
+                ExitCode::from(2)
+            }))
         }
         Command::Sim { command } => sim::sim(command).await,
         Command::Dev { config, sim_listen } => dev::dev(config, sim_listen).await,
@@ -135,6 +125,22 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `wxhost reconcile`: the summary printed, the report written; exit 1 on discrepancies.
+async fn reconcile(
+    date: &str,
+    config: &std::path::Path,
+    report_dir: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    let reconciled = wxhost::reconcile::run(config, Settings::from_env()?, date).await?;
+    print!("{}", wxhost::reconcile::summary(&reconciled.report));
+    std::fs::create_dir_all(report_dir).with_context(|| format!("creating {}", report_dir.display()))?;
+    let path = wxhost::reconcile::report_path(report_dir, date);
+    std::fs::write(&path, serde_json::to_string_pretty(&reconciled.report)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("report: {}", path.display());
+    Ok(if reconciled.discrepancies == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn init_logging(format: LogFormat) {

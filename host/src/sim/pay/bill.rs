@@ -2,8 +2,10 @@
 //! answer naming the file's SHA-1 and where to download it, the file then
 //! served to a signed `GET`) and APIv2 `/pay/downloadbill` (the file itself).
 //! A day's bill lists the payments that succeeded that day and the refunds
-//! that did (China Standard Time). A test can make the simulator serve files
-//! that do not match their hash (`/sim/pay/bills/corrupt`).
+//! asked for that day, each in its state now (China Standard Time). Tests
+//! can make the simulator serve files that do not match their hash or name
+//! another host to download them from (`/sim/pay/bills/tamper`), and move
+//! every trade back in time (`/sim/pay/backdate`: yesterday's bill).
 
 use axum::Json;
 use axum::body::Bytes;
@@ -20,13 +22,15 @@ use super::v3::{V3Call, v3_error, v3_signed};
 use crate::sim::{Sim, random_hex};
 use crate::wechat::pay::CST;
 use crate::wechat::pay::bill::{self, BillLine, BillRefund};
+use crate::wechat::pay::v2;
 
 pub(super) fn routes() -> axum::Router<Sim> {
     axum::Router::new()
         .route("/v3/bill/tradebill", get(tradebill))
         .route("/v3/billdownload/file", get(download))
         .route("/pay/downloadbill", post(downloadbill))
-        .route("/sim/pay/bills/corrupt", post(corrupt_route))
+        .route("/sim/pay/bills/tamper", post(tamper_route))
+        .route("/sim/pay/backdate", post(backdate_route))
 }
 
 /// `[start, end)` in Unix seconds of a `YYYY-MM-DD` day in China Standard Time.
@@ -38,7 +42,8 @@ fn day_bounds(date: &str) -> Option<(i64, i64)> {
 }
 
 impl PayData {
-    /// The lines of a day's bill: the payments and the refunds that succeeded then.
+    /// The lines of a day's bill: the payments that succeeded then, and the
+    /// refunds asked for then (in their state now, as WeChat Pay writes it).
     fn bill_lines(&self, appid: &str, mchid: &str, (start, end): (i64, i64)) -> Vec<BillLine> {
         let within = |t: Option<i64>| t.is_some_and(|t| (start..end).contains(&t));
         let mut lines = Vec::new();
@@ -60,12 +65,12 @@ impl PayData {
             }
         }
         for (no, r) in &self.refunds {
-            if r.status != "SUCCESS" || !within(r.success_time) {
+            if !within(Some(r.created)) {
                 continue;
             }
             let order = self.orders.get(&r.out_trade_no);
             lines.push(BillLine {
-                trade_time: r.success_time.unwrap_or_default(),
+                trade_time: r.created,
                 appid: order.map_or_else(|| appid.to_string(), |o| o.appid.clone()),
                 mchid: mchid.to_string(),
                 transaction_id: r.transaction_id.clone(),
@@ -78,7 +83,7 @@ impl PayData {
                     refund_id: r.refund_id.clone(),
                     out_refund_no: no.clone(),
                     amount_fen: r.amount,
-                    status: "SUCCESS".into(),
+                    status: v2::v2_refund_status_of(r.status).into(),
                 }),
                 description: order.map(|o| o.description.clone()).unwrap_or_default(),
             });
@@ -104,6 +109,25 @@ impl Sim {
     pub fn corrupt_bills(&self, on: bool) {
         self.pay.lock().expect("sim pay lock").corrupt_bills = on;
     }
+
+    /// From now on, bill answers name `host` (`host:port`) as where their file
+    /// is downloaded from (`None`: where the merchant reached WeChat Pay).
+    pub fn bill_download_host(&self, host: Option<String>) {
+        self.pay.lock().expect("sim pay lock").bill_download_host = host;
+    }
+
+    /// Moves every payment and refund `seconds` back in time, as if they had
+    /// happened then (a test of yesterday's bill).
+    pub fn backdate_pay(&self, seconds: i64) {
+        let mut pay = self.pay.lock().expect("sim pay lock");
+        for o in pay.orders.values_mut() {
+            o.success_time = o.success_time.map(|t| t - seconds);
+        }
+        for r in pay.refunds.values_mut() {
+            r.created -= seconds;
+            r.success_time = r.success_time.map(|t| t - seconds);
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -126,15 +150,17 @@ async fn tradebill(Query(q): Query<TradeBillQuery>, headers: HeaderMap, call: V3
     let token = random_hex(16);
     let mut pay = call.sim.pay.lock().expect("sim pay lock");
     let served = if pay.corrupt_bills {
-        // One amount changed on the way: the file no longer matches the signed hash.
-        String::from_utf8_lossy(&file).replacen("`0.00", "`0.01", 1).into_bytes()
+        // Changed on the way (a line more): the file no longer matches the signed hash.
+        [file.as_slice(), "`2099-01-01 00:00:00".as_bytes()].concat()
     } else {
         file
     };
     pay.bill_files.insert(token.clone(), served);
+    let host = pay.bill_download_host.clone().unwrap_or_else(|| {
+        // The file is where the merchant reached WeChat Pay.
+        headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1").to_string()
+    });
     drop(pay);
-    // The file is where the merchant reached WeChat Pay.
-    let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
     let answer = json!({
         "hash_type": "SHA1",
         "hash_value": hash,
@@ -176,11 +202,27 @@ async fn downloadbill(State(sim): State<Sim>, body: Bytes) -> Response {
 }
 
 #[derive(Deserialize)]
-struct CorruptBody {
-    on: bool,
+#[serde(deny_unknown_fields)]
+struct TamperBody {
+    /// Files that do not match their hash.
+    #[serde(default)]
+    corrupt: bool,
+    /// Another host to download files from.
+    download_host: Option<String>,
 }
 
-async fn corrupt_route(State(sim): State<Sim>, Json(b): Json<CorruptBody>) -> Json<serde_json::Value> {
-    sim.corrupt_bills(b.on);
-    Json(json!({ "corrupt_bills": b.on }))
+async fn tamper_route(State(sim): State<Sim>, Json(b): Json<TamperBody>) -> Json<serde_json::Value> {
+    sim.corrupt_bills(b.corrupt);
+    sim.bill_download_host(b.download_host.clone());
+    Json(json!({ "corrupt": b.corrupt, "download_host": b.download_host }))
+}
+
+#[derive(Deserialize)]
+struct BackdateBody {
+    seconds: i64,
+}
+
+async fn backdate_route(State(sim): State<Sim>, Json(b): Json<BackdateBody>) -> Json<serde_json::Value> {
+    sim.backdate_pay(b.seconds);
+    Json(json!({ "backdated_seconds": b.seconds }))
 }

@@ -120,6 +120,8 @@ pub(super) struct PayData {
     bill_files: HashMap<String, Vec<u8>>,
     /// Bill files served do not match their signed hash while set.
     corrupt_bills: bool,
+    /// Where bill answers say their file is, when a test says so.
+    bill_download_host: Option<String>,
 }
 
 pub(super) type SharedPay = Arc<Mutex<PayData>>;

@@ -34,7 +34,7 @@ pub(super) struct SimRefund {
     notify_url: String,
     /// PROCESSING, SUCCESS, CLOSED, ABNORMAL.
     pub(super) status: &'static str,
-    created: i64,
+    pub(super) created: i64,
     pub(super) success_time: Option<i64>,
     deliveries: Vec<u16>,
     acknowledged: bool,

@@ -4,8 +4,11 @@
 //! A header line of Chinese column names, one line per payment or refund
 //! whose every field starts with a backtick (so spreadsheets keep long
 //! numbers as text), then a summary header (`总交易单数,…`) and its line.
-//! Amounts are yuan with two decimals. Columns are found by name, so a bill
-//! with columns added or moved still reads.
+//! Amounts are yuan (`0.01`, also `45.0`). A refund's line is dated when the
+//! refund was asked for and carries its state as of the bill (a refund still
+//! on its way is PROCESSING there for good). Columns are found by name, so a
+//! bill with columns added or moved, or in the older layout (`总金额`), still
+//! reads. The summary must agree with the lines: a bill cut short is refused.
 
 use sha1::Digest as _;
 
@@ -47,6 +50,10 @@ pub enum BillError {
     MissingColumn(&'static str),
     #[error("line {line}: {why}")]
     BadLine { line: usize, why: String },
+    #[error("the bill ends before its summary (cut short?)")]
+    NoSummary,
+    #[error("the summary says {0}, the lines do not")]
+    SummaryDisagrees(String),
 }
 
 /// Whether `body` is the file a signed answer's `hash_value` names (SHA-1,
@@ -109,7 +116,7 @@ pub fn parse(text: &str) -> Result<Vec<BillLine>, BillError> {
         openid: column("用户标识"),
         trade_type: column("交易类型"),
         state: need("交易状态")?,
-        total: column("订单金额").map_or_else(|| need("应结订单金额"), Ok)?,
+        total: column("订单金额").or_else(|| column("应结订单金额")).map_or_else(|| need("总金额"), Ok)?,
         refund_id: need("微信退款单号")?,
         out_refund_no: need("商户退款单号")?,
         refund_amount: column("申请退款金额").map_or_else(|| need("退款金额"), Ok)?,
@@ -117,9 +124,11 @@ pub fn parse(text: &str) -> Result<Vec<BillLine>, BillError> {
         description: column("商品名称"),
     };
     let mut out = Vec::new();
-    for (index, line) in lines {
+    let mut summary = None;
+    while let Some((index, line)) = lines.next() {
         let number = index + 1;
         if line.trim_start_matches('`').starts_with(SUMMARY_HEADER) {
+            summary = Some((line, lines.next().map(|(_, l)| l).ok_or(BillError::NoSummary)?));
             break;
         }
         // Every field starts with a backtick, so ",`" separates fields even
@@ -133,7 +142,38 @@ pub fn parse(text: &str) -> Result<Vec<BillLine>, BillError> {
         }
         out.push(at.read(&fields).map_err(|why| BillError::BadLine { line: number, why })?);
     }
+    let (header, totals) = summary.ok_or(BillError::NoSummary)?;
+    check_summary(header, totals, &out)?;
     Ok(out)
+}
+
+/// The summary's count and totals against the lines read (an APIv2 bill has
+/// no hash: this is what tells a whole bill from a cut one).
+fn check_summary(header: &str, totals: &str, lines: &[BillLine]) -> Result<(), BillError> {
+    let names: Vec<&str> = header.split(',').map(|n| n.trim().trim_start_matches('`')).collect();
+    let values: Vec<&str> = totals.split(',').map(|v| v.trim().trim_start_matches('`')).collect();
+    let value = |name: &str| names.iter().position(|n| *n == name).and_then(|i| values.get(i).copied());
+    let count = value(SUMMARY_HEADER).and_then(yuan_to_fen).filter(|c| c % 100 == 0).map(|c| c / 100);
+    if count != Some(lines.len() as i64) {
+        return Err(BillError::SummaryDisagrees(format!(
+            "{:?} lines, there are {}",
+            value(SUMMARY_HEADER),
+            lines.len()
+        )));
+    }
+    let sums = [
+        ("订单总金额", lines.iter().map(|l| l.amount_fen).sum::<i64>()),
+        ("申请退款总金额", lines.iter().filter_map(|l| l.refund.as_ref()).map(|r| r.amount_fen).sum()),
+    ];
+    for (name, sum) in sums {
+        if let Some(total) = value(name).filter(|total| yuan_to_fen(total) != Some(sum)) {
+            return Err(BillError::SummaryDisagrees(format!(
+                "{name} {total}, the lines add up to {}",
+                fen_to_yuan(sum)
+            )));
+        }
+    }
+    Ok(())
 }
 
 struct Columns {
@@ -279,7 +319,7 @@ pub fn write(lines: &[BillLine]) -> String {
         fen_to_yuan(refunded),
         "0.00".into(),
         "0.00000".into(),
-        fen_to_yuan(lines.iter().filter(|l| l.refund.is_none()).map(|l| l.amount_fen).sum()),
+        fen_to_yuan(lines.iter().map(|l| l.amount_fen).sum()),
         fen_to_yuan(refunded),
     ];
     out.push('`');
@@ -313,14 +353,15 @@ mod tests {
         assert!(!sha1_matches(b"abc", ""));
     }
 
-    /// Lines of wechatpay-apiv3/wechatpay-php `tests/fixtures/bill.ALL.csv`
+    /// Two lines of wechatpay-apiv3/wechatpay-php `tests/fixtures/bill.ALL.csv`
     /// (its `DownloadbillTest`), a bill as WeChat Pay writes it: a BOM, CRLF,
-    /// a refund line and a payment line, the summary with `45.0`.
+    /// a refund line and a payment line; the summary is that file's, its
+    /// figures recomputed for these two lines (`2.0` written as it writes `45.0`).
     const SDK_BILL: &str = "\u{feff}交易时间,公众账号ID,商户号,特约商户号,设备号,微信订单号,商户订单号,用户标识,交易类型,交易状态,付款银行,货币种类,应结订单金额,代金券金额,微信退款单号,商户退款单号,退款金额,充值券退款金额,退款类型,退款状态,商品名称,商户数据包,手续费,费率,订单金额,申请退款金额,费率备注\r\n\
 `2019-02-19 05:01:46,`wxab8acd895ab1638a,`1921000401,`0,`harryma007,`4200000263201902167700134212,`autotest_20190216081946_82335,`oHkLxtx0vUqe-18p_AXTZ1innxkCY,`JSAPI,`REFUND,`OTHERS,`CNY,`0.00,`0.00,`50000709672019011908420787722,`REF4200000263201902167700963919,`0.01,`0.00,`ORIGINAL,`SUCCESS,`系统拨测-cheeryin-test_micropay_succ,`,`0.00000,`39.00%,`0.00,`0.01,`\r\n\
 `2019-02-19 01:52:32,`wxab8acd895ab1638a,`1921000401,`0,`,`4200000263201902167700134902,`autotest_20190219015232_89201,`wxab8acb865bb1637e,`NATIVE,`SUCCESS,`OTHERS,`CNY,`0.03,`0.00,`0,`0,`0.00,`0.00,`,`,`autotest,`,`0.01000,`39.00%,`0.03,`0.00,`\r\n\
 总交易单数,应结订单总金额,退款总金额,充值券退款总金额,手续费总金额,订单总金额,申请退款总金额\r\n\
-`45.0,`0.47,`0.14,`0.0,`0.08,`0.47,`0.14\r\n";
+`2.0,`0.03,`0.01,`0.0,`0.01,`0.03,`0.01\r\n";
 
     #[test]
     fn a_bill_as_the_sdk_tests_have_it_reads_as_one_refund_and_one_payment() {
@@ -383,6 +424,26 @@ mod tests {
         let lines = vec![payment, refund];
         assert_eq!(parse(&write(&lines)).unwrap(), lines);
         assert_eq!(parse(&write(&[])).unwrap(), []);
+    }
+
+    #[test]
+    fn a_bill_cut_short_or_whose_summary_disagrees_is_refused_and_the_older_layout_reads() {
+        let (body, summary) = SDK_BILL.split_at(SDK_BILL.find("总交易单数").unwrap());
+        assert_eq!(parse(body), Err(BillError::NoSummary));
+        assert_eq!(parse(&format!("{body}{}", summary.lines().next().unwrap())), Err(BillError::NoSummary));
+        let one_line_less = SDK_BILL.replacen(SDK_BILL.lines().nth(2).unwrap(), "", 1);
+        assert!(matches!(parse(&one_line_less), Err(BillError::SummaryDisagrees(_))), "{one_line_less}");
+        let other_total = SDK_BILL.replace("`0.03,`0.01\r\n", "`0.04,`0.01\r\n");
+        assert!(
+            matches!(parse(&other_total), Err(BillError::SummaryDisagrees(why)) if why.contains("订单总金额"))
+        );
+        // Merchants still on the older layout: `总金额` is the order's total.
+        let older = "交易时间,公众账号ID,商户号,子商户号,设备号,微信订单号,商户订单号,用户标识,交易类型,交易状态,付款银行,货币种类,总金额,代金券或立减优惠金额,微信退款单号,商户退款单号,退款金额,代金券或立减优惠退款金额,退款类型,退款状态,商品名称,商户数据包,手续费,费率\n\
+`2014-11-10 16:33:45,`wx2421b1c4370ec43b,`10000100,`0,`1000,`1001690740201411100005734289,`1415640626,`085e9858e3ba5186aafcbaed1,`MICROPAY,`SUCCESS,`OTHERS,`CNY,`0.01,`0.0,`0,`0,`0,`0,`,`,`被扫支付测试,`订单额外描述,`0,`0.60%\n\
+总交易单数,总交易额,总退款金额,总代金券或立减优惠退款金额,手续费总金额\n\
+`1,`0.01,`0.0,`0.0,`0\n";
+        let lines = parse(older).unwrap();
+        assert_eq!((lines[0].amount_fen, lines[0].trade_type.as_str()), (1, "MICROPAY"));
     }
 
     #[test]
