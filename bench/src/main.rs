@@ -16,7 +16,9 @@
 //! Rows 3-5 use the Rust load generator in `load.rs` (wrk cannot hold a fixed
 //! rate). Run with `bench/run` (builds in release, installs wrk if missing).
 
+mod breakdown;
 mod load;
+mod peer;
 mod product;
 mod swap;
 mod traffic;
@@ -144,6 +146,23 @@ fn log_path() -> std::path::PathBuf {
 }
 
 fn main() -> anyhow::Result<()> {
+    // `bench/breakdown` runs these (under valgrind, then reads the counts).
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["breakdown", stage, requests] => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            return runtime.block_on(breakdown::run(stage, requests.parse()?));
+        }
+        ["breakdown-stages"] => {
+            println!("{}", breakdown::stage_names().join(" "));
+            return Ok(());
+        }
+        ["breakdown-report", dir] => return breakdown::report(std::path::Path::new(dir)),
+        [] => {}
+        _ => {
+            anyhow::bail!("usage: wxhost-bench [breakdown STAGE N | breakdown-stages | breakdown-report DIR]")
+        }
+    }
     let opts = options()?;
     let log = std::fs::File::create(log_path()).context("creating the log file")?;
     tracing_subscriber::fmt()
@@ -194,6 +213,9 @@ Rows 1-2: GET /api/v1/auth/wechat/verify through the verify plugin vs a native a
   signature check: {rounds} alternating rounds x {secs} s of wrk -t2 -c{conns}, medians. Two plugin servers: the
   default (a fresh instance per request: nothing survives a request) and requests_per_instance = {reuse} (an
   instance serves up to {reuse} requests of this plugin; memory left by one request is there for the next).
+  Beside them the closest peer, `wasmtime serve` at the same wasmtime version (built from crates.io by bench/run),
+  running the same check as a plain wasi:http component (plugins/fixtures/peer-verify: SHA-1 in the guest), with
+  its defaults (a fresh instance per request) and with --max-instance-reuse-count {reuse}.
   Then, on one thread, each mode's invoke (5 alternating slices, medians) minus the same work natively.
 Rows 3-5: the product wired as in production: the shipped plugins.toml, the WeChat simulator with WeChat Pay,
   a web role and an app role as two servers (web -> HMAC-signed internal HTTP call -> app -> database), a fresh
@@ -256,13 +278,38 @@ async fn web_server(
     route: &str,
     requests_per_instance: u32,
 ) -> anyhow::Result<wxhost::server::RunningServer> {
+    web_server_with(dir, wasm, route, requests_per_instance, HostSettings::default()).await
+}
+
+/// The `[host]` settings of a bench server.
+struct HostSettings {
+    max_instances: u32,
+    reset_dirty_pages_only: bool,
+}
+
+impl Default for HostSettings {
+    fn default() -> Self {
+        HostSettings { max_instances: 256, reset_dirty_pages_only: false }
+    }
+}
+
+/// [`web_server`] with other `[host]` settings.
+async fn web_server_with(
+    dir: &std::path::Path,
+    wasm: &std::path::Path,
+    route: &str,
+    requests_per_instance: u32,
+    host: HostSettings,
+) -> anyhow::Result<wxhost::server::RunningServer> {
+    let HostSettings { max_instances, reset_dirty_pages_only } = host;
     std::fs::copy(wasm, dir.join("plugin.wasm")).with_context(|| format!("copying {}", wasm.display()))?;
     std::fs::write(
         dir.join("plugins.toml"),
         format!(
             r#"
 [host]
-max_instances = 256
+max_instances = {max_instances}
+reset_dirty_pages_only = {reset_dirty_pages_only}
 [admin]
 listen = "127.0.0.1:0"
 [roles.web]
@@ -371,6 +418,17 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     let (fresh_dir, reused_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let fresh = verify_server(fresh_dir.path(), 1).await?;
     let reused = verify_server(reused_dir.path(), REUSE).await?;
+    // The cut tried and not kept: only the pages a request wrote reset
+    // (`reset_dirty_pages_only`), measured beside the default each run.
+    let memset_dir = tempfile::tempdir()?;
+    let memset = web_server_with(
+        memset_dir.path(),
+        &product::dist("verify.wasm"),
+        "GET /api/v1/auth/wechat/verify",
+        1,
+        HostSettings { reset_dirty_pages_only: true, ..HostSettings::default() },
+    )
+    .await?;
     // The floor: a plugin that answers without doing anything (the sandbox
     // probe's /probe/ok), on a fresh instance.
     let probe_dir = tempfile::tempdir()?;
@@ -396,29 +454,53 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     );
     let path = format!("/api/v1/auth/wechat/verify?{query}");
 
-    // All three answer correctly before anything is timed.
-    for addr in [fresh_addr, reused_addr, native_addr] {
+    // The peer, fresh and reused, when bench/run built it.
+    let peers = match peer::binary() {
+        Some(wasmtime) => {
+            let component = product::dist("fixtures/peer-verify.wasm");
+            Some((
+                peer::start(&wasmtime, &component, None, &path)?,
+                peer::start(&wasmtime, &component, Some(REUSE), &path)?,
+            ))
+        }
+        None => {
+            eprintln!("no peer: WXHOST_BENCH_PEER is not set (bench/run builds wasmtime serve)");
+            None
+        }
+    };
+
+    // All answer correctly before anything is timed.
+    let mut servers = vec![
+        ("native", native_addr, None),
+        ("fresh", fresh_addr, None),
+        ("reused", reused_addr, None),
+        ("fresh memset", memset.role_addrs[&Role::Web], None),
+    ];
+    if let Some((peer_fresh, peer_reused)) = &peers {
+        servers.push(("peer fresh", peer_fresh.addr, Some(peer_fresh.pid())));
+        servers.push(("peer reused", peer_reused.addr, Some(peer_reused.pid())));
+    }
+    for (_, addr, _) in &servers {
         let out = std::process::Command::new("wrk")
             .args(["-t1", "-c1", "-d1s", &format!("http://{addr}{path}")])
             .output()?;
         anyhow::ensure!(!String::from_utf8_lossy(&out.stdout).contains("Non-2xx"), "{addr} answered errors");
     }
 
-    let (mut native_runs, mut fresh_runs, mut reused_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut runs: Vec<Vec<WrkRun>> = servers.iter().map(|_| Vec::new()).collect();
     for round in 1..=opts.rounds {
-        for (label, addr, results) in [
-            ("native", native_addr, &mut native_runs),
-            ("fresh", fresh_addr, &mut fresh_runs),
-            ("reused", reused_addr, &mut reused_runs),
-        ] {
-            let run = wrk(&format!("http://{addr}{path}"), opts.connections, opts.seconds)?;
+        for ((label, addr, pid), results) in servers.iter().zip(runs.iter_mut()) {
+            let run = wrk(&format!("http://{addr}{path}"), opts.connections, opts.seconds, *pid)?;
             eprintln!(
-                "round {round}: {label:6} {:>10.0} req/s, CPU per request: server {:.1} us, wrk {:.1} us",
+                "round {round}: {label:11} {:>10.0} req/s, CPU per request: server {:.1} us, wrk {:.1} us",
                 run.rps, run.server_cpu_us, run.wrk_cpu_us
             );
             results.push(run);
         }
     }
+    let peer_runs = runs.split_off(4);
+    let [native_runs, fresh_runs, reused_runs, memset_runs]: [Vec<WrkRun>; 4] =
+        runs.try_into().map_err(|_| anyhow::anyhow!("four servers"))?;
 
     // Per-request sandbox cost, one thread: the plugin's invoke vs the same work natively.
     let request = Request {
@@ -433,8 +515,8 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
         client_ip: Some("127.0.0.1".into()),
         service: None,
     };
-    let (mut fresh_us, mut reused_us, mut native_us, mut floor_us) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut fresh_us, mut reused_us, mut native_us, mut floor_us, mut memset_us) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let probe_request = Request {
         route: "/probe/ok".into(),
         path: "/probe/ok".into(),
@@ -446,6 +528,7 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     let per_slice = (opts.sandbox_iterations / slices).max(1);
     for _ in 0..slices {
         fresh_us.push(invoke_micros(&fresh, &request, per_slice).await?);
+        memset_us.push(invoke_micros(&memset, &request, per_slice).await?);
         floor_us.push(invoke_micros(&probe, &probe_request, per_slice).await?);
         reused_us.push(invoke_micros(&reused, &request, per_slice).await?);
         let started = Instant::now();
@@ -494,7 +577,7 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
             "1",
             "ratio plugin / native, fresh instance per request",
             format!("{:.2}", f / n),
-            "aim >= 0.7",
+            "aim >= 0.6",
         );
         table.row(
             "1",
@@ -502,7 +585,28 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
             format!("{r:.0}"),
             "",
         );
-        table.row("1", "ratio plugin / native, instances reused", format!("{:.2}", r / n), "aim >= 0.7");
+        table.row("1", "ratio plugin / native, instances reused", format!("{:.2}", r / n), "aim >= 0.85");
+        table.row(
+            "1",
+            "cut tried: fresh instance, memory reset of every kept byte (default) / of the pages written (reset_dirty_pages_only), req/s",
+            format!("{f:.0} / {:.0} ({:+.0}%)", rps(&memset_runs), (rps(&memset_runs) / f - 1.0) * 100.0),
+            "kept only if it pays",
+        );
+        if let [peer_fresh, peer_reused] = &peer_runs[..] {
+            let (pf, pr) = (rps(peer_fresh), rps(peer_reused));
+            table.row(
+                "1",
+                "peer: wasmtime serve (same wasmtime), the verify as a plain wasi:http component, fresh / reused (max-instance-reuse-count) / native",
+                format!("{:.2} / {:.2}", pf / n, pr / n),
+                "",
+            );
+            table.row(
+                "1",
+                "wxhost's lead over the peer (req/s wxhost / peer), fresh / reused",
+                format!("{:.2}x / {:.2}x", f / pf, r / pr),
+                "aim >= 1 in both",
+            );
+        }
         let cpu = |runs: &[WrkRun]| {
             let server = median(&mut runs.iter().map(|r| r.server_cpu_us).collect::<Vec<_>>());
             let wrk = median(&mut runs.iter().map(|r| r.wrk_cpu_us).collect::<Vec<_>>());
@@ -514,6 +618,14 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
             format!("{}; {}; {} us", cpu(&native_runs), cpu(&fresh_runs), cpu(&reused_runs)),
             "",
         );
+        if let [peer_fresh, peer_reused] = &peer_runs[..] {
+            table.row(
+                "1",
+                "CPU per request, server / wrk: peer fresh; peer reused",
+                format!("{}; {} us", cpu(peer_fresh), cpu(peer_reused)),
+                "",
+            );
+        }
     }
     table.row(
         "2",
@@ -531,6 +643,12 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
         "2",
         "  floor: a plugin that does nothing (sandbox probe, GET /probe/ok), fresh instance, one thread",
         format!("{floor_call:.1} us"),
+        "",
+    );
+    table.row(
+        "2",
+        "plugin invoke, fresh instance, only the pages written reset (reset_dirty_pages_only)",
+        format!("{:.1} us", median(&mut memset_us)),
         "",
     );
     table.row("2", "plugin invoke, instance reused (call), one thread", format!("{reused_call:.1} us"), "");
@@ -553,8 +671,15 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
         format!("{:.1} us", (reused_call - native_call).max(0.0)),
         "aim <= 10 us",
     );
+    table.row(
+        "2",
+        "fresh instance over the floor (verify's invoke minus a do-nothing plugin's), minus the native work",
+        format!("{:.1} us", fresh_call - floor_call - native_call),
+        "aim <= 2 us",
+    );
     fresh.shutdown();
     reused.shutdown();
+    memset.shutdown();
     probe.shutdown();
     native_server.abort();
     Ok(())
@@ -991,13 +1116,21 @@ struct WrkRun {
     wrk_cpu_us: f64,
 }
 
-fn wrk(url: &str, connections: usize, seconds: u64) -> anyhow::Result<WrkRun> {
-    let before = cpu_ticks()?;
+/// One wrk run against `url`; the server's CPU is this process's, or that of
+/// `server_pid` when the server is another process (the peer).
+fn wrk(url: &str, connections: usize, seconds: u64, server_pid: Option<u32>) -> anyhow::Result<WrkRun> {
+    let server_ticks = || -> anyhow::Result<u64> {
+        match server_pid {
+            Some(pid) => Ok(cpu_ticks_of(&format!("/proc/{pid}/stat"))?.0),
+            None => Ok(cpu_ticks()?.0),
+        }
+    };
+    let (server_before, before) = (server_ticks()?, cpu_ticks()?);
     let out = std::process::Command::new("wrk")
         .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s"), url])
         .output()
         .context("running wrk")?;
-    let after = cpu_ticks()?;
+    let (server_after, after) = (server_ticks()?, cpu_ticks()?);
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(!text.contains("Non-2xx"), "errors during the run:\n{text}");
     let rps: f64 = text
@@ -1014,7 +1147,7 @@ fn wrk(url: &str, connections: usize, seconds: u64) -> anyhow::Result<WrkRun> {
     let per_request = |ticks: u64| ticks as f64 * 1e6 / clock_ticks_per_second() / requests.max(1.0);
     Ok(WrkRun {
         rps,
-        server_cpu_us: per_request(after.0 - before.0),
+        server_cpu_us: per_request(server_after - server_before),
         wrk_cpu_us: per_request(after.1 - before.1),
     })
 }
@@ -1022,7 +1155,12 @@ fn wrk(url: &str, connections: usize, seconds: u64) -> anyhow::Result<WrkRun> {
 /// CPU time (user + system, in clock ticks) of this process and of its
 /// waited-for children, from /proc/self/stat.
 fn cpu_ticks() -> anyhow::Result<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    cpu_ticks_of("/proc/self/stat")
+}
+
+/// (own, waited-for children's) CPU time in clock ticks from a `/proc/…/stat`.
+fn cpu_ticks_of(path: &str) -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     // Fields after the command name (which may hold spaces) start at "state".
     let fields: Vec<&str> =
         stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();

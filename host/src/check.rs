@@ -8,7 +8,7 @@ use crate::plugin;
 
 /// Checks every plugin; writes a report; returns whether all were accepted.
 pub fn run(config: &Config, out: &mut impl Write) -> anyhow::Result<bool> {
-    let engine = crate::engine::new(1)?;
+    let engine = crate::engine::new(1, true)?;
     let mut all_ok = true;
     for spec in &config.plugins {
         let role = &config.roles[&spec.role];

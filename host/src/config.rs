@@ -58,6 +58,8 @@ struct RawRateLimit {
 #[serde(deny_unknown_fields)]
 struct RawHost {
     max_instances: Option<u32>,
+    /// Reset only the memory pages a request wrote (Linux 6.7+, PAGEMAP_SCAN).
+    reset_dirty_pages_only: Option<bool>,
     /// Peers whose `X-Forwarded-For` names the client (the nginx in front).
     trusted_proxies: Option<Vec<String>>,
 }
@@ -160,6 +162,11 @@ pub struct Config {
     /// The file it was read from; relative wasm paths are resolved against its folder.
     pub path: PathBuf,
     pub max_instances: u32,
+    /// After a request, reset only the pages of an instance's memory that it
+    /// wrote (found with Linux's PAGEMAP_SCAN, 6.7+; older kernels fall back)
+    /// rather than zeroing every kept byte. Off by default: for GET verify it
+    /// saves instructions but costs time (the scan is kernel work; bench/run row 1-2).
+    pub reset_dirty_pages_only: bool,
     pub admin_listen: SocketAddr,
     /// Accepted distance of a callback's timestamp from now; `None` disables the check.
     pub timestamp_window_secs: Option<u64>,
@@ -556,6 +563,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         menu_cache: std::time::Duration::from_secs(menu_cache_secs),
         path: path.to_path_buf(),
         max_instances,
+        reset_dirty_pages_only: raw.host.reset_dirty_pages_only.unwrap_or(false),
         admin_listen: admin_listen.expect("checked above"),
         timestamp_window_secs: match raw.wechat.timestamp_window_secs {
             Some(0) => None,
@@ -732,6 +740,11 @@ mod tests {
             config.rate_limits.iter().any(|(r, _)| r.to_string() == "POST /api/v1/auth/wechat/qrcode"),
             "QR creation is limited per client"
         );
+        assert!(!config.reset_dirty_pages_only, "kept bytes are zeroed unless a plugins.toml asks otherwise");
+        let asked = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("# reset_dirty_pages_only = false", "reset_dirty_pages_only = true");
+        assert!(parse(&asked, &path).unwrap().reset_dirty_pages_only);
     }
 
     #[test]

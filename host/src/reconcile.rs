@@ -47,7 +47,7 @@ pub async fn run(config_path: &Path, mut settings: Settings, date: &str) -> anyh
     let mut config = config::load(config_path)?;
     let app = config.roles.get_mut(&Role::App).context("plugins.toml has no [roles.app] section")?;
     app.deadline_ms = app.deadline_ms.max(DEADLINE_MS);
-    let engine = crate::engine::new(config.max_instances)?;
+    let engine = crate::engine::new(config.max_instances, config.reset_dirty_pages_only)?;
     let services = Arc::new(crate::server::open_services(&config, &settings, &[Role::App]).await?);
     let host = Host::start(engine, services, &config, &[Role::App]).await?;
     let runtime = host.runtime(Role::App);

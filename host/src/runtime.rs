@@ -147,9 +147,10 @@ pub enum PluginFailure {
     Busy,
 }
 
-/// Where plugin calls run: a tokio runtime of their own, so however many
-/// plugins spin (each yields only at epoch ticks), the server's runtime keeps
-/// accepting connections, routing, refusing and answering `/healthz` at once.
+/// Where plugin calls run: a call's first poll on the caller's task, the rest
+/// on a tokio runtime of their own, so however many plugins spin (each yields
+/// only at epoch ticks), the server's runtime keeps accepting connections,
+/// routing, refusing and answering `/healthz` at once.
 /// The instance slots are counted here too: a request that finds none taken
 /// is refused `Busy` before it ever reaches the plugin runtime.
 pub struct PluginExecutor {
@@ -180,9 +181,14 @@ impl PluginExecutor {
         self.capacity - self.slots.available_permits()
     }
 
-    /// Runs `request` on `plugin` on the plugin runtime (see [`invoke`]). A
-    /// call the client gave up on still ends within the plugin's deadline,
-    /// holding its slot until then.
+    /// Runs `request` on `plugin` (see [`invoke`]). A call that needs no I/O
+    /// and ends before the next epoch tick (WeChat's callbacks, mostly) is
+    /// answered in its first poll, on the caller's task: the hand-off to the
+    /// plugin runtime and back is two thread wake-ups, more than such a call
+    /// costs. Anything longer goes on on the plugin runtime, so a spinning
+    /// plugin holds a server worker for one epoch tick at most. A call the
+    /// client gave up on still ends within the plugin's deadline, holding its
+    /// slot until then.
     pub async fn run(
         &self,
         engine: &Engine,
@@ -194,13 +200,26 @@ impl PluginExecutor {
             return Err(PluginFailure::Busy);
         };
         let (engine, services) = (engine.clone(), services.clone());
-        let runtime = self.runtime.as_ref().expect("the plugin runtime lives as long as the executor");
-        let call = runtime.spawn(async move {
+        let mut call = Box::pin(async move {
             let outcome = invoke(&engine, &services, &plugin, request).await;
             drop(slot);
             outcome
         });
-        match call.await {
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                call.as_mut().poll(cx)
+            })))
+        })
+        .await;
+        match first {
+            Ok(std::task::Poll::Ready(outcome)) => return outcome,
+            Ok(std::task::Poll::Pending) => {}
+            Err(_) => {
+                return Err(PluginFailure::Trap("the host's code serving the plugin panicked".into()));
+            }
+        }
+        let runtime = self.runtime.as_ref().expect("the plugin runtime lives as long as the executor");
+        match runtime.spawn(call).await {
             Ok(outcome) => outcome,
             // A panic in the host's own code while serving the plugin.
             Err(e) => Err(PluginFailure::Trap(format!("the host's plugin task failed: {e}"))),

@@ -85,7 +85,7 @@ pub async fn start(mut options: ServeOptions) -> anyhow::Result<RunningServer> {
     }
     options.settings.check_secret_strength()?;
     let config = config::load(&options.config_path)?;
-    let engine = crate::engine::new(config.max_instances)?;
+    let engine = crate::engine::new(config.max_instances, config.reset_dirty_pages_only)?;
     let services = Arc::new(open_services(&config, &options.settings, &options.roles).await?);
     let host = Arc::new(Host::start(engine, services, &config, &options.roles).await?);
     let internal_auth = options.settings.internal_secret.clone().map(|s| Arc::new(InternalAuth::new(s)));

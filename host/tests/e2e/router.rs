@@ -16,7 +16,7 @@ use wxhost::host::Host;
 
 async fn web_host(config: &TestConfig) -> Arc<Host> {
     let config = wxhost::config::load(&config.path()).unwrap();
-    let engine = wxhost::engine::new(config.max_instances).unwrap();
+    let engine = wxhost::engine::new(config.max_instances, config.reset_dirty_pages_only).unwrap();
     let crypto = CallbackCrypto::new(Some(TOKEN.to_string().into()), None, None, Some(300)).unwrap();
     let services = Arc::new(Services::default().with(crypto));
     Arc::new(Host::start(engine, services, &config, &[Role::Web]).await.unwrap())
@@ -225,7 +225,7 @@ capabilities = []
 "#;
     let config = TestConfig::new(&toml, &[("sandbox-probe.wasm", "fixtures/sandbox-probe.wasm")]);
     let loaded = wxhost::config::load(&config.path()).unwrap();
-    let engine = wxhost::engine::new(loaded.max_instances).unwrap();
+    let engine = wxhost::engine::new(loaded.max_instances, loaded.reset_dirty_pages_only).unwrap();
     let host =
         Arc::new(Host::start(engine, Arc::new(Services::default()), &loaded, &[Role::App]).await.unwrap());
     const KEY: &str = "svc-billing-0123456789abcdef0123456789abcdef";
