@@ -160,7 +160,10 @@ impl CertificateKeeper {
     }
 }
 
-/// Upserts downloaded certificates; a serial's certificate never changes, only when it was last listed.
+/// Upserts downloaded certificates. The row takes the envelope just
+/// accepted (opened with today's APIv3 key, its answer's signature checked),
+/// so a row sealed under an earlier key, or broken, is mended by the next
+/// download rather than kept for ever.
 pub async fn store(
     db: &Database,
     sealed: impl Iterator<Item = &SealedCertificate>,
@@ -169,11 +172,13 @@ pub async fn store(
     let upsert = match db.dialect() {
         crate::database::Dialect::Sqlite => {
             "INSERT INTO platform_certificates (serial_no, effective_time, expire_time, sealed, first_seen_at, fetched_at) \
-             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(serial_no) DO UPDATE SET fetched_at = excluded.fetched_at"
+             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(serial_no) DO UPDATE SET effective_time = excluded.effective_time, \
+             expire_time = excluded.expire_time, sealed = excluded.sealed, fetched_at = excluded.fetched_at"
         }
         crate::database::Dialect::Mysql => {
             "INSERT INTO platform_certificates (serial_no, effective_time, expire_time, sealed, first_seen_at, fetched_at) \
-             VALUES (?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE fetched_at = VALUES(fetched_at)"
+             VALUES (?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE effective_time = VALUES(effective_time), \
+             expire_time = VALUES(expire_time), sealed = VALUES(sealed), fetched_at = VALUES(fetched_at)"
         }
     };
     let _turn = db.writer_turn().await?;

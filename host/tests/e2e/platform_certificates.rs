@@ -130,6 +130,14 @@ async fn a_tampered_row_is_never_trusted_and_an_expired_certificate_stops_verify
             vec![FIRST_SERIAL.to_string()],
             "{which}"
         );
+        // The next download mends the row (as after an APIv3 key reset, when
+        // every stored envelope stops opening): the new envelope replaces it.
+        fresh_keeper().download(&pay, &database).await.unwrap();
+        let mut in_use = keeper.install(load(&database).await.unwrap().0, unix_now());
+        in_use.sort();
+        let mut both = vec![FIRST_SERIAL.to_string(), second.clone()];
+        both.sort();
+        assert_eq!(in_use, both, "{which}: the broken row was replaced by the download");
     }
 
     // An expired certificate is dropped; the valid one beside it stays.

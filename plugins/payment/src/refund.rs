@@ -183,12 +183,7 @@ fn ask_wechat_pay(out_refund_no: &str) {
                 log::error(&format!("refund {out_refund_no}: WeChat Pay's answer was not applied: {e}"));
             }
         }
-        // WeChat Pay asks for the same request again later.
-        Err(PayError::Refused((code, _)))
-            if ["SYSTEM_ERROR", "FREQUENCY_LIMITED"].contains(&code.as_str()) =>
-        {
-            touch(out_refund_no);
-        }
+        Err(PayError::Refused((code, _))) if asks_again(&code) => touch(out_refund_no),
         Err(PayError::Refused((code, message))) => fail(out_refund_no, &format!("{code}: {message}")),
         Err(e) => {
             log::warn(&format!(
@@ -197,6 +192,14 @@ fn ask_wechat_pay(out_refund_no: &str) {
             touch(out_refund_no);
         }
     }
+}
+
+/// WeChat Pay's refusals that ask for the same request again later (the same
+/// out_refund_no), so the refund stays processing: APIv3's system error and
+/// rate limit, APIv2's `SYSTEMERROR` (mapped to SYSTEM_ERROR) and
+/// `BIZERR_NEED_RETRY` ("the merchant must retry").
+fn asks_again(code: &str) -> bool {
+    ["SYSTEM_ERROR", "FREQUENCY_LIMITED", "BIZERR_NEED_RETRY"].contains(&code)
 }
 
 fn touch(out_refund_no: &str) {
@@ -418,5 +421,20 @@ pub fn apply(state: &RefundState) -> Result<bool> {
             Ok(false)
         }
         other => Err(Error::bad_request("malformed_notify", &format!("unknown refund status {other}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::asks_again;
+
+    #[test]
+    fn refusals_asking_for_a_retry_keep_the_refund_processing_and_others_end_it() {
+        for code in ["SYSTEM_ERROR", "FREQUENCY_LIMITED", "BIZERR_NEED_RETRY"] {
+            assert!(asks_again(code), "{code}");
+        }
+        for code in ["NOT_ENOUGH", "INVALID_REQUEST", "USER_ACCOUNT_ABNORMAL", "RESOURCE_NOT_EXISTS"] {
+            assert!(!asks_again(code), "{code}");
+        }
     }
 }
