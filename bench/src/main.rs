@@ -227,6 +227,8 @@ Rows 3-5: the product wired as in production: the shipped plugins.toml, the WeCh
   Every answer's status is checked: 'non-2xx' counts refusals, errors and timeouts.
 Row 3: subscribe pushes in plaintext mode, each from a new user (one signed query, distinct FromUserName):
   verify plugin -> internal call -> internal plugin -> user row + processed event in one transaction.
+Row 3c: MariaDB only: the push saturation again with InnoDB flushing its log once a second instead of at every
+  commit (innodb_flush_log_at_trx_commit = 0, set for that phase and put back): how much of a push is the fsync.
 Row 3b: the business service's POST /api/v1/quota/consume on the app role (service key checked by the host),
   1 unit per job, a new idempotency key each, over 16 users: quota plugin -> one transaction claims the key,
   debits the balance if it covers it, writes the ledger row. Afterwards the ledger is checked against the answers.
@@ -827,6 +829,37 @@ async fn e2e_measure(
         format!("{} / {} ms", ms(fixed.percentile(0.5)), ms(fixed.percentile(0.99))),
         latency_check(&fixed, opts.rate, sat.rps()),
     );
+    if kind == Kind::Mariadb {
+        // How much of a push is the commit's fsync: the same saturation with
+        // InnoDB flushing its log once a second instead of at every commit
+        // (concurrent commits already share one fsync: group commit).
+        let server = product::connect(&db.url).await?;
+        let flush: i64 = wxhost::on_pool!(&server.pool, |p| sqlx::query_scalar(
+            "SELECT CAST(@@GLOBAL.innodb_flush_log_at_trx_commit AS SIGNED)"
+        )
+        .fetch_one(p)
+        .await)?;
+        let set = |value: i64| {
+            let sql = format!("SET GLOBAL innodb_flush_log_at_trx_commit = {value}");
+            let server = &server;
+            async move { wxhost::on_pool!(&server.pool, |p| sqlx::query(&sql).execute(p).await.map(drop)) }
+        };
+        set(0).await?;
+        let unflushed = generator.closed(push(), workers, opts.e2e_seconds).await;
+        set(flush).await?;
+        push_failed += unflushed.failed();
+        table.row(
+            "3c",
+            format!("push end to end, {name}: saturation with the commit's fsync (innodb_flush_log_at_trx_commit = {flush}) / without (= 0), 2xx/s"),
+            format!("{:.0} / {:.0}", sat.rps(), unflushed.rps()),
+            format!(
+                "the fsync is {:.0}% of a push's time at saturation; p50 {} / {} ms",
+                (1.0 - sat.rps() / unflushed.rps()).max(0.0) * 100.0,
+                ms(sat.percentile(0.5)),
+                ms(unflushed.percentile(0.5))
+            ),
+        );
+    }
 
     // Row 3b: the business service consuming quota (beside the push row: same run, same database).
     let check_db = product::connect(&db.url).await?;
