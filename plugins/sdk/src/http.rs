@@ -34,6 +34,23 @@ impl Request {
             .filter(|v| !v.is_empty())
     }
 
+    /// Several decoded query parameters from one pass over the query (each
+    /// [`Self::query_param`] parses it all again), each as `query_param` would
+    /// give it: the first if repeated; an empty one is absent.
+    pub fn query_params<const N: usize>(&self, names: [&str; N]) -> [Option<String>; N] {
+        let mut found: [Option<String>; N] = std::array::from_fn(|_| None);
+        let mut seen = [false; N];
+        for (key, value) in form_urlencoded::parse(self.query.as_bytes()) {
+            if let Some(i) = names.iter().position(|n| *n == key)
+                && !seen[i]
+            {
+                seen[i] = true;
+                found[i] = Some(value.into_owned()).filter(|v| !v.is_empty());
+            }
+        }
+        found
+    }
+
     /// The body as JSON of type `T`; anything else is a 400 `invalid_body`.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
         serde_json::from_slice(&self.body)
@@ -157,5 +174,34 @@ impl Request {
     pub fn with_body(mut self, body: impl Into<Vec<u8>>) -> Request {
         self.body = body.into();
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(query: &str) -> Request {
+        Request {
+            method: "GET".into(),
+            route: "/".into(),
+            path: "/".into(),
+            query: query.into(),
+            params: vec![],
+            headers: vec![],
+            body: vec![],
+            request_id: "t".into(),
+            client_ip: None,
+            service: None,
+        }
+    }
+
+    #[test]
+    fn several_query_parameters_read_in_one_pass_are_what_query_param_reads_one_by_one() {
+        for query in ["a=1&b=%E4%B8%AD&c=", "b=2&a=&a=3", "c=x+y&a=%2B&b=1&b=2", ""] {
+            let r = request(query);
+            let names = ["a", "b", "c", "d"];
+            assert_eq!(r.query_params(names), names.map(|n| r.query_param(n)), "{query}");
+        }
     }
 }

@@ -28,12 +28,9 @@ wxhost_sdk::plugin!(routes);
 
 /// WeChat's server verification: `signature`, `timestamp`, `nonce`, `echostr`.
 fn server_verification(req: &Request) -> Result<Response> {
-    let (Some(signature), Some(timestamp), Some(nonce), Some(echostr)) = (
-        req.query_param("signature"),
-        req.query_param("timestamp"),
-        req.query_param("nonce"),
-        req.query_param("echostr"),
-    ) else {
+    let [Some(signature), Some(timestamp), Some(nonce), Some(echostr)] =
+        req.query_params(["signature", "timestamp", "nonce", "echostr"])
+    else {
         return Err(missing("signature, timestamp, nonce and echostr are required"));
     };
     callback_crypto::verify_server_signature(&signature, &timestamp, &nonce)?;
@@ -45,16 +42,17 @@ fn missing(what: &str) -> Error {
 }
 
 fn push(req: &Request) -> Result<Response> {
-    let (Some(timestamp), Some(nonce)) = (req.query_param("timestamp"), req.query_param("nonce")) else {
+    let [timestamp, nonce, encrypt_type, msg_signature, signature] =
+        req.query_params(["timestamp", "nonce", "encrypt_type", "msg_signature", "signature"]);
+    let (Some(timestamp), Some(nonce)) = (timestamp, nonce) else {
         return Err(missing("timestamp and nonce are required"));
     };
     let body = req.text()?;
-    let safe_mode = req.query_param("encrypt_type").as_deref() == Some("aes");
+    let safe_mode = encrypt_type.as_deref() == Some("aes");
     let msg_signature = match safe_mode {
-        true => Some(req.query_param("msg_signature").ok_or_else(|| missing("msg_signature is required"))?),
+        true => Some(msg_signature.ok_or_else(|| missing("msg_signature is required"))?),
         false => None,
     };
-    let signature = req.query_param("signature");
     if !safe_mode && signature.is_none() {
         return Err(missing("signature is required"));
     }
