@@ -422,9 +422,9 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     let reused = verify_server(reused_dir.path(), REUSE).await?;
     // The cut tried and not kept: only the pages a request wrote reset
     // (`reset_dirty_pages_only`), measured beside the default each run.
-    let memset_dir = tempfile::tempdir()?;
-    let memset = web_server_with(
-        memset_dir.path(),
+    let dirty_dir = tempfile::tempdir()?;
+    let dirty = web_server_with(
+        dirty_dir.path(),
         &product::dist("verify.wasm"),
         "GET /api/v1/auth/wechat/verify",
         1,
@@ -476,7 +476,7 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
         ("native", native_addr, None),
         ("fresh", fresh_addr, None),
         ("reused", reused_addr, None),
-        ("fresh memset", memset.role_addrs[&Role::Web], None),
+        ("fresh dirty", dirty.role_addrs[&Role::Web], None),
     ];
     if let Some((peer_fresh, peer_reused)) = &peers {
         servers.push(("peer fresh", peer_fresh.addr, Some(peer_fresh.pid())));
@@ -501,7 +501,7 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
         }
     }
     let peer_runs = runs.split_off(4);
-    let [native_runs, fresh_runs, reused_runs, memset_runs]: [Vec<WrkRun>; 4] =
+    let [native_runs, fresh_runs, reused_runs, dirty_runs]: [Vec<WrkRun>; 4] =
         runs.try_into().map_err(|_| anyhow::anyhow!("four servers"))?;
 
     // Per-request sandbox cost, one thread: the plugin's invoke vs the same work natively.
@@ -517,7 +517,7 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
         client_ip: Some("127.0.0.1".into()),
         service: None,
     };
-    let (mut fresh_us, mut reused_us, mut native_us, mut floor_us, mut memset_us) =
+    let (mut fresh_us, mut reused_us, mut native_us, mut floor_us, mut dirty_us) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let probe_request = Request {
         route: "/probe/ok".into(),
@@ -530,7 +530,7 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     let per_slice = (opts.sandbox_iterations / slices).max(1);
     for _ in 0..slices {
         fresh_us.push(invoke_micros(&fresh, &request, per_slice).await?);
-        memset_us.push(invoke_micros(&memset, &request, per_slice).await?);
+        dirty_us.push(invoke_micros(&dirty, &request, per_slice).await?);
         floor_us.push(invoke_micros(&probe, &probe_request, per_slice).await?);
         reused_us.push(invoke_micros(&reused, &request, per_slice).await?);
         let started = Instant::now();
@@ -591,7 +591,7 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
         table.row(
             "1",
             "cut tried: fresh instance, memory reset of every kept byte (default) / of the pages written (reset_dirty_pages_only), req/s",
-            format!("{f:.0} / {:.0} ({:+.0}%)", rps(&memset_runs), (rps(&memset_runs) / f - 1.0) * 100.0),
+            format!("{f:.0} / {:.0} ({:+.0}%)", rps(&dirty_runs), (rps(&dirty_runs) / f - 1.0) * 100.0),
             "kept only if it pays",
         );
         if let [peer_fresh, peer_reused] = &peer_runs[..] {
@@ -650,7 +650,7 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     table.row(
         "2",
         "plugin invoke, fresh instance, only the pages written reset (reset_dirty_pages_only)",
-        format!("{:.1} us", median(&mut memset_us)),
+        format!("{:.1} us", median(&mut dirty_us)),
         "",
     );
     table.row("2", "plugin invoke, instance reused (call), one thread", format!("{reused_call:.1} us"), "");
@@ -681,7 +681,7 @@ async fn verify_rows(opts: &Options, table: &mut Table) -> anyhow::Result<()> {
     );
     fresh.shutdown();
     reused.shutdown();
-    memset.shutdown();
+    dirty.shutdown();
     probe.shutdown();
     native_server.abort();
     Ok(())

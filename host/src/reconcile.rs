@@ -33,15 +33,14 @@ pub struct Reconciled {
 
 /// The day before today in China Standard Time, as WeChat Pay's bills name days.
 pub fn yesterday() -> String {
-    let today = time::OffsetDateTime::now_utc().to_offset(crate::wechat::pay::CST).date();
-    let day = today.previous_day().unwrap_or(today);
-    format!("{:04}-{:02}-{:02}", day.year(), u8::from(day.month()), day.day())
+    let today = crate::wechat::pay::today_cst();
+    crate::wechat::pay::day_name(today.previous_day().unwrap_or(today))
 }
 
 /// Reconciles `date` (`YYYY-MM-DD`) with the plugins of `config_path`'s app role.
 pub async fn run(config_path: &Path, mut settings: Settings, date: &str) -> anyhow::Result<Reconciled> {
-    let format = time::macros::format_description!("[year]-[month]-[day]");
-    time::Date::parse(date, format).with_context(|| format!("--date {date} is not a day as YYYY-MM-DD"))?;
+    crate::wechat::pay::parse_day(date)
+        .with_context(|| format!("--date {date} is not a day as YYYY-MM-DD"))?;
     settings.retain_for(&[Role::App]);
     settings.check_secret_strength()?;
     let mut config = config::load(config_path)?;
@@ -165,7 +164,6 @@ mod tests {
     #[test]
     fn yesterday_is_a_day_as_wechat_pay_names_it() {
         let day = yesterday();
-        let format = time::macros::format_description!("[year]-[month]-[day]");
-        assert!(time::Date::parse(&day, format).is_ok(), "{day}");
+        assert!(crate::wechat::pay::parse_day(&day).is_some(), "{day}");
     }
 }

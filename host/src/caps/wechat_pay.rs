@@ -414,7 +414,8 @@ impl WechatPay {
                 refund_id: field(&a, "refund_id_0"),
                 status: status.into(),
                 amount_fen: field(&a, "refund_fee_0").and_then(|f| f.parse().ok()).unwrap_or_default(),
-                success_time: field(&a, "refund_success_time_0").and_then(|t| v2::parse_refund_time(&t)),
+                success_time: field(&a, "refund_success_time_0")
+                    .and_then(|t| crate::wechat::pay::parse_cst_datetime(&t)),
             });
         }
         let path = format!("/v3/refund/domestic/refunds/{out_refund_no}");
@@ -512,9 +513,8 @@ impl WechatPay {
     /// file (which WeChat Pay does not sign) is used only if it matches.
     /// APIv2: `downloadbill` answers the file itself (over TLS, unsigned).
     pub async fn trade_bill(&self, bill_date: &str, deadline: Instant) -> Result<Vec<BillLine>, PayError> {
-        let format = time::macros::format_description!("[year]-[month]-[day]");
-        let day = time::Date::parse(bill_date, format)
-            .map_err(|_| PayError::Invalid("bill_date must be YYYY-MM-DD".into()))?;
+        let day = crate::wechat::pay::parse_day(bill_date)
+            .ok_or_else(|| PayError::Invalid("bill_date must be YYYY-MM-DD".into()))?;
         let text = match &self.api {
             PayApi::V3 { .. } => {
                 let path = format!("/v3/bill/tradebill?bill_date={bill_date}&bill_type=ALL");
@@ -1335,10 +1335,8 @@ mod tests {
         assert!(format!("{e:#}").contains("WECHATPAY_CLIENT_CERT"), "{e:#}");
     }
 
-    /// Today in China Standard Time, as bills name days.
     fn today() -> String {
-        let day = time::OffsetDateTime::now_utc().to_offset(crate::wechat::pay::CST).date();
-        format!("{:04}-{:02}-{:02}", day.year(), u8::from(day.month()), day.day())
+        crate::wechat::pay::day_name(crate::wechat::pay::today_cst())
     }
 
     #[tokio::test]

@@ -18,8 +18,7 @@ const DAY: i64 = 86_400;
 /// The day (China Standard Time) `secs_ago` seconds ago, as bills name days.
 fn day_of(secs_ago: i64) -> String {
     let at = time::OffsetDateTime::now_utc() - time::Duration::seconds(secs_ago);
-    let day = at.to_offset(wxhost::wechat::pay::CST).date();
-    format!("{:04}-{:02}-{:02}", day.year(), u8::from(day.month()), day.day())
+    wxhost::wechat::pay::day_name(at.to_offset(wxhost::wechat::pay::CST).date())
 }
 
 /// Moves every trade made so far a day back, at WeChat Pay and here alike;

@@ -20,9 +20,9 @@ use sha1::Digest as _;
 use super::PayData;
 use super::v3::{V3Call, v3_error, v3_signed};
 use crate::sim::{Sim, random_hex};
-use crate::wechat::pay::CST;
 use crate::wechat::pay::bill::{self, BillLine, BillRefund};
 use crate::wechat::pay::v2;
+use crate::wechat::pay::{day_bounds, parse_day};
 
 pub(super) fn routes() -> axum::Router<Sim> {
     axum::Router::new()
@@ -31,14 +31,6 @@ pub(super) fn routes() -> axum::Router<Sim> {
         .route("/pay/downloadbill", post(downloadbill))
         .route("/sim/pay/bills/tamper", post(tamper_route))
         .route("/sim/pay/backdate", post(backdate_route))
-}
-
-/// `[start, end)` in Unix seconds of a `YYYY-MM-DD` day in China Standard Time.
-fn day_bounds(date: &str) -> Option<(i64, i64)> {
-    let format = time::macros::format_description!("[year]-[month]-[day]");
-    let day = time::Date::parse(date, format).ok()?;
-    let start = day.midnight().assume_offset(CST).unix_timestamp();
-    Some((start, start + 86_400))
 }
 
 impl PayData {
@@ -98,7 +90,7 @@ impl Sim {
     /// then has no bill).
     fn bill_file(&self, date: &str) -> Result<Option<Vec<u8>>, &'static str> {
         let config = super::pay_config(self).ok_or("the simulator has no WeChat Pay merchant")?;
-        let bounds = day_bounds(date).ok_or("bill_date is not a day")?;
+        let bounds = parse_day(date).map(day_bounds).ok_or("bill_date is not a day")?;
         let pay = self.pay.lock().expect("sim pay lock");
         let lines = pay.bill_lines(&config.appid, &config.mchid, bounds);
         Ok((!lines.is_empty()).then(|| bill::write(&lines).into_bytes()))

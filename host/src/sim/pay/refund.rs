@@ -133,7 +133,7 @@ fn sealed_v2_notify(config: &SimPayConfig, no: &str, r: &SimRefund) -> (Vec<(Str
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     if let Some(at) = r.success_time {
-        inner.push(("success_time".into(), v2::format_refund_time(at)));
+        inner.push(("success_time".into(), crate::wechat::pay::format_cst_datetime(at)));
     }
     let root = to_xml(&inner).replacen("<xml>", "<root>", 1);
     let root = format!("{}</root>", root.strip_suffix("</xml>").unwrap_or(&root));
@@ -166,7 +166,7 @@ impl PayData {
             ("refund_status_0", v2::v2_refund_status_of(r.status).into()),
         ];
         if let Some(at) = r.success_time {
-            fields.push(("refund_success_time_0", v2::format_refund_time(at)));
+            fields.push(("refund_success_time_0", crate::wechat::pay::format_cst_datetime(at)));
         }
         Some(fields)
     }

@@ -197,7 +197,7 @@ impl Columns {
     fn read(&self, f: &[&str]) -> Result<BillLine, String> {
         let text = |i: usize| f[i].trim().to_string();
         let maybe = |i: Option<usize>| i.map(text).unwrap_or_default();
-        let trade_time = parse_time(f[self.time].trim())
+        let trade_time = super::parse_cst_datetime(f[self.time].trim())
             .ok_or_else(|| format!("交易时间 `{}` is not a time", f[self.time]))?;
         let amount =
             |i: usize| yuan_to_fen(f[i].trim()).ok_or_else(|| format!("`{}` is not an amount in yuan", f[i]));
@@ -228,21 +228,6 @@ impl Columns {
             description: maybe(self.description),
         })
     }
-}
-
-/// `2014-11-10 16:33:45` (China Standard Time) as Unix seconds.
-fn parse_time(t: &str) -> Option<i64> {
-    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
-    time::PrimitiveDateTime::parse(t, format).ok().map(|t| t.assume_offset(super::CST).unix_timestamp())
-}
-
-fn format_time(unix: i64) -> String {
-    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
-        .to_offset(super::CST)
-        .format(format)
-        .unwrap_or_default()
 }
 
 /// `12.30` yuan as 1230 fen, exactly (no floating point); at most two decimals.
@@ -278,7 +263,7 @@ pub fn write(lines: &[BillLine]) -> String {
         paid += settled;
         refunded += refund_fen;
         let fields = [
-            format_time(l.trade_time),
+            super::format_cst_datetime(l.trade_time),
             l.appid.clone(),
             l.mchid.clone(),
             "0".into(),

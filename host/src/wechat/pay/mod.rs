@@ -30,6 +30,44 @@ pub fn parse_rfc3339(t: &str) -> Option<i64> {
         .map(|t| t.unix_timestamp())
 }
 
+/// WeChat Pay's `yyyy-MM-dd HH:mm:ss` in China Standard Time (bills, APIv2
+/// refund notifies and queries) as a Unix time.
+pub fn parse_cst_datetime(t: &str) -> Option<i64> {
+    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    time::PrimitiveDateTime::parse(t, format).ok().map(|t| t.assume_offset(CST).unix_timestamp())
+}
+
+/// A Unix time as [`parse_cst_datetime`] reads it.
+pub fn format_cst_datetime(unix: i64) -> String {
+    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        .to_offset(CST)
+        .format(&format)
+        .unwrap_or_default()
+}
+
+/// A day as WeChat Pay's bills name it (`YYYY-MM-DD`, China Standard Time).
+pub fn parse_day(day: &str) -> Option<time::Date> {
+    time::Date::parse(day, time::macros::format_description!("[year]-[month]-[day]")).ok()
+}
+
+/// The name of `day` as [`parse_day`] reads it.
+pub fn day_name(day: time::Date) -> String {
+    format!("{:04}-{:02}-{:02}", day.year(), u8::from(day.month()), day.day())
+}
+
+/// Today in China Standard Time.
+pub fn today_cst() -> time::Date {
+    time::OffsetDateTime::now_utc().to_offset(CST).date()
+}
+
+/// `[start, end)` of `day` in Unix seconds.
+pub fn day_bounds(day: time::Date) -> (i64, i64) {
+    let start = day.midnight().assume_offset(CST).unix_timestamp();
+    (start, start + 86_400)
+}
+
 /// Random upper-case letters and digits: nonces (`nonce_str`, `Wechatpay-Nonce`).
 pub fn random_token(len: usize) -> String {
     use rand::Rng as _;
@@ -53,6 +91,19 @@ mod tests {
         assert_eq!(rfc3339_cst(1_414_647_325), "2014-10-30T13:35:25+08:00");
         assert_eq!(parse_rfc3339("2014-10-30T13:35:25+08:00"), Some(1_414_647_325));
         assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn a_bills_day_is_named_read_and_bounded_in_china_standard_time() {
+        let day = parse_day("2019-02-19").unwrap();
+        assert_eq!(day_name(day), "2019-02-19");
+        // 2019-02-19 00:00 +08:00 is 2019-02-18 16:00 UTC.
+        assert_eq!(day_bounds(day), (1_550_505_600, 1_550_592_000));
+        assert_eq!(parse_cst_datetime("2019-02-19 05:01:46"), Some(1_550_523_706));
+        assert_eq!(format_cst_datetime(1_550_523_706), "2019-02-19 05:01:46");
+        for bad in ["20190219", "2019-2-19", "2019-02-30", ""] {
+            assert_eq!(parse_day(bad), None, "{bad}");
+        }
     }
 
     #[test]

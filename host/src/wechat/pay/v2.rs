@@ -101,22 +101,6 @@ pub fn seal_req_info(xml: &str, api_key: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(sealed)
 }
 
-/// The refund notify's and refund query's `yyyy-MM-dd HH:mm:ss`, China Standard Time.
-pub fn parse_refund_time(t: &str) -> Option<i64> {
-    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
-    time::PrimitiveDateTime::parse(t, format).ok().map(|t| t.assume_offset(CST).unix_timestamp())
-}
-
-/// A Unix time as the refund notify writes it.
-pub fn format_refund_time(unix: i64) -> String {
-    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
-        .to_offset(CST)
-        .format(&format)
-        .unwrap_or_default()
-}
-
 /// A refund's status (`refund_status`) under its APIv3 name.
 pub fn v3_refund_status_of(v2_status: &str) -> Option<&'static str> {
     Some(match v2_status {
@@ -220,8 +204,8 @@ mod tests {
         assert_eq!(get("transaction_id"), "4200000015201711256947025404");
         assert_eq!((get("refund_status").as_str(), get("refund_fee").as_str()), ("SUCCESS", "6"));
         assert_eq!(get("refund_recv_accout"), "支付用户零钱");
-        assert_eq!(parse_refund_time(&get("success_time")), Some(1_511_595_377));
-        assert_eq!(format_refund_time(1_511_595_377), "2017-11-25 15:36:17");
+        assert_eq!(super::super::parse_cst_datetime(&get("success_time")), Some(1_511_595_377));
+        assert_eq!(super::super::format_cst_datetime(1_511_595_377), "2017-11-25 15:36:17");
 
         assert_eq!(
             open_req_info(GOPAY_REQ_INFO, "another APIv2 key of 32 letters!"),
