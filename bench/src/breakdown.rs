@@ -58,6 +58,8 @@ enum Sandbox {
     FreshDirtyOnly,
     /// The sandbox probe's `/probe/ok` (does nothing), fresh.
     Floor,
+    /// An instance kept for the next request (`requests_per_instance = 1000`).
+    Reused,
 }
 
 const STAGES: &[(&str, Stage)] = &[
@@ -66,6 +68,8 @@ const STAGES: &[(&str, Stage)] = &[
     ("check", Stage::Check),
     ("fresh-http", Stage::Http(Server::Plugin(Sandbox::Fresh))),
     ("fresh-router", Stage::Router(Server::Plugin(Sandbox::Fresh))),
+    ("reused-http", Stage::Http(Server::Plugin(Sandbox::Reused))),
+    ("reused-router", Stage::Router(Server::Plugin(Sandbox::Reused))),
     ("fresh-executor", Stage::Executor(Sandbox::Fresh)),
     ("fresh-invoke", Stage::Invoke(Sandbox::Fresh)),
     ("instantiate", Stage::Instantiate(Sandbox::Fresh)),
@@ -111,14 +115,28 @@ pub async fn run(stage: &str, requests: usize) -> anyhow::Result<()> {
     };
     let server = match sandbox {
         Some(s) => {
-            let wasm = if s == Sandbox::Floor { "fixtures/sandbox-probe.wasm" } else { "verify.wasm" };
-            let dist = super::product::dist(wasm);
+            let dist = match (s, std::env::var_os("BREAKDOWN_VERIFY")) {
+                (Sandbox::Floor, _) => super::product::dist("fixtures/sandbox-probe.wasm"),
+                // Another build of verify (a build setting being tried).
+                (_, Some(path)) => std::path::PathBuf::from(path),
+                (_, None) => super::product::dist("verify.wasm"),
+            };
             let host = super::HostSettings {
                 // valgrind cannot reserve the address space of more slots.
                 max_instances: 4,
                 reset_dirty_pages_only: s == Sandbox::FreshDirtyOnly,
             };
-            Some(super::web_server_with(dir.path(), &dist, &format!("GET {route}"), 1, host).await?)
+            let requests_per_instance = if s == Sandbox::Reused { 1000 } else { 1 };
+            Some(
+                super::web_server_with(
+                    dir.path(),
+                    &dist,
+                    &format!("GET {route}"),
+                    requests_per_instance,
+                    host,
+                )
+                .await?,
+            )
         }
         None => None,
     };
@@ -258,8 +276,12 @@ async fn exchange(client: &mut tokio::net::TcpStream, request: &[u8]) -> anyhow:
 fn describe(stage: Stage) -> &'static str {
     match stage {
         Stage::Http(Server::Native) => "native handler over a loopback connection",
+        Stage::Http(Server::Plugin(Sandbox::Reused)) => {
+            "verify plugin over a loopback connection, instance reused"
+        }
         Stage::Http(_) => "verify plugin over a loopback connection",
         Stage::Router(Server::Native) => "native router in-process (oneshot)",
+        Stage::Router(Server::Plugin(Sandbox::Reused)) => "the web role's router in-process, instance reused",
         Stage::Router(_) => "the web role's router in-process (oneshot)",
         Stage::Executor(_) => "the plugin through the host's executor",
         Stage::Invoke(Sandbox::Floor) => "a do-nothing plugin invoked fresh on this thread",
@@ -310,6 +332,141 @@ fn per_stage(dir: &std::path::Path) -> anyhow::Result<std::collections::BTreeMap
     Ok(per)
 }
 
+/// What a function's own instructions (callgrind's self cost) are counted
+/// as: the first part whose name or object matches, in this order.
+const PARTS: &[(&str, &[&str])] = &[
+    (
+        "the signature check (SHA-1 over the sorted token, timestamp, nonce)",
+        &["sha1::", "hex::", "subtle::", "wxhost::wechat::", "wxhost_bench::native_verify"],
+    ),
+    ("hyper: HTTP/1 parsing, writing, the connection's state machine", &["hyper::", "httparse::", "bytes::"]),
+    (
+        "axum, tower, http: routing, extractors, request and response types",
+        &[
+            "axum::",
+            "tower::",
+            "http::",
+            "http_body",
+            "hyper_util::",
+            "matchit::",
+            "serde_urlencoded",
+            "form_urlencoded",
+            "percent_encoding",
+            "serde_path_to_error",
+        ],
+    ),
+    ("tokio: tasks, wakers, I/O readiness, timers", &["tokio::", "mio::"]),
+    (
+        "wxhost's dispatch: request id, route, guards, the WIT request and response, idle pool, executor",
+        &[
+            "wxhost::server",
+            "wxhost::runtime",
+            "wxhost::host",
+            "wxhost::plugin",
+            "wxhost::client_limit",
+            "rand::",
+            "rand_core::",
+            "chacha20::",
+            "wxhost_bench::breakdown",
+        ],
+    ),
+    ("metrics (route counter and histogram) and tracing", &["metrics", "quanta::", "tracing"]),
+    (
+        "the plugin's host call: the check's WIT glue, its strings lifted",
+        &["wxhost::caps::callback_crypto", "wxhost::bindings"],
+    ),
+    (
+        "a store: its state and WASI context",
+        &["wxhost::caps", "wasmtime_wasi", "cap_rand", "cap_std", "cap_primitives", "async_trait"],
+    ),
+    (
+        "wasmtime: calls into and out of the guest (lowering, lifting, fiber switches, trap handler set-up, epoch)",
+        &[
+            "wasmtime::runtime::component::func",
+            "wasmtime::runtime::func",
+            "wasmtime::runtime::fiber",
+            "wasmtime_internal_fiber",
+            "wasmtime::runtime::vm::traphandlers",
+            "wasmtime::runtime::component::resource",
+            "wasmtime::runtime::vm::component::libcalls",
+            "wasmtime::runtime::vm::libcalls",
+            "wasmtime::runtime::store::async_",
+            "wasmtime::runtime::vm::vmcontext",
+            "wasmtime_internal_unwinder",
+        ],
+    ),
+    (
+        "wasmtime: instantiating and tearing down (slots, vmctx, imports, tables, the memory image)",
+        &["wasmtime", "cranelift"],
+    ),
+    ("the guest's own code (compiled wasm, no symbols) and wasmtime's trampolines", &["???:0x"]),
+    ("memset (libc): the instance's memory reset for the pool, buffers", &["memset"]),
+    ("memcpy (libc): the data image copied back, buffers, strings", &["memcpy", "memmove"]),
+    ("malloc and free (libc)", &["malloc", "free", "realloc", "__rdl_", "__rust_", "arena.c", "calloc"]),
+    (NOT_PER_REQUEST, &["once_cell::imp", "clock_gettime", "clock_nanosleep", "ld-linux", "_dl_"]),
+    ("libc otherwise: syscall wrappers, locks", &["libc.so", "pthread", "libgcc"]),
+    (
+        "Rust's std inlined everywhere: strings, formatting, hashing, vectors, clocks, locks",
+        &["core::", "alloc::", "std::", "hashbrown::", "smallvec::", "parking_lot", "serde"],
+    ),
+];
+
+/// Work that follows the clock, not the requests (the epoch ticker's sleeps
+/// and clock reads, lazy start-up): it differs between the two runs by
+/// however much longer one lasted, so it is shown and left out of the total.
+const NOT_PER_REQUEST: &str =
+    "not per request: start-up and the epoch ticker (clock reads, sleeps); left out of the total";
+
+/// Instructions per request by part of the code ([`PARTS`]), from the two
+/// callgrind files of `stage`: each function's self cost in the longer run
+/// minus the shorter one, divided by the extra requests.
+fn by_part(dir: &std::path::Path, stage: &str) -> anyhow::Result<Option<Vec<f64>>> {
+    let mut runs = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|s| s.to_str()) else { continue };
+        let Some(n) =
+            name.strip_prefix(stage).and_then(|r| r.strip_prefix('-')).and_then(|r| r.strip_suffix(".out"))
+        else {
+            continue;
+        };
+        let Ok(n) = n.parse::<f64>() else { continue };
+        runs.push((n, self_costs(&path)?));
+    }
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let [(n1, short), (n2, long)] = &runs[..] else { return Ok(None) };
+    let mut parts = vec![0.0; PARTS.len() + 1];
+    for (function, &count) in long {
+        let extra = (count as f64 - short.get(function).copied().unwrap_or(0) as f64) / (n2 - n1);
+        let part = PARTS
+            .iter()
+            .position(|(_, patterns)| patterns.iter().any(|p| function.contains(p)))
+            .unwrap_or(PARTS.len());
+        parts[part] += extra;
+    }
+    Ok(Some(parts))
+}
+
+/// Each function's self cost in a callgrind file (`callgrind_annotate`).
+fn self_costs(path: &std::path::Path) -> anyhow::Result<std::collections::HashMap<String, u64>> {
+    let out = std::process::Command::new("callgrind_annotate")
+        .args(["--threshold=100", "--inclusive=no"])
+        .arg(path)
+        .output()
+        .context("running callgrind_annotate (valgrind's)")?;
+    anyhow::ensure!(out.status.success(), "callgrind_annotate failed on {}", path.display());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut costs = std::collections::HashMap::new();
+    for line in text.lines().skip_while(|l| !l.contains("file:function")).skip(2) {
+        let line = line.trim_start();
+        let Some((count, rest)) = line.split_once(' ') else { continue };
+        let Ok(count) = count.replace(',', "").parse::<u64>() else { continue };
+        let function = rest.split_once(")  ").map_or(rest, |(_, f)| f).trim();
+        *costs.entry(function.to_string()).or_insert(0) += count;
+    }
+    Ok(costs)
+}
+
 /// The table, from the callgrind files of `bench/breakdown` in `dir`.
 pub fn report(dir: &std::path::Path) -> anyhow::Result<()> {
     let per = per_stage(dir)?;
@@ -319,7 +476,11 @@ pub fn report(dir: &std::path::Path) -> anyhow::Result<()> {
     let rows: Vec<(&str, [Option<f64>; 3])> = vec![
         (
             "HTTP/1 over the socket: hyper reading, parsing, writing; the connection task; syscall wrappers (http - router)",
-            [diff("native-http", "native-router"), diff("fresh-http", "fresh-router"), None],
+            [
+                diff("native-http", "native-router"),
+                diff("fresh-http", "fresh-router"),
+                diff("reused-http", "reused-router"),
+            ],
         ),
         (
             "axum's router and extractors around the check (native: router - check)",
@@ -342,7 +503,7 @@ pub fn report(dir: &std::path::Path) -> anyhow::Result<()> {
             "  of which the signature check itself (native: the handler's whole work)",
             [get("check"), get("check"), get("check")],
         ),
-        ("**total per request over HTTP**", [get("native-http"), get("fresh-http"), None]),
+        ("**total per request over HTTP**", [get("native-http"), get("fresh-http"), get("reused-http")]),
     ];
     println!("Instructions per request (callgrind; kernel work not counted), GET verify:");
     println!("| part of the path | native | plugin, fresh instance | plugin, instance reused |");
@@ -356,14 +517,41 @@ pub fn report(dir: &std::path::Path) -> anyhow::Result<()> {
     for (name, stage) in STAGES {
         println!("| {name} | {} | {} |", describe(*stage), cell(get(name)));
     }
+    let columns = [by_part(dir, "native-http")?, by_part(dir, "fresh-http")?, by_part(dir, "reused-http")?];
+    if columns.iter().any(Option::is_some) {
+        println!(
+            "\nThe same requests over HTTP by the code that runs, instructions per request (each function's own"
+        );
+        println!("instructions, by its name; inlined code counts where it was inlined):");
+        println!("| code | native | plugin, fresh instance | plugin, instance reused |");
+        println!("| --- | ---: | ---: | ---: |");
+        let cell =
+            |c: &Option<Vec<f64>>, i: usize| c.as_ref().map_or("-".to_string(), |v| format!("{:.0}", v[i]));
+        let names = PARTS.iter().map(|(name, _)| *name).chain(["everything else"]);
+        for (i, name) in names.enumerate() {
+            println!(
+                "| {name} | {} | {} | {} |",
+                cell(&columns[0], i),
+                cell(&columns[1], i),
+                cell(&columns[2], i)
+            );
+        }
+        let noise = PARTS.iter().position(|(name, _)| *name == NOT_PER_REQUEST);
+        let total = |c: &Option<Vec<f64>>| {
+            c.as_ref().map_or("-".to_string(), |v| {
+                let sum: f64 = v.iter().enumerate().filter(|(i, _)| Some(*i) != noise).map(|(_, x)| x).sum();
+                format!("{sum:.0}")
+            })
+        };
+        println!("| **total** | {} | {} | {} |", total(&columns[0]), total(&columns[1]), total(&columns[2]));
+    }
     println!(
-        "\nHow far to trust it: the native and HTTP rows repeat within 1% from run to run. The sandbox's rows \
-         move by tens of thousands of instructions between stages and runs: under valgrind a request lasts \
-         ~50 times longer, so it meets several 1 ms epoch ticks (each a yield and a re-poll), and which pool \
-         slot an instance gets changes its memory reset; memset's `rep stosb` counts per iteration and the \
-         kernel's work (page faults, the PAGEMAP_SCAN ioctl) not at all. So the host's own dispatch and the \
-         hand-off to the plugin runtime (router - executor - invoke), a few thousand instructions, are below \
-         its resolution, and a cut of the sandbox is judged by bench/run's timings, never by this table."
+        "\nHow far to trust it: the native rows repeat within 1% from run to run, and so does the table by code, \
+         which counts each function's own instructions and leaves out what follows the clock. The stage differences \
+         of the plugin do not: under valgrind a request lasts ~50 times longer, so it meets several 1 ms epoch ticks \
+         (each a yield and a re-poll, and the ticker's own work), by however much longer one run lasted than the \
+         other. memset's `rep stosb` counts per byte, and the kernel's work (TCP on loopback, page faults, the \
+         PAGEMAP_SCAN ioctl) is not counted at all: a cut is judged by bench/run's timings, never by this table."
     );
     Ok(())
 }

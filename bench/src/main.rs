@@ -20,6 +20,7 @@ mod breakdown;
 mod load;
 mod peer;
 mod product;
+mod push_parts;
 mod swap;
 mod traffic;
 
@@ -59,6 +60,8 @@ struct Options {
     notify_pool: usize,
     /// Length of each duplicate-notify phase (saturation, then fixed rate).
     dup_seconds: Duration,
+    /// Length of each phase of row 3d (one push at a time, taken apart).
+    parts_seconds: Duration,
     /// Hot swap: length of the run, of its alternating quiet and swapping
     /// windows, swap interval within swapping windows, offered rates.
     swap_seconds: Duration,
@@ -97,6 +100,7 @@ fn options() -> anyhow::Result<Options> {
         rate_seconds: secs("BENCH_RATE_SECONDS", 10.0),
         notify_pool: env("BENCH_NOTIFY_POOL", 10000.0) as usize,
         dup_seconds: secs("BENCH_DUP_SECONDS", 3.0),
+        parts_seconds: secs("BENCH_PARTS_SECONDS", 3.0),
         swap_seconds: secs("BENCH_SWAP_SECONDS", 16.0),
         swap_window: Duration::from_millis(env("BENCH_SWAP_WINDOW_MS", 2000.0) as u64),
         swap_interval: Duration::from_millis(env("BENCH_SWAP_INTERVAL_MS", 400.0) as u64),
@@ -229,6 +233,10 @@ Row 3: subscribe pushes in plaintext mode, each from a new user (one signed quer
   verify plugin -> internal call -> internal plugin -> user row + processed event in one transaction.
 Row 3c: MariaDB only: the push saturation again with InnoDB flushing its log once a second instead of at every
   commit (innodb_flush_log_at_trx_commit = 0, set for that phase and put back): how much of a push is the fsync.
+Row 3d: one push at a time (no queueing, so the parts add up), means over BENCH_PARTS_SECONDS each: the whole
+  push; the app role's internal call alone, signed as the web role signs it; the same transaction natively (sqlx,
+  the host's connection options); that transaction with its commit not flushed (SQLite synchronous = OFF, InnoDB
+  innodb_flush_log_at_trx_commit = 0, put back). Differences: web role and hop, app role, database, fsync.
 Row 3b: the business service's POST /api/v1/quota/consume on the app role (service key checked by the host),
   1 unit per job, a new idempotency key each, over 16 users: quota plugin -> one transaction claims the key,
   debits the balance if it covers it, writes the ledger row. Afterwards the ledger is checked against the answers.
@@ -860,6 +868,27 @@ async fn e2e_measure(
             ),
         );
     }
+
+    // Row 3d: one push at a time, taken apart.
+    let parts = push_parts::measure(
+        generator,
+        kind,
+        &db.url,
+        web,
+        &product.app_url,
+        pushes.clone(),
+        opts.parts_seconds,
+    )
+    .await?;
+    push_failed += parts.failed;
+    table.row(
+        "3d",
+        format!(
+            "one push at a time, {name} (means): whole push / the app role's internal call alone / its transaction natively / the same with the commit unflushed"
+        ),
+        parts.value(),
+        parts.parts(),
+    );
 
     // Row 3b: the business service consuming quota (beside the push row: same run, same database).
     let check_db = product::connect(&db.url).await?;

@@ -37,14 +37,18 @@ pub fn push_source(web_url: &str, counter: Arc<AtomicU64>) -> Source {
             "{web_url}/api/v1/auth/wechat/verify?signature={}&timestamp={ts}&nonce={nonce}&openid=oBench",
             sorted_sha1(&[TOKEN, &ts, &nonce])
         );
-        let xml = format!(
-            "<xml><ToUserName><![CDATA[gh_bench]]></ToUserName><FromUserName><![CDATA[{}]]></FromUserName>\
-             <CreateTime>{ts}</CreateTime><MsgType><![CDATA[event]]></MsgType>\
-             <Event><![CDATA[subscribe]]></Event><EventKey><![CDATA[]]></EventKey></xml>",
-            push_openid(n)
-        );
+        let xml = subscribe_xml(&push_openid(n), &ts);
         Some(client.post(&url).header("content-type", "text/xml").body(xml))
     })
+}
+
+/// A plaintext subscribe push from `openid`, created at `ts`.
+pub fn subscribe_xml(openid: &str, ts: &str) -> String {
+    format!(
+        "<xml><ToUserName><![CDATA[gh_bench]]></ToUserName><FromUserName><![CDATA[{openid}]]></FromUserName>\
+         <CreateTime>{ts}</CreateTime><MsgType><![CDATA[event]]></MsgType>\
+         <Event><![CDATA[subscribe]]></Event><EventKey><![CDATA[]]></EventKey></xml>"
+    )
 }
 
 /// Users the consume row spends from, and how much each holds.

@@ -164,11 +164,13 @@ pub fn prepare(
 }
 
 /// Idle instances kept per plugin that allows reuse: enough for every worker
-/// thread to find one, few enough (an eighth of the pool at most) that slots
-/// stay free for requests of the other plugins.
+/// thread to find one, few enough (an eighth of the pool at most, but one in
+/// a pool of 2 to 15 slots, so that `requests_per_instance` still means
+/// something there) that slots stay free for requests of the other plugins.
 pub fn idle_capacity(instance_slots: u32) -> usize {
     let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
-    (threads * 2).min(32).min(instance_slots as usize / 8)
+    let at_most = (instance_slots as usize / 8).max(usize::from(instance_slots >= 2));
+    (threads * 2).min(32).min(at_most)
 }
 
 /// An instance kept between requests of one plugin version, with its store.
@@ -222,11 +224,13 @@ mod tests {
     use super::idle_capacity;
 
     #[test]
-    fn idle_instances_never_take_more_than_an_eighth_of_the_pool() {
+    fn idle_instances_take_an_eighth_of_the_pool_at_most_and_one_of_a_small_pool() {
         let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
         assert_eq!(idle_capacity(256), (threads * 2).min(32), "two per thread, 256 / 8 = 32 at most");
         assert_eq!(idle_capacity(16), (threads * 2).min(2));
-        assert_eq!(idle_capacity(7), 0, "a pool this small keeps nothing idle: a fresh instance per request");
+        assert_eq!(idle_capacity(7), 1, "a small pool keeps one idle, the rest stay free");
+        assert_eq!(idle_capacity(2), 1);
+        assert_eq!(idle_capacity(1), 0, "a one-slot pool keeps nothing idle: the slot is every request's");
         assert!(idle_capacity(10_000) <= 32);
     }
 }

@@ -279,3 +279,32 @@ capabilities = ["log"]
     server.shutdown();
     server.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_stack_holds_the_deepest_json_and_running_out_of_it_ends_only_that_request() {
+    let routes = r#""POST /probe/json", "GET /probe/recurse", "GET /probe/ok""#;
+    let config =
+        TestConfig::new(&probe_plugin(routes, ""), &[("sandbox-probe.wasm", "fixtures/sandbox-probe.wasm")]);
+    let server = start(&config, &[Role::Web], None, false).await;
+    let client = reqwest::Client::new();
+    let json = |body: String| client.post(url(&server, Role::Web, "/probe/json")).body(body).send();
+
+    // The deepest body serde_json takes (its limit is 128 levels) parses, is
+    // walked and dropped within the 64 KiB stack plugins are linked with
+    // (.cargo/config.toml; with 32 KiB it traps).
+    let deepest = json("[".repeat(127) + &"]".repeat(127)).await.unwrap();
+    assert_eq!(deepest.status(), 200);
+    assert_eq!(deepest.text().await.unwrap(), "127");
+    // Deeper is the parser's refusal: a clear 400, no trap.
+    let (status, code) = error_code(json("[".repeat(5000) + &"]".repeat(5000)).await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (400, "invalid_body"));
+
+    // A plugin that runs out of stack traps: its request gets a JSON 500, the next one is served.
+    let (status, code) =
+        error_code(client.get(url(&server, Role::Web, "/probe/recurse")).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (500, "plugin_failed"));
+    let ok = client.get(url(&server, Role::Web, "/probe/ok")).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    server.shutdown();
+    server.wait().await;
+}
