@@ -297,39 +297,22 @@ fn describe(stage: Stage) -> &'static str {
     }
 }
 
-/// Instructions of a callgrind run (`summary:` or `totals:` of its output file).
-fn total_instructions(callgrind_out: &str) -> Option<u64> {
-    callgrind_out
-        .lines()
-        .find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-}
-
-/// Instructions per run of each stage, from `DIR/STAGE-N.out` (two N each).
+/// Instructions per request of each stage that ran: its functions' own
+/// instructions summed, less the work that follows the clock ([`NOT_PER_REQUEST`]).
 fn per_stage(dir: &std::path::Path) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
-    let mut runs: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("out") {
-            continue;
-        }
-        let Some((stage, n)) = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.rsplit_once('-'))
-        else {
-            continue;
-        };
-        let total = total_instructions(&std::fs::read_to_string(&path)?)
-            .with_context(|| format!("no totals in {}", path.display()))?;
-        runs.entry(stage.to_string()).or_default().push((n.parse()?, total as f64));
-    }
     let mut per = std::collections::BTreeMap::new();
-    for (stage, mut r) in runs {
-        r.sort_by(|a, b| a.0.total_cmp(&b.0));
-        if let [(n1, t1), (n2, t2)] = r[..] {
-            per.insert(stage, (t2 - t1) / (n2 - n1));
+    for (name, _) in STAGES {
+        if let Some(parts) = by_part(dir, name)? {
+            per.insert(name.to_string(), per_request(&parts));
         }
     }
     Ok(per)
+}
+
+/// The sum of `parts` without the one that is not per request.
+fn per_request(parts: &[f64]) -> f64 {
+    let noise = PARTS.iter().position(|(name, _)| *name == NOT_PER_REQUEST);
+    parts.iter().enumerate().filter(|(i, _)| Some(*i) != noise).map(|(_, x)| x).sum()
 }
 
 /// What a function's own instructions (callgrind's self cost) are counted
@@ -475,7 +458,7 @@ pub fn report(dir: &std::path::Path) -> anyhow::Result<()> {
     let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
     let rows: Vec<(&str, [Option<f64>; 3])> = vec![
         (
-            "HTTP/1 over the socket: hyper reading, parsing, writing; the connection task; syscall wrappers (http - router)",
+            "HTTP/1 over the socket: hyper reading, parsing, writing; the connection task; syscall wrappers (http - router; the plugin's also lowers the request's two headers into the guest)",
             [
                 diff("native-http", "native-router"),
                 diff("fresh-http", "fresh-router"),
@@ -485,6 +468,14 @@ pub fn report(dir: &std::path::Path) -> anyhow::Result<()> {
         (
             "axum's router and extractors around the check (native: router - check)",
             [diff("native-router", "check"), None, None],
+        ),
+        (
+            "axum and the host's dispatch around the plugin: request id, route, the WIT request and response, metrics (router - executor)",
+            [None, diff("fresh-router", "fresh-executor"), None],
+        ),
+        (
+            "the executor: instance slot, the first poll on the caller's task (executor - invoke)",
+            [None, diff("fresh-executor", "fresh-invoke"), None],
         ),
         ("a store and its WASI context, created and dropped", [None, get("store"), None]),
         (
@@ -502,6 +493,10 @@ pub fn report(dir: &std::path::Path) -> anyhow::Result<()> {
         (
             "  of which the signature check itself (native: the handler's whole work)",
             [get("check"), get("check"), get("check")],
+        ),
+        (
+            "for scale: a do-nothing plugin invoked fresh (the floor: store, instantiate, call, teardown)",
+            [None, get("floor-invoke"), None],
         ),
         ("**total per request over HTTP**", [get("native-http"), get("fresh-http"), get("reused-http")]),
     ];
@@ -536,13 +531,8 @@ pub fn report(dir: &std::path::Path) -> anyhow::Result<()> {
                 cell(&columns[2], i)
             );
         }
-        let noise = PARTS.iter().position(|(name, _)| *name == NOT_PER_REQUEST);
-        let total = |c: &Option<Vec<f64>>| {
-            c.as_ref().map_or("-".to_string(), |v| {
-                let sum: f64 = v.iter().enumerate().filter(|(i, _)| Some(*i) != noise).map(|(_, x)| x).sum();
-                format!("{sum:.0}")
-            })
-        };
+        let total =
+            |c: &Option<Vec<f64>>| c.as_ref().map_or("-".to_string(), |v| format!("{:.0}", per_request(v)));
         println!("| **total** | {} | {} | {} |", total(&columns[0]), total(&columns[1]), total(&columns[2]));
     }
     println!(
