@@ -234,7 +234,8 @@ Row 3: subscribe pushes in plaintext mode, each from a new user (one signed quer
 Row 3c: MariaDB only: the push saturation again with InnoDB flushing its log once a second instead of at every
   commit (innodb_flush_log_at_trx_commit = 0, set for that phase and put back): how much of a push is the fsync.
 Row 3d: one push at a time (no queueing, so the parts add up), means over BENCH_PARTS_SECONDS each: the whole
-  push; the app role's internal call alone, signed as the web role signs it; the same transaction natively (sqlx,
+  push; the app role's internal call alone, signed as the web role signs it; GET /healthz on the app role (the
+  client's, loopback's and hyper's own share of a request); the same transaction natively (sqlx,
   the host's connection options); that transaction with its commit not flushed (SQLite synchronous = OFF, InnoDB
   innodb_flush_log_at_trx_commit = 0, put back). Differences: web role and hop, app role, database, fsync.
 Row 3b: the business service's POST /api/v1/quota/consume on the app role (service key checked by the host),
@@ -884,7 +885,7 @@ async fn e2e_measure(
     table.row(
         "3d",
         format!(
-            "one push at a time, {name} (means): whole push / the app role's internal call alone / its transaction natively / the same with the commit unflushed"
+            "one push at a time, {name} (means): whole push / the app role's internal call alone / GET /healthz on the app role / the transaction natively / the same with the commit unflushed"
         ),
         parts.value(),
         parts.parts(),

@@ -1,7 +1,8 @@
 //! Row 3d: where one push's time goes, one push at a time (no queueing, so
 //! the parts add up): the whole push over HTTP (web role, its plugin, the
 //! signed internal call, the app role, its plugin, the transaction), the app
-//! role's internal call alone (sent the way the web role sends it), the same
+//! role's internal call alone (sent the way the web role sends it), a request
+//! to the app role's `/healthz` (the client's and loopback's own share), the same
 //! transaction natively through sqlx on the same database with the host's
 //! connection options, and that transaction with its commit not flushed to
 //! disk. The differences are the web role with the hop between the roles,
@@ -27,6 +28,9 @@ const USER_UPDATE: &str = "/api/v1/internal/user/create-or-update";
 pub struct PushParts {
     pub whole: Duration,
     pub app_call: Duration,
+    /// `GET /healthz` on the app role: what any request costs the client,
+    /// loopback and hyper, counted once in the internal call.
+    pub empty_call: Duration,
     pub transaction: Duration,
     pub unflushed: Duration,
     /// Requests of the two HTTP phases that failed (counted as pushes).
@@ -34,13 +38,14 @@ pub struct PushParts {
 }
 
 impl PushParts {
-    /// The table's value: the four means.
+    /// The table's value: the five means.
     pub fn value(&self) -> String {
         let ms = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1e3);
         format!(
-            "{} / {} / {} / {} ms",
+            "{} / {} / {} / {} / {} ms",
             ms(self.whole),
             ms(self.app_call),
+            ms(self.empty_call),
             ms(self.transaction),
             ms(self.unflushed)
         )
@@ -49,17 +54,19 @@ impl PushParts {
     /// The table's check column: the parts, and the fsync's share of a push.
     pub fn parts(&self) -> String {
         let ms = |d: f64| format!("{:.2}", d * 1e3);
-        let (whole, app, tx, unflushed) = (
+        let (whole, app, empty, tx, unflushed) = (
             self.whole.as_secs_f64(),
             self.app_call.as_secs_f64(),
+            self.empty_call.as_secs_f64(),
             self.transaction.as_secs_f64(),
             self.unflushed.as_secs_f64(),
         );
         let fsync = (tx - unflushed).max(0.0);
         format!(
-            "web role and the hop {} ms, app role's host and plugin {} ms, database {} ms of which the commit's fsync {} ms ({:.0}% of a push)",
+            "client and loopback {} ms, web role and the hop {} ms, app role's host and plugin {} ms, database {} ms of which the commit's fsync {} ms ({:.0}% of a push)",
+            ms(empty),
             ms(whole - app),
-            ms(app - tx),
+            ms(app - tx - empty),
             ms(tx),
             ms(fsync),
             fsync / whole * 100.0
@@ -81,7 +88,10 @@ pub async fn measure(
 ) -> anyhow::Result<PushParts> {
     let whole = generator.closed(push_source(web_url, pushes.clone()), 1, duration).await;
     let app_call = generator.closed(user_update_source(app_url, pushes), 1, duration).await;
-    for (what, o) in [("push", &whole), ("internal call", &app_call)] {
+    let healthz = format!("{app_url}/healthz");
+    let empty = Arc::new(move |client: &reqwest::Client, _| Some(client.get(&healthz))) as Source;
+    let empty_call = generator.closed(empty, 1, duration).await;
+    for (what, o) in [("push", &whole), ("internal call", &app_call), ("health check", &empty_call)] {
         anyhow::ensure!(
             o.ok > 0,
             "row 3d: every {what} failed: {}",
@@ -93,6 +103,7 @@ pub async fn measure(
     Ok(PushParts {
         whole: mean(&whole),
         app_call: mean(&app_call),
+        empty_call: mean(&empty_call),
         transaction,
         unflushed,
         failed: whole.failed() + app_call.failed(),
