@@ -297,16 +297,15 @@ fn describe(stage: Stage) -> &'static str {
     }
 }
 
-/// Instructions per request of each stage that ran: its functions' own
-/// instructions summed, less the work that follows the clock ([`NOT_PER_REQUEST`]).
-fn per_stage(dir: &std::path::Path) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
-    let mut per = std::collections::BTreeMap::new();
+/// Each stage that ran, by part of the code ([`by_part`]).
+fn stage_parts(dir: &std::path::Path) -> anyhow::Result<std::collections::BTreeMap<&'static str, Vec<f64>>> {
+    let mut parts = std::collections::BTreeMap::new();
     for (name, _) in STAGES {
-        if let Some(parts) = by_part(dir, name)? {
-            per.insert(name.to_string(), per_request(&parts));
+        if let Some(p) = by_part(dir, name)? {
+            parts.insert(*name, p);
         }
     }
-    Ok(per)
+    Ok(parts)
 }
 
 /// The sum of `parts` without the one that is not per request.
@@ -452,8 +451,9 @@ fn self_costs(path: &std::path::Path) -> anyhow::Result<std::collections::HashMa
 
 /// The table, from the callgrind files of `bench/breakdown` in `dir`.
 pub fn report(dir: &std::path::Path) -> anyhow::Result<()> {
-    let per = per_stage(dir)?;
-    let get = |s: &str| per.get(s).copied();
+    // A stage's instructions per request: its parts summed, less what follows the clock.
+    let parts = stage_parts(dir)?;
+    let get = |s: &str| parts.get(s).map(|p| per_request(p));
     let diff = |a: &str, b: &str| Some(get(a)? - get(b)?);
     let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
     let rows: Vec<(&str, [Option<f64>; 3])> = vec![
@@ -512,7 +512,7 @@ pub fn report(dir: &std::path::Path) -> anyhow::Result<()> {
     for (name, stage) in STAGES {
         println!("| {name} | {} | {} |", describe(*stage), cell(get(name)));
     }
-    let columns = [by_part(dir, "native-http")?, by_part(dir, "fresh-http")?, by_part(dir, "reused-http")?];
+    let columns = ["native-http", "fresh-http", "reused-http"].map(|stage| parts.get(stage).cloned());
     if columns.iter().any(Option::is_some) {
         println!(
             "\nThe same requests over HTTP by the code that runs, instructions per request (each function's own"
